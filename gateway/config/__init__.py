@@ -1,1 +1,54 @@
+"""Configuration: YAML file -> validated, typed settings (no I/O beyond reading the file).
 
+Errors carry ``file:line: key.path: message`` so an operator can fix them
+without reading code.
+"""
+
+from __future__ import annotations
+
+from gateway.config.durations import Duration, parse_duration
+from gateway.config.hostport import HostPort
+from gateway.config.loader import ConfigError, load_config, parse_config_text
+from gateway.config.model import (
+    AdminSection,
+    AmqpConnector,
+    AmqpListener,
+    Connector,
+    GatewayConfig,
+    GatewaySection,
+    LinkRoute,
+    Listener,
+    LogSection,
+    MqttConnector,
+    MqttListener,
+    MqttRoute,
+    PoolSettings,
+    ReconnectSettings,
+    TlsProfile,
+    export_schema,
+)
+
+__all__ = [
+    "AdminSection",
+    "AmqpConnector",
+    "AmqpListener",
+    "ConfigError",
+    "Connector",
+    "Duration",
+    "GatewayConfig",
+    "GatewaySection",
+    "HostPort",
+    "LinkRoute",
+    "Listener",
+    "LogSection",
+    "MqttConnector",
+    "MqttListener",
+    "MqttRoute",
+    "PoolSettings",
+    "ReconnectSettings",
+    "TlsProfile",
+    "export_schema",
+    "load_config",
+    "parse_config_text",
+    "parse_duration",
+]

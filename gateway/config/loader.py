@@ -1,0 +1,178 @@
+"""Load a YAML file into a GatewayConfig; every error as ``file:line: key.path: message``."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.config import model
+from gateway.config.model import GatewayConfig
+from gateway.config.yamlsource import YamlDocument, YamlSourceError, load_yaml
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` holds one readable line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read, parse and validate a config file; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}:1: yaml: the file is not UTF-8 text"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+    config = parse_config_text(text, str(path))
+    config._source_path = path.absolute()
+    return config
+
+
+def parse_config_text(
+    text: str, filename: str = "<config>", *, base_dir: str | Path | None = None
+) -> GatewayConfig:
+    """Parse and validate YAML text. Relative file paths resolve against ``base_dir``
+    (default: the directory of ``filename``)."""
+    try:
+        doc = load_yaml(text)
+    except YamlSourceError as exc:
+        raise ConfigError([f"{filename}:{exc.line}: yaml: {exc.message}"]) from None
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{filename}:{doc.line_of(())}: config: expected a mapping of sections"])
+    if base_dir is None:
+        base_dir = Path(filename).parent
+    try:
+        return GatewayConfig.model_validate(doc.data, context={"base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, doc, filename)) from None
+
+
+def _format_errors(exc: ValidationError, doc: YamlDocument, filename: str) -> list[str]:
+    lines: list[tuple[int, str]] = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("protocol")
+        found, shown = _locate(doc.data, loc)
+        line = doc.line_of(tuple(found))
+        lines.append((line, f"{filename}:{line}: {_dotted(shown)}: {_message(error, shown)}"))
+    lines.sort(key=lambda item: item[0])
+    unique: list[str] = []
+    for _, text in lines:
+        if text not in unique:
+            unique.append(text)
+    return unique
+
+
+def _locate(data: Any, loc: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Split a pydantic location into the part present in the YAML and the shown key path.
+
+    Discriminated unions add the tag (``amqp``/``mqtt``) after a list index and
+    dict keys that fail validation add ``[key]``; neither is a YAML key.
+    """
+    found: list[Any] = []
+    shown: list[Any] = []
+    node: Any = data
+    present = True
+    previous: Any = None
+    for part in loc:
+        if part == "[key]":
+            continue
+        if (
+            present
+            and isinstance(previous, int)
+            and isinstance(node, dict)
+            and node.get("protocol") == part
+        ):
+            previous = part
+            continue
+        shown.append(part)
+        if present and isinstance(node, dict) and part in node:
+            found.append(part)
+            node = node[part]
+        elif present and isinstance(node, list) and isinstance(part, int) and part < len(node):
+            found.append(part)
+            node = node[part]
+        else:
+            present = False
+        previous = part
+    return found, shown
+
+
+def _dotted(path: list[Any]) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "config"
+
+
+def _message(error: Any, shown: list[Any]) -> str:
+    kind = error["type"]
+    msg: str = error["msg"]
+    value = error.get("input")
+    key = str(shown[-1]) if shown else ""
+    secret = any(word in key.lower() for word in _SECRET_WORDS)
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        return _unknown_key(key, shown)
+    if kind == "union_tag_not_found":
+        return "required key is missing (amqp or mqtt)"
+    if kind == "union_tag_invalid":
+        return f"must be 'amqp' or 'mqtt', got {error['ctx']['tag']!r}"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "dataclass_type"):
+        msg = "must be a mapping (key: value)"
+    elif kind == "list_type":
+        msg = "must be a list"
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    if msg.startswith("Assertion failed, "):
+        return msg[len("Assertion failed, ") :]
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg[len("Input should be ") :]
+    elif msg.startswith("Input "):
+        msg = msg[len("Input ") :]
+    if kind != "config" and not secret and isinstance(value, str | int | float | bool):
+        msg += f", got {value!r}"
+    return msg
+
+
+_PROTOCOL_VARIANTS = {
+    "listeners": {"amqp": model.AmqpListener, "mqtt": model.MqttListener},
+    "connectors": {"amqp": model.AmqpConnector, "mqtt": model.MqttConnector},
+}
+
+
+def _unknown_key(key: str, shown: list[Any]) -> str:
+    variants = _PROTOCOL_VARIANTS.get(shown[0]) if len(shown) == 3 else None
+    if variants:
+        owners = [proto for proto, cls in variants.items() if key in cls.model_fields]
+        if owners:
+            return f"unknown key: {key!r} is only valid for protocol {owners[0]}"
+    hint = difflib.get_close_matches(key, _known_keys(), n=1)
+    if hint and hint[0] != key:
+        return f"unknown key (did you mean {hint[0]!r}?)"
+    return "unknown key"
+
+
+_KNOWN_KEYS: list[str] = []
+
+
+def _known_keys() -> list[str]:
+    if not _KNOWN_KEYS:
+        for obj in vars(model).values():
+            if isinstance(obj, type) and issubclass(obj, BaseModel):
+                _KNOWN_KEYS.extend(k for k in obj.model_fields if k not in _KNOWN_KEYS)
+    return _KNOWN_KEYS

@@ -1,0 +1,548 @@
+"""The typed configuration: one pydantic model per YAML section.
+
+The YAML shape in docs/design.md is the contract. Every model forbids
+unknown keys so a typo is an error rather than a silently ignored setting.
+Checks that need more than one field live in ``model_validator``s and report
+through ``errors_at`` so each problem points at the key that caused it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gateway.config.durations import Duration
+from gateway.config.hostport import HostPort
+
+Loc = tuple[str | int, ...]
+
+DEFAULT_AMQP_PORT = 5671
+DEFAULT_MQTT_PORT = 8883
+DEFAULT_MQTT_MAX_PACKET_SIZE = 262144 + 1024  # IoT Hub's 256 KiB message limit + header room
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def errors_at(title: str, problems: list[tuple[Loc, str]]) -> ValidationError:
+    """A ValidationError whose entries sit at the given locations.
+
+    Raised from a model validator, pydantic prefixes each location with the
+    model's own path, so the loader can map it to a file line.
+    """
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(type=PydanticCustomError("config", message), loc=loc, input=None)
+            for loc, message in problems
+        ],
+    )
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"invalid name {value!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+Name = Annotated[
+    str,
+    PlainValidator(lambda v: _check_name(_str(v))),
+    WithJsonSchema({"type": "string", "pattern": _NAME_RE.pattern}),
+]
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _network(value: Any) -> IPv4Network | IPv6Network:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    try:
+        return ip_network(_str(value).strip())
+    except ValueError as exc:
+        raise ValueError(f"invalid network {value!r}: {exc}") from None
+
+
+# A CIDR (or a single address, meaning /32 or /128).
+Network = Annotated[
+    IPv4Network | IPv6Network,
+    PlainValidator(_network),
+    PlainSerializer(str),
+    WithJsonSchema({"type": "string", "description": "CIDR, e.g. 192.168.1.0/24, or an address"}),
+]
+
+
+def _tls_version(value: Any) -> Any:
+    # YAML reads an unquoted 1.2 as a float; accept it as the string it means.
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return value
+
+
+# --- gateway, admin, log -------------------------------------------------------------------
+
+
+def _default_gateway_id() -> str:
+    return f"iot-gateway-{socket.gethostname()}"
+
+
+class GatewaySection(Section):
+    id: str = Field(
+        default_factory=_default_gateway_id,
+        min_length=1,
+        description="AMQP container-id towards the hub (default iot-gateway-<hostname>)",
+    )
+    drain_timeout: Duration = Field(
+        10.0, description="on SIGTERM, how long in-flight deliveries may take to settle"
+    )
+    metrics_device_labels: bool = Field(
+        False, description="add device id labels to per-device metrics (cardinality!)"
+    )
+
+
+class AdminSection(Section):
+    listen: HostPort = Field(
+        "127.0.0.1:9090",  # type: ignore[assignment]  # validated into a HostPort
+        validate_default=True,
+        description="/metrics /healthz /readyz /api/...",
+    )
+    enabled: bool = True
+
+
+class LogSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    trace: list[Literal["amqp", "mqtt"]] = Field(
+        default_factory=list, description="protocols whose frames are logged one per line"
+    )
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+class TlsProfile(Section):
+    ca_file: Path | None = Field(None, description="trusted CAs (PEM); default: system store")
+    cert_file: Path | None = Field(None, description="own certificate chain (PEM)")
+    key_file: Path | None = Field(None, description="private key of cert_file (PEM)")
+    server_name: str | None = Field(
+        None, description="SNI and host name check (default: the connector host)"
+    )
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    ciphers: str | None = Field(None, description="OpenSSL cipher string for TLS 1.2")
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="after")
+    @classmethod
+    def _readable_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        base = (info.context or {}).get("base_dir")
+        path = value.expanduser()
+        if not path.is_absolute():
+            path = Path(base or ".") / path
+        path = Path(os.path.normpath(path.absolute()))
+        if not path.exists():
+            raise ValueError(f"file not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"not a file: {path}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"file not readable: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsProfile:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            present = "cert_file" if missing == "key_file" else "key_file"
+            raise errors_at(
+                "TlsProfile", [((present,), f"{present} needs {missing} too (both or neither)")]
+            )
+        return self
+
+    @property
+    def has_certificate(self) -> bool:
+        return self.cert_file is not None
+
+
+# --- listeners -------------------------------------------------------------------------------
+
+
+class ListenerBase(Section):
+    name: Name
+    bind: HostPort
+    tls_profile: str | None = Field(
+        None, description="terminate device TLS with this profile's cert_file/key_file"
+    )
+    max_connections: int = Field(1000, ge=1)
+    allowed_networks: list[Network] = Field(
+        default_factory=list, description="source CIDRs allowed to connect; empty = any"
+    )
+    handshake_timeout: Duration = Field(
+        10.0, description="AMQP: header+SASL+open; MQTT: time to receive CONNECT"
+    )
+
+
+class AmqpListener(ListenerBase):
+    protocol: Literal["amqp"]
+    sasl: list[Literal["anonymous", "plain"]] = Field(
+        default_factory=lambda: ["anonymous", "plain"],
+        description="SASL mechanisms offered; empty = no SASL layer",
+    )
+    max_frame_size: int = Field(65536, ge=512, le=2**32 - 1)
+    idle_timeout: Duration = Field(60.0, description="0 = none")
+    channel_max: int = Field(255, ge=0, le=65535)
+
+
+class MqttListener(ListenerBase):
+    protocol: Literal["mqtt"]
+    max_packet_size: int = Field(DEFAULT_MQTT_MAX_PACKET_SIZE, ge=1024, le=268435460)
+
+
+Listener = Annotated[AmqpListener | MqttListener, Field(discriminator="protocol")]
+
+
+# --- connectors ------------------------------------------------------------------------------
+
+
+class ReconnectSettings(Section):
+    initial: Duration = Field(1.0, description="first retry delay; doubles up to max")
+    max: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReconnectSettings:
+        if self.initial <= 0:
+            raise errors_at("ReconnectSettings", [(("initial",), "must be greater than 0")])
+        if self.max < self.initial:
+            raise errors_at("ReconnectSettings", [(("max",), "must be at least initial")])
+        return self
+
+
+class PoolSettings(Section):
+    max_connections: int = Field(4, ge=1, le=1000)
+    max_devices_per_connection: int = Field(
+        200, ge=1, le=1000, description="1 = one TLS connection per device, $cbs routed verbatim"
+    )
+
+
+class ConnectorBase(Section):
+    name: Name
+    host: str = Field(min_length=1)
+    tls_profile: str | None = None
+    allow_plaintext: bool = Field(False, description="permit a connector without TLS")
+    connect_timeout: Duration = 10.0
+    reconnect: ReconnectSettings = Field(default_factory=ReconnectSettings)
+
+    @property
+    def target(self) -> str:
+        return str(HostPort(self.host, self.port))  # type: ignore[attr-defined]
+
+
+class AmqpConnector(ConnectorBase):
+    protocol: Literal["amqp"]
+    port: int = Field(DEFAULT_AMQP_PORT, ge=1, le=65535)
+    sasl: Literal["anonymous", "external", "plain"] = "anonymous"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    idle_timeout: Duration = Field(120.0, description="0 = none")
+    max_frame_size: int = Field(65536, ge=512, le=2**32 - 1)
+    on_demand: bool = Field(True, description="connect at the first device attach, not at start")
+    hostname: str | None = Field(
+        None, description="AMQP open hostname (default: tls profile server_name, else host)"
+    )
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+
+    @model_validator(mode="after")
+    def _sasl_credentials(self) -> AmqpConnector:
+        problems: list[tuple[Loc, str]] = []
+        if self.sasl == "plain":
+            if not self.sasl_username:
+                problems.append((("sasl_username",), "required when sasl: plain"))
+            if self.sasl_password is None:
+                problems.append((("sasl_password",), "required when sasl: plain"))
+        else:
+            for key in ("sasl_username", "sasl_password"):
+                if getattr(self, key) is not None:
+                    problems.append(((key,), "only used with sasl: plain"))
+        if problems:
+            raise errors_at("AmqpConnector", problems)
+        return self
+
+
+class MqttConnector(ConnectorBase):
+    protocol: Literal["mqtt"]
+    port: int = Field(DEFAULT_MQTT_PORT, ge=1, le=65535)
+
+
+Connector = Annotated[AmqpConnector | MqttConnector, Field(discriminator="protocol")]
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+class LinkRoute(Section):
+    prefix: str | None = Field(None, description="address prefix by whole segments, e.g. devices/")
+    pattern: str | None = Field(None, description="segment pattern: * = one, # = zero or more")
+    connector: str
+    direction: Literal["in", "out", "both"] = Field(
+        "both", description="in = device senders (target), out = device receivers (source)"
+    )
+
+    @model_validator(mode="after")
+    def _prefix_or_pattern(self) -> LinkRoute:
+        if (self.prefix is None) == (self.pattern is None):
+            raise ValueError("give exactly one of prefix or pattern")
+        address = self.prefix if self.prefix is not None else self.pattern
+        if not address or not address.strip("/"):
+            key = "prefix" if self.prefix is not None else "pattern"
+            raise errors_at("LinkRoute", [((key,), "must not be empty")])
+        return self
+
+    @property
+    def kind(self) -> Literal["prefix", "pattern"]:
+        return "prefix" if self.prefix is not None else "pattern"
+
+    @property
+    def address(self) -> str:
+        return self.prefix if self.prefix is not None else self.pattern  # type: ignore[return-value]
+
+
+def _topic_filter(value: Any) -> str:
+    text = _str(value)
+    levels = text.split("/")
+    if not text:
+        raise ValueError("empty topic filter")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"invalid topic filter {text!r}: '#' must be a whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"invalid topic filter {text!r}: '+' must be a whole level")
+    return text
+
+
+TopicFilter = Annotated[
+    str, PlainValidator(_topic_filter), WithJsonSchema({"type": "string", "minLength": 1})
+]
+
+
+class MqttRoute(Section):
+    hub: str = Field("*", min_length=1, description="hub host from the CONNECT username; * = any")
+    connector: str
+    allowed_topics: list[TopicFilter] | None = Field(
+        None, description="MQTT topic filters a device may use; default: all (the hub decides)"
+    )
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+
+class GatewayConfig(Section):
+    """The whole configuration file. A new top-level section is one class and one field."""
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    admin: AdminSection = Field(default_factory=AdminSection)
+    log: LogSection = Field(default_factory=LogSection)
+    tls_profiles: dict[Name, TlsProfile] = Field(default_factory=dict)
+    listeners: list[Listener] = Field(default_factory=list)
+    connectors: list[Connector] = Field(default_factory=list)
+    link_routes: list[LinkRoute] = Field(default_factory=list)
+    mqtt_routes: list[MqttRoute] = Field(default_factory=list)
+
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The file this configuration was loaded from (for reloads), if any."""
+        return self._source_path
+
+    def connector(self, name: str) -> AmqpConnector | MqttConnector:
+        for connector in self.connectors:
+            if connector.name == name:
+                return connector
+        raise KeyError(name)
+
+    def listener(self, name: str) -> AmqpListener | MqttListener:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+    def tls_profile_for(self, owner: ListenerBase | ConnectorBase) -> TlsProfile | None:
+        return None if owner.tls_profile is None else self.tls_profiles[owner.tls_profile]
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> GatewayConfig:
+        problems = _cross_check(self)
+        if problems:
+            raise errors_at("GatewayConfig", problems)
+        for connector in self.connectors:
+            if isinstance(connector, AmqpConnector) and connector.hostname is None:
+                profile = self.tls_profile_for(connector)
+                connector.hostname = (profile and profile.server_name) or connector.host
+        return self
+
+
+def _cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    profiles = config.tls_profiles
+
+    def duplicates(section: str, items: list[Any]) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append(
+                    ((section, i, "name"), f"duplicate {section[:-1]} name {item.name!r}")
+                )
+            seen.add(item.name)
+
+    duplicates("listeners", config.listeners)
+    duplicates("connectors", config.connectors)
+
+    binds: list[tuple[Loc, HostPort, str]] = []
+    if config.admin.enabled:
+        binds.append((("admin", "listen"), config.admin.listen, "admin.listen"))
+    for i, listener in enumerate(config.listeners):
+        loc: Loc = ("listeners", i)
+        if listener.tls_profile is not None:
+            profile = profiles.get(listener.tls_profile)
+            if profile is None:
+                problems.append(
+                    ((*loc, "tls_profile"), _no_profile(listener.tls_profile, profiles))
+                )
+            elif not profile.has_certificate:
+                problems.append(
+                    (
+                        (*loc, "tls_profile"),
+                        f"tls_profile {listener.tls_profile!r} has no cert_file/key_file "
+                        "to serve device TLS with",
+                    )
+                )
+        for _, other, label in binds:
+            if _binds_clash(listener.bind, other):
+                problems.append(
+                    ((*loc, "bind"), f"bind address {listener.bind} already used by {label}")
+                )
+                break
+        binds.append(((*loc, "bind"), listener.bind, f"listener {listener.name!r}"))
+
+    for i, connector in enumerate(config.connectors):
+        loc = ("connectors", i)
+        if connector.tls_profile is not None:
+            if connector.tls_profile not in profiles:
+                problems.append(
+                    ((*loc, "tls_profile"), _no_profile(connector.tls_profile, profiles))
+                )
+        elif not connector.allow_plaintext:
+            problems.append(
+                (
+                    loc,
+                    f"plaintext connector refused; set allow_plaintext: true to send traffic to "
+                    f"{connector.target} unencrypted, or name a tls_profile",
+                )
+            )
+
+    by_name = {c.name: c for c in config.connectors}
+    for section, routes, protocol in (
+        ("link_routes", config.link_routes, "amqp"),
+        ("mqtt_routes", config.mqtt_routes, "mqtt"),
+    ):
+        for i, route in enumerate(routes):
+            target = by_name.get(route.connector)
+            if target is None:
+                known = ", ".join(sorted(repr(n) for n in by_name)) or "none defined"
+                problems.append(
+                    (
+                        (section, i, "connector"),
+                        f"no connector named {route.connector!r} (known: {known})",
+                    )
+                )
+            elif target.protocol != protocol:
+                problems.append(
+                    (
+                        (section, i, "connector"),
+                        f"connector {route.connector!r} speaks {target.protocol}, "
+                        f"{section} need a {protocol} connector",
+                    )
+                )
+
+    seen_routes: list[tuple[Loc, str, str, str]] = []
+    for i, link_route in enumerate(config.link_routes):
+        address = link_route.address.strip("/")
+        for _, kind, other_address, other_direction in seen_routes:
+            overlap = "both" in (link_route.direction, other_direction) or (
+                link_route.direction == other_direction
+            )
+            if kind == link_route.kind and other_address == address and overlap:
+                problems.append(
+                    (
+                        ("link_routes", i, link_route.kind),
+                        f"duplicate route for {link_route.kind} {link_route.address!r} "
+                        f"(direction {link_route.direction} overlaps {other_direction})",
+                    )
+                )
+                break
+        seen_routes.append((("link_routes", i), link_route.kind, address, link_route.direction))
+
+    seen_hubs: set[str] = set()
+    for i, mqtt_route in enumerate(config.mqtt_routes):
+        hub = mqtt_route.hub.lower()
+        if hub in seen_hubs:
+            problems.append(
+                ((("mqtt_routes", i, "hub")), f"duplicate route for hub {mqtt_route.hub!r}")
+            )
+        seen_hubs.add(hub)
+    return problems
+
+
+def _no_profile(name: str, profiles: dict[str, TlsProfile]) -> str:
+    known = ", ".join(sorted(repr(n) for n in profiles)) or "none defined"
+    return f"no tls_profile named {name!r} (known: {known})"
+
+
+def _binds_clash(a: HostPort, b: HostPort) -> bool:
+    if a.port != b.port or a.port == 0:  # port 0 = an ephemeral port each time
+        return False
+    if a.host == b.host:
+        return True
+    # A wildcard bind takes the port on every address of its family.
+    if a.is_wildcard or b.is_wildcard:
+        return (":" in a.host) == (":" in b.host)
+    return False
+
+
+def export_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file (what config/schema.json holds)."""
+    schema = GatewayConfig.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "iot-gateway configuration"
+    return schema

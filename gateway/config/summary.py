@@ -1,0 +1,112 @@
+"""A readable summary of a validated config and its resolved route table (``check``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.config.model import AmqpConnector, AmqpListener, GatewayConfig, MqttListener
+
+
+def route_table(config: GatewayConfig) -> list[dict[str, Any]]:
+    """Every route with its connector resolved: plain dicts, no secrets."""
+    rows: list[dict[str, Any]] = []
+    for route in config.link_routes:
+        connector = config.connector(route.connector)
+        rows.append(
+            {
+                "kind": "link",
+                "match": route.kind,
+                "address": route.address,
+                "direction": route.direction,
+                "connector": connector.name,
+                "target": connector.target,
+                "tls": connector.tls_profile is not None,
+            }
+        )
+    for mqtt_route in config.mqtt_routes:
+        connector = config.connector(mqtt_route.connector)
+        rows.append(
+            {
+                "kind": "mqtt",
+                "hub": mqtt_route.hub,
+                "connector": connector.name,
+                "target": connector.target,
+                "tls": connector.tls_profile is not None,
+                "allowed_topics": mqtt_route.allowed_topics,
+            }
+        )
+    return rows
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render_summary(config: GatewayConfig) -> str:
+    out: list[str] = [f"gateway id: {config.gateway.id}"]
+    admin = f"http://{config.admin.listen}" if config.admin.enabled else "disabled"
+    out.append(f"admin: {admin}")
+    out.append(
+        f"log: {config.log.level}, {config.log.format}"
+        + (f", trace {','.join(config.log.trace)}" if config.log.trace else "")
+    )
+
+    out.append(f"listeners ({len(config.listeners)}):")
+    if config.listeners:
+        rows = [["NAME", "PROTOCOL", "BIND", "TLS", "DETAILS"]]
+        for listener in config.listeners:
+            if isinstance(listener, AmqpListener):
+                details = "sasl " + (",".join(listener.sasl) or "none")
+            elif isinstance(listener, MqttListener):
+                details = f"max packet {listener.max_packet_size}"
+            if listener.allowed_networks:
+                details += ", from " + ",".join(str(n) for n in listener.allowed_networks)
+            rows.append(
+                [
+                    listener.name,
+                    listener.protocol,
+                    str(listener.bind),
+                    listener.tls_profile or "plaintext",
+                    details,
+                ]
+            )
+        out.extend(_table(rows))
+
+    out.append(f"connectors ({len(config.connectors)}):")
+    if config.connectors:
+        rows = [["NAME", "PROTOCOL", "TARGET", "TLS", "DETAILS"]]
+        for connector in config.connectors:
+            if isinstance(connector, AmqpConnector):
+                details = (
+                    f"sasl {connector.sasl}, hostname {connector.hostname}, pool "
+                    f"{connector.pool.max_connections}x"
+                    f"{connector.pool.max_devices_per_connection}"
+                    + (", on demand" if connector.on_demand else "")
+                )
+            else:
+                details = "one TLS connection per device"
+            tls = connector.tls_profile or "PLAINTEXT"
+            rows.append([connector.name, connector.protocol, connector.target, tls, details])
+        out.extend(_table(rows))
+
+    link_rows = [r for r in route_table(config) if r["kind"] == "link"]
+    out.append(f"link routes ({len(link_rows)}):")
+    if link_rows:
+        rows = [["MATCH", "ADDRESS", "DIRECTION", "CONNECTOR", "TARGET"]]
+        for r in link_rows:
+            rows.append([r["match"], r["address"], r["direction"], r["connector"], r["target"]])
+        out.extend(_table(rows))
+
+    mqtt_rows = [r for r in route_table(config) if r["kind"] == "mqtt"]
+    out.append(f"mqtt routes ({len(mqtt_rows)}):")
+    if mqtt_rows:
+        rows = [["HUB", "CONNECTOR", "TARGET", "TOPICS"]]
+        for r in mqtt_rows:
+            topics = "all" if r["allowed_topics"] is None else " ".join(r["allowed_topics"])
+            rows.append([r["hub"], r["connector"], r["target"], topics])
+        out.extend(_table(rows))
+    return "\n".join(out) + "\n"
