@@ -1,0 +1,342 @@
+"""Admin HTTP endpoint: metrics, health, readiness and the JSON state API.
+
+A deliberately small HTTP/1.1 server on trio and h11, one task per
+connection, GET and HEAD only:
+
+    /metrics          Prometheus text (or OpenMetrics when the scraper asks)
+    /healthz          200 "ok" while the event loop runs
+    /readyz           200 "ready" or 503 with the reason from the readiness check
+    /api/connections  /api/links  /api/routes  /api/connectors  /api/listeners   (JSON)
+
+A misbehaving client cannot hurt the gateway: request heads and bodies are
+bounded, a client that does not finish its request head in time or stops
+reading its response is dropped, and the number of concurrent admin
+connections is capped (excess connections are closed at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from gateway.ops.registry import Registry
+
+__all__ = ["AdminLimits", "serve_admin"]
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], tuple[bool, str]]
+Response = tuple[int, str, bytes]  # status, content type, body
+Handler = Callable[[h11.Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class AdminLimits:
+    max_connections: int = 32
+    max_request_head: int = 8 * 1024  # request line + headers
+    max_request_body: int = 8 * 1024  # GET has no business sending more
+    header_timeout: float = 10.0  # to receive a complete request head
+    idle_timeout: float = 30.0  # between keep-alive requests
+    send_timeout: float = 10.0  # to write one response
+    receive_size: int = 4096
+    linger_timeout: float = 2.0  # after an error response, see _linger
+    linger_bytes: int = 256 * 1024
+
+
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
+
+
+class _AdminServer:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics_registry: Any,
+        readiness: Readiness,
+        limits: AdminLimits,
+    ) -> None:
+        self.registry = registry
+        self.metrics_registry = _collector_registry(metrics_registry)
+        self.readiness = readiness
+        self.limits = limits
+        self.active = 0
+        self._saturated = False
+        # Rendering metrics can take milliseconds with many series: do it in a
+        # worker thread (prometheus_client is thread-safe), one scrape at a time,
+        # so relays on the event loop never wait for a scrape.
+        self._render_limiter = trio.CapacityLimiter(1)
+        api = {
+            "/api/connections": registry.connections,
+            "/api/links": registry.links,
+            "/api/routes": registry.routes,
+            "/api/connectors": registry.connectors,
+            "/api/listeners": registry.listeners,
+        }
+        self.routes: dict[str, Handler] = {
+            "/metrics": self._metrics,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            **{path: _json_handler(snapshot) for path, snapshot in api.items()},
+        }
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        if self.active >= self.limits.max_connections:
+            if not self._saturated:  # once per episode, not once per connection
+                log.warning("admin: %d connections open, closing new ones", self.active)
+                self._saturated = True
+            await trio.aclose_forcefully(stream)
+            return
+        self._saturated = False
+        self.active += 1
+        try:
+            await self._serve(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            # One bad exchange must not end the admin server.
+            log.exception("admin: connection failed")
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_head)
+        while True:
+            try:
+                event = await self._read_head(conn, stream)
+                if not isinstance(event, h11.Request):
+                    return  # idle timeout, or the client closed
+                request = event
+                # An unexpected request body must arrive within header_timeout too.
+                with trio.move_on_after(self.limits.header_timeout) as body_timer:
+                    body_ok = await self._drain_body(conn, stream)
+                if body_timer.cancelled_caught:
+                    raise trio.TooSlowError
+                if not body_ok:
+                    await self._send_error(conn, stream, 413, "request body too large")
+                    return
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(conn, stream, exc.error_status_hint, "bad request")
+                return
+            except trio.TooSlowError:
+                await self._send_error(conn, stream, 408, "request timeout")
+                return
+
+            status, content_type, body = await self._dispatch(request)
+            if not await self._send_response(conn, stream, request, status, content_type, body):
+                return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_head(self, conn: h11.Connection, stream: trio.SocketStream) -> Any:
+        """The next h11 event; None when the connection stays idle too long.
+
+        Waiting for a request to start is bounded by idle_timeout; once its
+        first byte is in, the rest of the head must follow within
+        header_timeout (TooSlowError otherwise).
+        """
+        deadline = trio.current_time() + self.limits.idle_timeout
+        started = False
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline) as scope:
+                data = await stream.receive_some(self.limits.receive_size)
+            if scope.cancelled_caught:
+                if started:
+                    raise trio.TooSlowError
+                return None
+            conn.receive_data(data)
+            if data and not started:
+                started = True
+                deadline = trio.current_time() + self.limits.header_timeout
+
+    async def _drain_body(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+        received = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(self.limits.receive_size))
+                continue
+            if isinstance(event, h11.Data):
+                received += len(event.data)
+                if received > self.limits.max_request_body:
+                    return False
+                continue
+            # EndOfMessage, or ConnectionClosed mid-body (h11 raises on that).
+            return True
+
+    async def _dispatch(self, request: h11.Request) -> Response:
+        method = request.method.upper()
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        handler = self.routes.get(path)
+        if handler is None:
+            return 404, _TEXT, b"not found\n"
+        if method not in (b"GET", b"HEAD"):
+            return 405, _TEXT, b"method not allowed\n"
+        try:
+            return await handler(request)
+        except Exception:
+            log.exception("admin: handler for %s failed", path)
+            return 500, _TEXT, b"internal error\n"
+
+    async def _metrics(self, request: h11.Request) -> Response:
+        accept = ""
+        for name, value in request.headers:
+            if name == b"accept":
+                accept = value.decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        body = await trio.to_thread.run_sync(
+            encoder, self.metrics_registry, limiter=self._render_limiter
+        )
+        return 200, content_type, body
+
+    async def _healthz(self, _request: h11.Request) -> Response:
+        return 200, _TEXT, b"ok\n"
+
+    async def _readyz(self, _request: h11.Request) -> Response:
+        try:
+            ready, reason = self.readiness()
+        except Exception:
+            log.exception("admin: readiness check failed")
+            return 503, _TEXT, b"readiness check failed\n"
+        body = (reason or ("ready" if ready else "not ready")).encode() + b"\n"
+        return (200 if ready else 503), _TEXT, body
+
+    async def _send_response(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        request: h11.Request,
+        status: int,
+        content_type: str,
+        body: bytes,
+    ) -> bool:
+        headers = [
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+        ]
+        if status == 405:
+            headers.append(("allow", "GET, HEAD"))
+        events: list[Any] = [h11.Response(status_code=status, headers=headers)]
+        if request.method.upper() != b"HEAD" and body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        return await self._send(conn, stream, events)
+
+    async def _send_error(
+        self, conn: h11.Connection, stream: trio.SocketStream, status: int, text: str
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = text.encode() + b"\n"
+        headers = [
+            ("content-type", _TEXT),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        try:
+            events = [h11.Response(status_code=status, headers=headers), h11.Data(data=body)]
+            sent = await self._send(conn, stream, [*events, h11.EndOfMessage()])
+        except h11.LocalProtocolError:
+            return
+        if sent:
+            await self._linger(stream)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Close gracefully after an error response.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy the response before the client reads it; so signal
+        EOF and discard what the client still sends, for a bounded time and size.
+        """
+        with trio.move_on_after(self.limits.linger_timeout):
+            await stream.send_eof()
+            discarded = 0
+            while discarded < self.limits.linger_bytes:
+                chunk = await stream.receive_some(self.limits.receive_size)
+                if not chunk:
+                    break
+                discarded += len(chunk)
+
+    async def _send(
+        self, conn: h11.Connection, stream: trio.SocketStream, events: list[Any]
+    ) -> bool:
+        data = b"".join(conn.send(event) or b"" for event in events)
+        with trio.move_on_after(self.limits.send_timeout) as scope:
+            await stream.send_all(data)
+        return not scope.cancelled_caught
+
+
+def _json_handler(snapshot: Callable[[], Any]) -> Handler:
+    async def handler(_request: h11.Request) -> Response:
+        body = json.dumps(snapshot(), separators=(",", ":"), default=str).encode() + b"\n"
+        return 200, _JSON, body
+
+    return handler
+
+
+def _collector_registry(metrics_registry: Any) -> CollectorRegistry:
+    if metrics_registry is None:
+        return REGISTRY
+    inner = getattr(metrics_registry, "registry", None)  # a Metrics facade
+    if isinstance(inner, CollectorRegistry):
+        return inner
+    return metrics_registry
+
+
+def _host_port(listen: Any) -> tuple[str | None, int]:
+    if isinstance(listen, tuple | list):
+        host, port = listen[0], listen[1]
+    else:
+        host, port = listen.host, listen.port
+    host = str(host).strip("[]") if host is not None else None
+    # An empty host or a wildcard means every interface.
+    return (None if host in ("", "*", None) else host), int(port)
+
+
+async def serve_admin(
+    listen: Any,
+    registry: Registry,
+    metrics_registry: Any,
+    readiness: Readiness,
+    *,
+    limits: AdminLimits | None = None,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoint until cancelled.
+
+    ``listen`` is a HostPort (``.host``, ``.port``) or a ``(host, port)`` tuple;
+    port 0 picks a free port. ``task_status.started`` receives the bound
+    ``(host, port)`` addresses. ``metrics_registry`` is a CollectorRegistry,
+    a :class:`gateway.ops.metrics.Metrics` facade, or None for the default
+    prometheus_client registry.
+    """
+    host, port = _host_port(listen)
+    server = _AdminServer(registry, metrics_registry, readiness, limits or AdminLimits())
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
+    log.info("admin endpoint listening on %s", ", ".join(_fmt(a) for a in addresses))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, server.handle, listeners)
+        task_status.started(addresses)  # type: ignore[arg-type]
+
+
+def _fmt(address: tuple[Any, ...]) -> str:
+    host, port = str(address[0]), address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

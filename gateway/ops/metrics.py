@@ -1,0 +1,542 @@
+"""Prometheus metrics (``iotgw_*``) behind a small facade the relays call.
+
+The relays never touch prometheus_client directly: they call one method on
+:class:`Metrics` per event (``on_message(route, direction, nbytes)``), and the
+facade keeps the labelled children in dicts so the hot path is a dict lookup
+and an increment.
+
+Label values are names from the configuration (listener, connector, route
+prefix or pattern) or short fixed vocabularies (direction, outcome, reason,
+packet type). Device ids never become label values unless
+``gateway.metrics_device_labels`` is set; callers always pass the device id
+where one is known and this module decides. Each label set is capped
+(:data:`MAX_LABEL_VALUES`) so a caller that passes, say, a full address by
+mistake folds into ``other`` instead of growing memory without bound.
+
+Directions: ``in`` is device -> hub, ``out`` is hub -> device, for AMQP routes
+and MQTT packets alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_LABEL_VALUES",
+    "Metrics",
+    "NullMetrics",
+    "MqttRelayMetrics",
+]
+
+# Relay latency is measured from a frame arriving to the re-encoded frame
+# leaving, inside the gateway: tens of microseconds when idle, milliseconds
+# under load, 100 ms means something is badly wrong.
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+
+# Distinct label combinations kept per metric before new ones fold into "other".
+MAX_LABEL_VALUES = 500
+# Per-device series are capped separately; a fleet bigger than this should
+# not be labelled per device anyway.
+MAX_DEVICE_SERIES = 5000
+
+_OTHER = "other"
+
+
+class _Children:
+    """Cache of a metric's labelled children, keyed by the label tuple."""
+
+    __slots__ = ("_metric", "_cache", "_limit")
+
+    def __init__(self, metric: Any, limit: int = MAX_LABEL_VALUES) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+        self._limit = limit
+
+    def get(self, *labels: str) -> Any:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._create(labels)
+        return child
+
+    def _create(self, labels: tuple[str, ...]) -> Any:
+        key = labels
+        if len(self._cache) >= self._limit:
+            key = tuple(_OTHER for _ in labels)
+            child = self._cache.get(key)
+            if child is not None:
+                return child
+        child = self._metric.labels(*(str(v) for v in key))
+        self._cache[key] = child
+        return child
+
+    def forget(self, predicate: Callable[[tuple[str, ...]], bool]) -> None:
+        for key in [k for k in self._cache if predicate(k)]:
+            del self._cache[key]
+            try:
+                self._metric.remove(*key)
+            except KeyError:
+                pass
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class Metrics:
+    """The gateway's metrics, registered in ``registry`` (a fresh one by default)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        device_labels: bool = False,
+        process_metrics: bool = True,
+        gateway_id: str = "",
+        version: str = "",
+    ) -> None:
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            if process_metrics:
+                # RSS, CPU seconds and open fds of the daemon: what a Pi operator
+                # looks at first. The default registry has these already.
+                ProcessCollector(registry=registry)
+        self.registry = registry
+        self.device_labels = device_labels
+        r = registry
+
+        info = Info("iotgw_build", "Gateway version and id", registry=r)
+        info.info({"version": version or _package_version(), "gateway_id": gateway_id})
+
+        # Device side.
+        self._device_open = _Children(
+            Gauge(
+                "iotgw_device_connections_open",
+                "Device connections currently open",
+                ["listener", "protocol"],
+                registry=r,
+            )
+        )
+        self._device_total = _Children(
+            Counter(
+                "iotgw_device_connections",
+                "Device connections accepted",
+                ["listener", "protocol"],
+                registry=r,
+            )
+        )
+        self._device_refused = _Children(
+            Counter(
+                "iotgw_device_connections_refused",
+                "Device connections refused before the protocol started",
+                ["listener", "reason"],
+                registry=r,
+            )
+        )
+
+        # Upstream side.
+        self._upstream = _Children(
+            Gauge(
+                "iotgw_upstream_connections",
+                "Upstream (hub) connections by state",
+                ["connector", "state"],
+                registry=r,
+            )
+        )
+        self._upstream_opened = _Children(
+            Counter(
+                "iotgw_upstream_connections_opened",
+                "Upstream connections established (TLS and protocol handshake done)",
+                ["connector"],
+                registry=r,
+            )
+        )
+        self._tls_failures = _Children(
+            Counter(
+                "iotgw_tls_handshake_failures",
+                "TLS handshake failures towards a connector",
+                ["connector", "reason"],
+                registry=r,
+            )
+        )
+        self._reconnects = _Children(
+            Counter(
+                "iotgw_reconnects",
+                "Reconnect attempts after an upstream connection was lost or failed",
+                ["connector"],
+                registry=r,
+            )
+        )
+
+        # Links and traffic.
+        self._links_open = _Children(
+            Gauge(
+                "iotgw_links_open",
+                "Routed AMQP link pairs currently attached",
+                ["route", "direction"],
+                registry=r,
+            )
+        )
+        self._links_total = _Children(
+            Counter(
+                "iotgw_links",
+                "Routed AMQP link pairs attached",
+                ["route", "direction"],
+                registry=r,
+            )
+        )
+        self._messages_metric = Counter(
+            "iotgw_messages",
+            "Messages relayed (AMQP deliveries, MQTT PUBLISH packets)",
+            ["route", "direction"],
+            registry=r,
+        )
+        self._bytes_metric = Counter(
+            "iotgw_message_bytes",
+            "Message bytes relayed (AMQP transfer payload, MQTT packet size)",
+            ["route", "direction"],
+            registry=r,
+        )
+        # One lookup yields both children: the hot path is on_message.
+        self._traffic: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._dispositions = _Children(
+            Counter(
+                "iotgw_dispositions",
+                "Delivery outcomes relayed, by outcome",
+                ["outcome"],
+                registry=r,
+            )
+        )
+        self._attach_refusals = _Children(
+            Counter(
+                "iotgw_attach_refusals",
+                "Link attaches refused (by the gateway or the hub), by error condition",
+                ["reason"],
+                registry=r,
+            )
+        )
+        self._protocol_errors = _Children(
+            Counter(
+                "iotgw_protocol_errors",
+                "Protocol errors, by protocol, side (device|upstream) and kind",
+                ["protocol", "side", "kind"],
+                registry=r,
+            )
+        )
+        self._latency = _Children(
+            Histogram(
+                "iotgw_relay_latency_seconds",
+                "Time from a frame arriving to the relayed frame being sent, inside the gateway",
+                ["protocol"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
+        )
+        self._mqtt_packets = _Children(
+            Counter(
+                "iotgw_mqtt_packets",
+                "MQTT packets relayed, by type and direction",
+                ["type", "direction"],
+                registry=r,
+            )
+        )
+        self._mqtt_closes = _Children(
+            Counter(
+                "iotgw_mqtt_sessions_closed",
+                "MQTT relayed sessions closed, by reason",
+                ["reason"],
+                registry=r,
+            )
+        )
+
+        # Credentials (token expiry, renewal): used once the gateway holds keys.
+        self._token_expiry = Gauge(
+            "iotgw_token_expiry_seconds",
+            "Seconds until the soonest gateway-held SAS token expires",
+            registry=r,
+        )
+        # NaN until a token exists: "0 seconds left" would page someone.
+        self._token_expiry.set(float("nan"))
+        self._renewal_failures = Counter(
+            "iotgw_token_renewal_failures",
+            "SAS token renewals that failed",
+            registry=r,
+        )
+        self._token_expiry_by_device: dict[str, float] = {}
+
+        # Lifecycle.
+        self._reloads = _Children(
+            Counter(
+                "iotgw_config_reloads",
+                "Configuration reloads (SIGHUP), by result",
+                ["result"],
+                registry=r,
+            )
+        )
+
+        # Optional per-device series.
+        self._device_messages: _Children | None = None
+        self._device_bytes: _Children | None = None
+        self._device_token_expiry: _Children | None = None
+        if device_labels:
+            self._device_messages = _Children(
+                Counter(
+                    "iotgw_device_messages",
+                    "Messages relayed per device",
+                    ["device", "direction"],
+                    registry=r,
+                ),
+                MAX_DEVICE_SERIES,
+            )
+            self._device_bytes = _Children(
+                Counter(
+                    "iotgw_device_message_bytes",
+                    "Message bytes relayed per device",
+                    ["device", "direction"],
+                    registry=r,
+                ),
+                MAX_DEVICE_SERIES,
+            )
+            self._device_token_expiry = _Children(
+                Gauge(
+                    "iotgw_device_token_expiry_seconds",
+                    "Seconds until the device's gateway-held SAS token expires",
+                    ["device"],
+                    registry=r,
+                ),
+                MAX_DEVICE_SERIES,
+            )
+
+    # -- device connections --------------------------------------------------
+
+    def on_device_connect(self, listener: str, protocol: str) -> None:
+        self._device_open.get(listener, protocol).inc()
+        self._device_total.get(listener, protocol).inc()
+
+    def on_device_disconnect(self, listener: str, protocol: str) -> None:
+        self._device_open.get(listener, protocol).dec()
+
+    def on_device_refused(self, listener: str, reason: str) -> None:
+        """A connection closed before the protocol started (limit, network policy, ...)."""
+        self._device_refused.get(listener, reason).inc()
+
+    # -- upstream connections ----------------------------------------------------
+
+    def on_upstream_state(
+        self, connector: str, state: str | None, previous: str | None = None
+    ) -> None:
+        """Move one upstream connection from ``previous`` to ``state``.
+
+        ``previous=None`` is a new connection; ``state=None`` (or "closed") means
+        it is gone. Typical states: connecting, open, closing.
+        """
+        if previous is not None and previous != "closed":
+            self._upstream.get(connector, previous).dec()
+        if state is not None and state != "closed":
+            self._upstream.get(connector, state).inc()
+            if state == "open" and previous != "open":
+                self._upstream_opened.get(connector).inc()
+
+    def on_tls_handshake_failure(self, connector: str, reason: str) -> None:
+        self._tls_failures.get(connector, reason).inc()
+
+    def on_reconnect(self, connector: str) -> None:
+        self._reconnects.get(connector).inc()
+
+    # -- links and traffic ---------------------------------------------------------
+
+    def on_link_open(self, route: str, direction: str) -> None:
+        self._links_open.get(route, direction).inc()
+        self._links_total.get(route, direction).inc()
+
+    def on_link_close(self, route: str, direction: str) -> None:
+        self._links_open.get(route, direction).dec()
+
+    def on_message(
+        self, route: str, direction: str, nbytes: int, device: str | None = None
+    ) -> None:
+        """One message relayed. The hot path: a dict lookup and two increments."""
+        pair = self._traffic.get((route, direction))
+        if pair is None:
+            pair = self._traffic_children(route, direction)
+        pair[0].inc()
+        pair[1].inc(nbytes)
+        if device is not None and self._device_messages is not None:
+            self._device_messages.get(device, direction).inc()
+            self._device_bytes.get(device, direction).inc(nbytes)  # type: ignore[union-attr]
+
+    def _traffic_children(self, route: str, direction: str) -> tuple[Any, Any]:
+        key = (route, direction)
+        if len(self._traffic) >= MAX_LABEL_VALUES:
+            key = (_OTHER, _OTHER)
+            pair = self._traffic.get(key)
+            if pair is not None:
+                return pair
+        pair = (self._messages_metric.labels(*key), self._bytes_metric.labels(*key))
+        self._traffic[key] = pair
+        return pair
+
+    def on_disposition(self, outcome: str) -> None:
+        """outcome: accepted | rejected | released | modified | received | settled."""
+        self._dispositions.get(outcome).inc()
+
+    def on_attach_refused(self, reason: str) -> None:
+        """reason: the AMQP error condition, e.g. amqp:not-found."""
+        self._attach_refusals.get(reason).inc()
+
+    def on_protocol_error(self, kind: str, side: str = "device", protocol: str = "amqp") -> None:
+        self._protocol_errors.get(protocol, side, kind).inc()
+
+    def observe_relay_latency(self, seconds: float, protocol: str = "amqp") -> None:
+        self._latency.get(protocol).observe(seconds)
+
+    def relay_latency(self, protocol: str = "amqp") -> Any:
+        """The histogram child for ``protocol``, for callers that observe in a loop."""
+        return self._latency.get(protocol)
+
+    # -- MQTT ----------------------------------------------------------------------
+
+    def on_mqtt_packet(self, packet_type: str, direction: str) -> None:
+        self._mqtt_packets.get(packet_type, direction).inc()
+
+    def on_mqtt_closed(self, reason: str) -> None:
+        self._mqtt_closes.get(reason).inc()
+
+    def mqtt_observer(self, listener: str = "", route: str = "mqtt") -> MqttRelayMetrics:
+        return MqttRelayMetrics(self, listener, route)
+
+    # -- credentials ---------------------------------------------------------------
+
+    def set_token_expiry(self, seconds: float, device: str | None = None) -> None:
+        """Seconds until a gateway-held token expires; the gauge shows the soonest."""
+        if device is None:
+            self._token_expiry.set(seconds)
+            return
+        self._token_expiry_by_device[device] = seconds
+        self._token_expiry.set(min(self._token_expiry_by_device.values()))
+        if self._device_token_expiry is not None:
+            self._device_token_expiry.get(device).set(seconds)
+
+    def on_token_renewal_failure(self, device: str | None = None) -> None:
+        self._renewal_failures.inc()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def on_reload(self, ok: bool) -> None:
+        self._reloads.get("ok" if ok else "rejected").inc()
+
+    def forget_device(self, device: str) -> None:
+        """Drop a departed device's per-device series (and its token expiry)."""
+        if self._token_expiry_by_device.pop(device, None) is not None:
+            remaining = self._token_expiry_by_device.values()
+            self._token_expiry.set(min(remaining) if remaining else float("nan"))
+        for children in (self._device_messages, self._device_bytes, self._device_token_expiry):
+            if children is not None:
+                children.forget(lambda key: key[0] == device)
+
+
+class MqttRelayMetrics:
+    """Adapter from the MQTT relay's observer hooks to :class:`Metrics`.
+
+    PUBLISH packets also count as messages on ``route`` so MQTT and AMQP
+    traffic read the same in iotgw_messages_total.
+    """
+
+    __slots__ = ("_metrics", "listener", "route")
+
+    def __init__(self, metrics: Metrics | NullMetrics, listener: str, route: str) -> None:
+        self._metrics = metrics
+        self.listener = listener
+        self.route = route
+
+    def on_packet(self, direction: str, packet_type: str, nbytes: int = 0) -> None:
+        self._metrics.on_mqtt_packet(packet_type, direction)
+        if packet_type == "PUBLISH":
+            self._metrics.on_message(self.route, direction, nbytes)
+
+    def on_close(self, reason: str) -> None:
+        self._metrics.on_mqtt_closed(reason)
+        side = _MQTT_PROTOCOL_ERRORS.get(reason)
+        if side is not None:
+            self._metrics.on_protocol_error(reason, side=side, protocol="mqtt")
+
+    def on_upstream_connect_failure(self, connector: str, reason: str) -> None:
+        """TCP/TLS connect to the connector failed (reason as the TLS layer classifies it)."""
+        self._metrics.on_tls_handshake_failure(connector, reason)
+
+
+# MQTT relay close reasons that are protocol errors, and on which side.
+_MQTT_PROTOCOL_ERRORS = {
+    "device_protocol_error": "device",
+    "packet_too_large": "device",
+    "unsupported_protocol": "device",
+    "upstream_protocol_error": "upstream",
+}
+
+
+class NullMetrics:
+    """Same interface as :class:`Metrics`, records nothing (metrics disabled, unit tests)."""
+
+    registry: CollectorRegistry | None = None
+    device_labels = False
+
+    def on_device_connect(self, listener: str, protocol: str) -> None: ...
+    def on_device_disconnect(self, listener: str, protocol: str) -> None: ...
+    def on_device_refused(self, listener: str, reason: str) -> None: ...
+    def on_upstream_state(
+        self, connector: str, state: str | None, previous: str | None = None
+    ) -> None: ...
+    def on_tls_handshake_failure(self, connector: str, reason: str) -> None: ...
+    def on_reconnect(self, connector: str) -> None: ...
+    def on_link_open(self, route: str, direction: str) -> None: ...
+    def on_link_close(self, route: str, direction: str) -> None: ...
+    def on_message(
+        self, route: str, direction: str, nbytes: int, device: str | None = None
+    ) -> None: ...
+    def on_disposition(self, outcome: str) -> None: ...
+    def on_attach_refused(self, reason: str) -> None: ...
+    def on_protocol_error(
+        self, kind: str, side: str = "device", protocol: str = "amqp"
+    ) -> None: ...
+    def observe_relay_latency(self, seconds: float, protocol: str = "amqp") -> None: ...
+    def relay_latency(self, protocol: str = "amqp") -> Any:
+        return _NULL_CHILD
+
+    def on_mqtt_packet(self, packet_type: str, direction: str) -> None: ...
+    def on_mqtt_closed(self, reason: str) -> None: ...
+    def mqtt_observer(self, listener: str = "", route: str = "mqtt") -> MqttRelayMetrics:
+        return MqttRelayMetrics(self, listener, route)
+
+    def set_token_expiry(self, seconds: float, device: str | None = None) -> None: ...
+    def on_token_renewal_failure(self, device: str | None = None) -> None: ...
+    def on_reload(self, ok: bool) -> None: ...
+    def forget_device(self, device: str) -> None: ...
+
+
+class _NullChild:
+    def observe(self, value: float) -> None:
+        pass
+
+
+_NULL_CHILD = _NullChild()
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("iot-gateway")
+    except Exception:
+        return "unknown"

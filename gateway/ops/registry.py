@@ -1,0 +1,313 @@
+"""Live state of the running gateway, written by the relays, read by the admin API.
+
+Writers touch plain attributes on small slotted records (``conn.messages_in
++= 1``), so the hot path costs an attribute update and nothing else; all the
+work of turning state into JSON happens when someone asks for a snapshot.
+Everything runs on one trio thread, so no locking is needed.
+
+Nothing secret is ever stored here: records hold names, addresses, counters
+and states only. Snapshots still pass free-text fields through the log
+redaction helper as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.ops.trace import redact_text as _scrub
+
+__all__ = [
+    "CONNECTOR_STATES",
+    "ConnectionInfo",
+    "ConnectorInfo",
+    "LinkInfo",
+    "ListenerInfo",
+    "Registry",
+]
+
+ConnectionKind = Literal["device", "upstream"]
+
+# Connector states as the pool reports them. Readiness treats only
+# "connected" as up; "idle" is the normal state of an on-demand connector
+# with no devices.
+CONNECTOR_STATES = ("idle", "connecting", "connected", "backoff", "down", "closed")
+
+
+@dataclass(slots=True, eq=False)
+class ConnectionInfo:
+    """One TCP connection, device side or upstream (hub) side."""
+
+    id: str
+    kind: ConnectionKind
+    endpoint: str  # listener name (device) or connector name (upstream)
+    protocol: str  # "amqp" | "mqtt"
+    remote: str  # "host:port" of the peer
+    opened_at: float = field(default_factory=time.time)
+    device_ids: set[str] = field(default_factory=set)
+    state: str = "open"
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def count_in(self, nbytes: int) -> None:
+        self.messages_in += 1
+        self.bytes_in += nbytes
+
+    def count_out(self, nbytes: int) -> None:
+        self.messages_out += 1
+        self.bytes_out += nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "endpoint": self.endpoint,
+            "protocol": self.protocol,
+            "remote": self.remote,
+            "opened_at": self.opened_at,
+            "device_ids": sorted(self.device_ids),
+            "state": self.state,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class LinkInfo:
+    """One AMQP link (device side or upstream side of a routed pair)."""
+
+    id: str
+    connection_id: str
+    name: str
+    role: str  # "sender" | "receiver", from the owning peer's point of view
+    address: str
+    route: str = ""  # the matching route's prefix or pattern
+    direction: str = ""  # "in" (towards the hub) | "out" (towards the device)
+    upstream_link_id: str | None = None
+    opened_at: float = field(default_factory=time.time)
+    deliveries: int = 0
+    unsettled: int = 0
+    credit: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "connection_id": self.connection_id,
+            "name": self.name,
+            "role": self.role,
+            "address": _scrub(self.address),
+            "route": self.route,
+            "direction": self.direction,
+            "upstream_link_id": self.upstream_link_id,
+            "opened_at": self.opened_at,
+            "deliveries": self.deliveries,
+            "unsettled": self.unsettled,
+            "credit": self.credit,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class ConnectorInfo:
+    name: str
+    protocol: str = ""
+    target: str = ""  # "host:port"
+    on_demand: bool = True
+    state: str = "idle"
+    detail: str = ""
+    since: float = field(default_factory=time.time)
+    connections: int = 0  # open upstream connections, maintained by the registry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "target": self.target,
+            "on_demand": self.on_demand,
+            "state": self.state,
+            "detail": _scrub(self.detail),
+            "since": self.since,
+            "connections": self.connections,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class ListenerInfo:
+    name: str
+    protocol: str = ""
+    addresses: list[str] = field(default_factory=list)
+    bound: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "addresses": list(self.addresses),
+            "bound": self.bound,
+        }
+
+
+class Registry:
+    """In-memory registry of connections, links, connectors, listeners and routes."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, ConnectionInfo] = {}
+        self._links: dict[str, LinkInfo] = {}
+        self._links_by_connection: dict[str, set[str]] = {}
+        self._connectors: dict[str, ConnectorInfo] = {}
+        self._listeners: dict[str, ListenerInfo] = {}
+        self._routes: list[dict[str, Any]] = []
+
+    # -- connections -----------------------------------------------------
+
+    def add_connection(self, info: ConnectionInfo) -> ConnectionInfo:
+        """Register a connection; returns the record for the caller to update in place."""
+        self._connections[info.id] = info
+        if info.kind == "upstream":
+            self._connector(info.endpoint).connections += 1
+        return info
+
+    def remove_connection(self, connection_id: str) -> ConnectionInfo | None:
+        """Forget a connection and every link still registered on it."""
+        info = self._connections.pop(connection_id, None)
+        for link_id in self._links_by_connection.pop(connection_id, ()):
+            self._links.pop(link_id, None)
+        if info is not None and info.kind == "upstream":
+            connector = self._connectors.get(info.endpoint)
+            if connector is not None and connector.connections > 0:
+                connector.connections -= 1
+        return info
+
+    def connection(self, connection_id: str) -> ConnectionInfo | None:
+        return self._connections.get(connection_id)
+
+    # -- links -----------------------------------------------------------
+
+    def add_link(self, info: LinkInfo) -> LinkInfo:
+        self._links[info.id] = info
+        self._links_by_connection.setdefault(info.connection_id, set()).add(info.id)
+        return info
+
+    def remove_link(self, link_id: str) -> LinkInfo | None:
+        info = self._links.pop(link_id, None)
+        if info is not None:
+            ids = self._links_by_connection.get(info.connection_id)
+            if ids is not None:
+                ids.discard(link_id)
+                if not ids:
+                    del self._links_by_connection[info.connection_id]
+        return info
+
+    def link(self, link_id: str) -> LinkInfo | None:
+        return self._links.get(link_id)
+
+    # -- connectors and listeners ---------------------------------------
+
+    def register_connector(
+        self, name: str, *, protocol: str = "", target: str = "", on_demand: bool = True
+    ) -> ConnectorInfo:
+        info = self._connector(name)
+        info.protocol = protocol
+        info.target = target
+        info.on_demand = on_demand
+        return info
+
+    def set_connector_state(self, name: str, state: str, detail: str = "") -> None:
+        info = self._connector(name)
+        if info.state != state:
+            info.since = time.time()
+        info.state = state
+        info.detail = detail
+
+    def connector_state(self, name: str) -> str | None:
+        info = self._connectors.get(name)
+        return info.state if info is not None else None
+
+    def remove_connector(self, name: str) -> None:
+        self._connectors.pop(name, None)
+
+    def register_listener(self, name: str, *, protocol: str = "") -> ListenerInfo:
+        info = self._listeners.setdefault(name, ListenerInfo(name))
+        info.protocol = protocol
+        return info
+
+    def set_listener_bound(self, name: str, addrs: Iterable[Any]) -> None:
+        """Record the addresses a listener is bound to (port 0 resolved)."""
+        info = self._listeners.setdefault(name, ListenerInfo(name))
+        info.addresses = [_format_address(a) for a in addrs]
+        info.bound = bool(info.addresses)
+
+    def set_listener_unbound(self, name: str) -> None:
+        info = self._listeners.get(name)
+        if info is not None:
+            info.addresses = []
+            info.bound = False
+
+    def listener_bound(self, name: str) -> bool:
+        info = self._listeners.get(name)
+        return info is not None and info.bound
+
+    # -- routes ----------------------------------------------------------
+
+    def set_routes(self, routes: Sequence[dict[str, Any]]) -> None:
+        """Replace the route table snapshot (called at start and on reload)."""
+        self._routes = [dict(r) for r in routes]
+
+    # -- snapshots (plain JSON-able data) --------------------------------
+
+    def connections(self) -> list[dict[str, Any]]:
+        out = []
+        for info in self._connections.values():
+            d = info.to_dict()
+            d["links"] = len(self._links_by_connection.get(info.id, ()))
+            out.append(d)
+        return out
+
+    def links(self) -> list[dict[str, Any]]:
+        return [info.to_dict() for info in self._links.values()]
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._routes]
+
+    def connectors(self) -> list[dict[str, Any]]:
+        return [info.to_dict() for info in self._connectors.values()]
+
+    def listeners(self) -> list[dict[str, Any]]:
+        return [info.to_dict() for info in self._listeners.values()]
+
+    def counts(self) -> dict[str, int]:
+        devices = sum(1 for c in self._connections.values() if c.kind == "device")
+        return {
+            "device_connections": devices,
+            "upstream_connections": len(self._connections) - devices,
+            "links": len(self._links),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections(),
+            "links": self.links(),
+            "routes": self.routes(),
+            "connectors": self.connectors(),
+            "listeners": self.listeners(),
+        }
+
+    def _connector(self, name: str) -> ConnectorInfo:
+        info = self._connectors.get(name)
+        if info is None:
+            info = self._connectors[name] = ConnectorInfo(name)
+        return info
+
+
+def _format_address(addr: Any) -> str:
+    if isinstance(addr, str):
+        return addr
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = str(addr[0]), addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr)

@@ -1,0 +1,250 @@
+"""``iot-gateway status``: the running gateway's state as qdstat-like tables.
+
+Reads the admin API (``/api/connections``, ``/api/links``, ``/api/routes``,
+``/api/connectors``) of a running gateway; stdlib only, so it works from a
+minimal shell on the Pi or inside the container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+__all__ = ["main", "render_table"]
+
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
+
+
+class StatusError(Exception):
+    pass
+
+
+def _base_url(admin: str) -> str:
+    admin = admin.strip()
+    if "://" not in admin:
+        admin = "http://" + admin
+    return admin.rstrip("/")
+
+
+def fetch(base_url: str, path: str, timeout: float) -> Any:
+    url = f"{base_url}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read(16 * 1024 * 1024)
+    except urllib.error.HTTPError as exc:
+        raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise StatusError(f"cannot reach the admin endpoint at {base_url}: {exc.reason}") from None
+    except (OSError, TimeoutError) as exc:
+        raise StatusError(f"cannot reach the admin endpoint at {base_url}: {exc}") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise StatusError(
+            f"{url}: the response is not JSON (is this the gateway's admin port?)"
+        ) from None
+
+
+# -- formatting ------------------------------------------------------------------
+
+
+def render_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A qdstat-style table: title, column headings, a rule, one line per row."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, value in enumerate(row):
+            widths[i] = max(widths[i], len(value))
+    lines = [title]
+    lines.append(
+        "  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    )
+    lines.append("  " + "=" * (sum(widths) + 2 * (len(widths) - 1)))
+    for row in cells:
+        lines.append(
+            "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        )
+    if not cells:
+        lines.append("  (none)")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple | set):
+        return ",".join(_cell(v) for v in value) or "-"
+    text = str(value)
+    return text if text else "-"
+
+
+def _age(since: Any, now: float) -> str:
+    if not isinstance(since, int | float):
+        return "-"
+    seconds = max(0, int(now - since))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _devices(ids: Any) -> str:
+    if not ids:
+        return "-"
+    ids = list(ids)
+    return ",".join(ids) if len(ids) <= 3 else f"{','.join(ids[:2])},+{len(ids) - 2}"
+
+
+def connections_table(items: list[dict[str, Any]], now: float) -> str:
+    headers = ["id", "kind", "endpoint", "proto", "remote", "devices", "state", "links",
+               "msg-in", "msg-out", "bytes-in", "bytes-out", "uptime"]  # fmt: skip
+    rows = [
+        [
+            c.get("id"),
+            c.get("kind"),
+            c.get("endpoint"),
+            c.get("protocol"),
+            c.get("remote"),
+            _devices(c.get("device_ids")),
+            c.get("state"),
+            c.get("links", 0),
+            c.get("messages_in", 0),
+            c.get("messages_out", 0),
+            c.get("bytes_in", 0),
+            c.get("bytes_out", 0),
+            _age(c.get("opened_at"), now),
+        ]  # fmt: skip
+        for c in items
+    ]
+    return render_table("Connections", headers, rows)
+
+
+def links_table(items: list[dict[str, Any]], now: float) -> str:
+    headers = ["id", "conn", "name", "role", "dir", "address", "route", "peer",
+               "deliveries", "unsettled", "credit", "uptime"]  # fmt: skip
+    rows = [
+        [
+            lk.get("id"),
+            lk.get("connection_id"),
+            lk.get("name"),
+            lk.get("role"),
+            lk.get("direction"),
+            lk.get("address"),
+            lk.get("route"),
+            lk.get("upstream_link_id"),
+            lk.get("deliveries", 0),
+            lk.get("unsettled", 0),
+            lk.get("credit", 0),
+            _age(lk.get("opened_at"), now),
+        ]  # fmt: skip
+        for lk in items
+    ]
+    return render_table("Links", headers, rows)
+
+
+_ROUTE_ORDER = ("kind", "prefix", "pattern", "hub", "direction", "connector", "target")
+
+
+def routes_table(items: list[dict[str, Any]], now: float) -> str:
+    # Route records are whatever the router publishes: show the well-known
+    # keys first, then any others in the order they appear.
+    keys: list[str] = [k for k in _ROUTE_ORDER if any(k in r for r in items)]
+    for route in items:
+        keys.extend(k for k in route if k not in keys)
+    rows = [[route.get(k) for k in keys] for route in items]
+    return render_table("Routes", keys or ["route"], rows)
+
+
+def connectors_table(items: list[dict[str, Any]], now: float) -> str:
+    headers = ["name", "proto", "target", "on-demand", "state", "conns", "since", "detail"]
+    rows = [
+        [
+            c.get("name"),
+            c.get("protocol"),
+            c.get("target"),
+            c.get("on_demand"),
+            c.get("state"),
+            c.get("connections", 0),
+            _age(c.get("since"), now),
+            c.get("detail"),
+        ]  # fmt: skip
+        for c in items
+    ]
+    return render_table("Connectors", headers, rows)
+
+
+def listeners_table(items: list[dict[str, Any]], now: float) -> str:
+    headers = ["name", "proto", "bound", "addresses"]
+    rows = [[i.get("name"), i.get("protocol"), i.get("bound"), i.get("addresses")] for i in items]
+    return render_table("Listeners", headers, rows)
+
+
+_SECTIONS: dict[str, tuple[str, Callable[[list[dict[str, Any]], float], str]]] = {
+    "connections": ("/api/connections", connections_table),
+    "links": ("/api/links", links_table),
+    "routes": ("/api/routes", routes_table),
+    "connectors": ("/api/connectors", connectors_table),
+    "listeners": ("/api/listeners", listeners_table),
+}
+_DEFAULT_SECTIONS = ("connections", "links", "routes", "connectors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iot-gateway status",
+        description="Show a running gateway's connections, links, routes and connectors.",
+    )
+    parser.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="URL",
+        help=f"admin endpoint of the gateway (default {DEFAULT_ADMIN})",
+    )
+    parser.add_argument("-c", "--connections", action="store_true", help="connections")
+    parser.add_argument("-l", "--links", action="store_true", help="AMQP links")
+    parser.add_argument("--routes", action="store_true", help="route table")
+    parser.add_argument("--connectors", action="store_true", help="connectors and their state")
+    parser.add_argument("--listeners", action="store_true", help="listeners and bound addresses")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout
+    args = build_parser().parse_args(argv)
+    chosen = [name for name in _SECTIONS if getattr(args, name)] or list(_DEFAULT_SECTIONS)
+    base = _base_url(args.admin)
+    try:
+        data = {name: fetch(base, _SECTIONS[name][0], args.timeout) for name in chosen}
+    except StatusError as exc:
+        print(f"iot-gateway status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return 0
+    now = time.time()
+    tables = []
+    for name in chosen:
+        items = data[name] if isinstance(data[name], list) else []
+        tables.append(_SECTIONS[name][1](items, now))
+    out.write("\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

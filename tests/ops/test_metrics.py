@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import inspect
+import math
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.ops.metrics import MAX_LABEL_VALUES, Metrics, NullMetrics
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(metrics.registry).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return samples(metrics).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counts_after_a_known_sequence() -> None:
+    m = Metrics(process_metrics=False)
+    for _ in range(3):
+        m.on_device_connect("amqp", "amqp")
+    m.on_device_disconnect("amqp", "amqp")
+    m.on_device_connect("mqtt", "mqtt")
+    m.on_upstream_state("iothub", "connecting")
+    m.on_upstream_state("iothub", "open", "connecting")
+    m.on_upstream_state("iothub", "connecting")
+    m.on_upstream_state("iothub", None, "connecting")
+    m.on_tls_handshake_failure("iothub", "certificate_verify_failed")
+    m.on_reconnect("iothub")
+    m.on_reconnect("iothub")
+    m.on_link_open("devices/", "in")
+    m.on_link_open("devices/", "out")
+    m.on_link_close("devices/", "out")
+    for _ in range(10):
+        m.on_message("devices/", "in", 1024)
+    m.on_message("devices/", "out", 10)
+    for outcome in ("accepted",) * 9 + ("rejected",):
+        m.on_disposition(outcome)
+    m.on_attach_refused("amqp:not-found")
+    m.on_protocol_error("amqp:decode-error", side="device")
+    m.observe_relay_latency(0.00002)
+    m.relay_latency("mqtt").observe(0.002)
+    m.on_mqtt_packet("PUBLISH", "in")
+    m.on_reload(True)
+    m.on_reload(False)
+
+    assert value(m, "iotgw_device_connections_open", listener="amqp", protocol="amqp") == 2
+    assert value(m, "iotgw_device_connections_total", listener="amqp", protocol="amqp") == 3
+    assert value(m, "iotgw_device_connections_total", listener="mqtt", protocol="mqtt") == 1
+    assert value(m, "iotgw_upstream_connections", connector="iothub", state="open") == 1
+    assert value(m, "iotgw_upstream_connections", connector="iothub", state="connecting") == 0
+    assert value(m, "iotgw_upstream_connections_opened_total", connector="iothub") == 1
+    assert (
+        value(
+            m,
+            "iotgw_tls_handshake_failures_total",
+            connector="iothub",
+            reason="certificate_verify_failed",
+        )
+        == 1
+    )
+    assert value(m, "iotgw_reconnects_total", connector="iothub") == 2
+    assert value(m, "iotgw_links_open", route="devices/", direction="in") == 1
+    assert value(m, "iotgw_links_open", route="devices/", direction="out") == 0
+    assert value(m, "iotgw_links_total", route="devices/", direction="out") == 1
+    assert value(m, "iotgw_messages_total", route="devices/", direction="in") == 10
+    assert value(m, "iotgw_message_bytes_total", route="devices/", direction="in") == 10240
+    assert value(m, "iotgw_messages_total", route="devices/", direction="out") == 1
+    assert value(m, "iotgw_dispositions_total", outcome="accepted") == 9
+    assert value(m, "iotgw_dispositions_total", outcome="rejected") == 1
+    assert value(m, "iotgw_attach_refusals_total", reason="amqp:not-found") == 1
+    assert (
+        value(
+            m,
+            "iotgw_protocol_errors_total",
+            protocol="amqp",
+            side="device",
+            kind="amqp:decode-error",
+        )
+        == 1
+    )
+    assert value(m, "iotgw_relay_latency_seconds_bucket", protocol="amqp", le="2.5e-05") == 1
+    assert value(m, "iotgw_relay_latency_seconds_bucket", protocol="amqp", le="1e-05") == 0
+    assert value(m, "iotgw_relay_latency_seconds_count", protocol="mqtt") == 1
+    assert value(m, "iotgw_mqtt_packets_total", type="PUBLISH", direction="in") == 1
+    assert value(m, "iotgw_config_reloads_total", result="rejected") == 1
+
+
+def test_latency_buckets_span_10us_to_100ms() -> None:
+    m = Metrics(process_metrics=False)
+    m.observe_relay_latency(0.001)
+    les = {dict(k[1])["le"] for k in samples(m) if k[0] == "iotgw_relay_latency_seconds_bucket"}
+    bounds = sorted(float(le) for le in les if le != "+Inf")
+    assert bounds[0] == 1e-05 and bounds[-1] == 0.1 and len(bounds) >= 10
+
+
+def test_no_device_ids_in_labels_by_default() -> None:
+    m = Metrics(process_metrics=False)
+    m.on_message("devices/", "in", 10, device="secret-device-7")
+    m.set_token_expiry(1800, device="secret-device-7")
+    assert "secret-device-7" not in generate_latest(m.registry).decode()
+    assert value(m, "iotgw_token_expiry_seconds") == 1800
+
+
+def test_device_labels_when_enabled_and_forget() -> None:
+    m = Metrics(process_metrics=False, device_labels=True)
+    m.on_message("devices/", "in", 10, device="dev1")
+    m.on_message("devices/", "in", 5, device="dev1")
+    m.set_token_expiry(900, device="dev1")
+    m.set_token_expiry(300, device="dev2")
+    assert value(m, "iotgw_device_messages_total", device="dev1", direction="in") == 2
+    assert value(m, "iotgw_device_message_bytes_total", device="dev1", direction="in") == 15
+    assert value(m, "iotgw_device_token_expiry_seconds", device="dev2") == 300
+    assert value(m, "iotgw_token_expiry_seconds") == 300  # the soonest
+    m.forget_device("dev2")
+    assert value(m, "iotgw_token_expiry_seconds") == 900
+    m.forget_device("dev1")
+    assert "dev1" not in generate_latest(m.registry).decode()
+    assert math.isnan(value(m, "iotgw_token_expiry_seconds"))
+
+
+def test_token_expiry_is_nan_until_set() -> None:
+    m = Metrics(process_metrics=False)
+    assert math.isnan(value(m, "iotgw_token_expiry_seconds"))
+    m.on_token_renewal_failure("dev1")
+    assert value(m, "iotgw_token_renewal_failures_total") == 1
+
+
+def test_label_cardinality_is_bounded() -> None:
+    m = Metrics(process_metrics=False)
+    for i in range(MAX_LABEL_VALUES + 50):
+        m.on_message(
+            f"devices/d{i}/messages/events", "in", 1
+        )  # a caller passing addresses by mistake
+        m.on_attach_refused(f"reason-{i}")
+    assert value(m, "iotgw_messages_total", route="other", direction="other") == 50
+    assert value(m, "iotgw_attach_refusals_total", reason="other") == 50
+
+
+def test_injected_registry_and_process_metrics() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg, gateway_id="edge-1", version="1.2.3")
+    assert m.registry is reg
+    text = generate_latest(reg).decode()
+    assert 'iotgw_build_info{gateway_id="edge-1",version="1.2.3"} 1.0' in text
+    assert "process_resident_memory_bytes" not in text  # an injected registry is left as given
+    assert "process_resident_memory_bytes" in generate_latest(Metrics().registry).decode()
+
+
+def test_mqtt_observer_adapter() -> None:
+    m = Metrics(process_metrics=False)
+    obs = m.mqtt_observer("mqtt", route="mqtt")
+    obs.on_packet("in", "CONNECT")
+    obs.on_packet("in", "PUBLISH", 300)
+    obs.on_packet("out", "PUBACK")
+    obs.on_close("device closed")
+    assert value(m, "iotgw_mqtt_packets_total", type="PUBLISH", direction="in") == 1
+    assert value(m, "iotgw_messages_total", route="mqtt", direction="in") == 1
+    assert value(m, "iotgw_message_bytes_total", route="mqtt", direction="in") == 300
+    assert value(m, "iotgw_mqtt_sessions_closed_total", reason="device closed") == 1
+    obs.on_close("upstream_protocol_error")
+    obs.on_upstream_connect_failure("iothub-mqtt", "certificate_verify_failed")
+    assert (
+        value(
+            m,
+            "iotgw_protocol_errors_total",
+            protocol="mqtt",
+            side="upstream",
+            kind="upstream_protocol_error",
+        )
+        == 1
+    )
+    assert (
+        value(
+            m,
+            "iotgw_tls_handshake_failures_total",
+            connector="iothub-mqtt",
+            reason="certificate_verify_failed",
+        )
+        == 1
+    )
+
+
+def test_null_metrics_has_the_same_interface() -> None:
+    public = {n for n in dir(Metrics) if not n.startswith("_")}
+    for name in public:
+        assert hasattr(NullMetrics, name), name
+        real = (
+            inspect.signature(getattr(Metrics, name)) if callable(getattr(Metrics, name)) else None
+        )
+        if real is not None:
+            assert (
+                inspect.signature(getattr(NullMetrics, name)).parameters.keys()
+                == real.parameters.keys()
+            ), name
+    null = NullMetrics()
+    null.on_message("r", "in", 1)
+    null.relay_latency().observe(0.1)
+    null.mqtt_observer().on_packet("in", "PUBLISH", 1)
