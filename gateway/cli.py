@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 from gateway import __version__
 
 if TYPE_CHECKING:
+    from gateway.auth.credentials import CredentialStore
     from gateway.config import GatewayConfig
 
 EXIT_OK = 0
@@ -74,16 +75,45 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     check.set_defaults(handler=_cmd_check)
 
-    sas = sub.add_parser("sas", help="generate an IoT Hub SAS token for a device or module")
-    sas.add_argument("--host", required=True, help="hub host, e.g. myhub.azure-devices.net")
-    sas.add_argument("--device-id", required=True)
+    sas = sub.add_parser(
+        "sas",
+        help="generate an IoT Hub SAS token for a device or module",
+        description="Generate a SAS token from a key (--host --device-id --key) or for a "
+        "device in a config file's credentials section (--from-config DEVICE -c FILE).",
+    )
+    sas.add_argument("--host", help="hub host, e.g. myhub.azure-devices.net")
+    sas.add_argument("--device-id")
     sas.add_argument("--module-id")
-    sas.add_argument("--key", required=True, help="base64 key ('-' reads it from stdin)")
-    expiry = sas.add_mutually_exclusive_group(required=True)
+    sas.add_argument("--key", help="base64 key ('-' reads it from stdin)")
+    sas.add_argument(
+        "--from-config",
+        metavar="DEVICE",
+        help="use the key the config holds for DEVICE (or DEVICE/MODULE); needs -c",
+    )
+    sas.add_argument("-c", "--config", metavar="FILE", help="YAML config file (--from-config)")
+    expiry = sas.add_mutually_exclusive_group()
     expiry.add_argument("--ttl", help="lifetime from now: 30m, 1h, 7d")
     expiry.add_argument("--expiry", type=int, metavar="EPOCH", help="absolute expiry, Unix seconds")
     sas.add_argument("--policy", help="shared access policy name (adds skn=)")
-    sas.set_defaults(handler=_cmd_sas)
+    sas.set_defaults(handler=_cmd_sas, parser=sas)
+
+    credentials = sub.add_parser(
+        "credentials", help="list the credentials a config holds, or hash a local password"
+    )
+    credentials.set_defaults(handler=_cmd_credentials_usage, parser=credentials)
+    actions = credentials.add_subparsers(dest="action", metavar="ACTION")
+    listing = actions.add_parser(
+        "list", help="each device's auth mode, local auth and token expiry (never the secret)"
+    )
+    listing.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    listing.set_defaults(handler=_cmd_credentials_list)
+    hashing = actions.add_parser(
+        "hash-password",
+        help="hash a device's local password for local_password_hash",
+        description="Reads the password from stdin (first line) or, on a terminal, prompts "
+        "twice; prints a scrypt$N$r$p$salt$hash string for local_password_hash.",
+    )
+    hashing.set_defaults(handler=_cmd_hash_password)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
@@ -167,32 +197,216 @@ def _cmd_check(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _usage_error(options: argparse.Namespace, message: str) -> int:
+    parser: argparse.ArgumentParser = options.parser
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _cmd_sas(options: argparse.Namespace) -> int:
-    from gateway.auth.sas import device_resource_uri, generate_sas_token
+    if options.from_config is not None:
+        return _cmd_sas_from_config(options)
+    if options.config is not None:
+        return _usage_error(options, "-c/--config is only used with --from-config")
+    missing = [
+        flag
+        for flag, value in (
+            ("--host", options.host),
+            ("--device-id", options.device_id),
+            ("--key", options.key),
+        )
+        if value is None
+    ]
+    if missing:
+        return _usage_error(
+            options,
+            f"the following arguments are required: {', '.join(missing)} (or --from-config)",
+        )
+    if options.ttl is None and options.expiry is None:
+        return _usage_error(options, "one of the arguments --ttl --expiry is required")
+    key = sys.stdin.readline().strip() if options.key == "-" else options.key
+    expiry = _sas_expiry(options, None)
+    if expiry is None:
+        return EXIT_CONFIG
+    return _print_sas(
+        options.host, options.device_id, options.module_id, key, expiry, options.policy
+    )
+
+
+def _sas_expiry(options: argparse.Namespace, default_ttl: float | None) -> int | None:
+    """The token expiry from --expiry, --ttl or ``default_ttl``; None after printing an error."""
     from gateway.config import parse_duration
 
-    key = sys.stdin.readline().strip() if options.key == "-" else options.key
     if options.expiry is not None:
-        expiry = options.expiry
-    else:
-        try:
-            ttl = parse_duration(options.ttl)
-        except ValueError as exc:
-            print(f"iot-gateway sas: --ttl: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        if ttl <= 0:
-            print("iot-gateway sas: --ttl must be greater than 0", file=sys.stderr)
-            return EXIT_CONFIG
-        expiry = int(time.time() + ttl)
-    uri = device_resource_uri(options.host, options.device_id, options.module_id)
+        return int(options.expiry)
+    if options.ttl is None:
+        assert default_ttl is not None
+        return int(time.time() + default_ttl)
     try:
-        token = generate_sas_token(uri, key, expiry, options.policy)
+        ttl = parse_duration(options.ttl)
+    except ValueError as exc:
+        print(f"iot-gateway sas: --ttl: {exc}", file=sys.stderr)
+        return None
+    if ttl <= 0:
+        print("iot-gateway sas: --ttl must be greater than 0", file=sys.stderr)
+        return None
+    return int(time.time() + ttl)
+
+
+def _print_sas(
+    host: str, device_id: str, module_id: str | None, key: str, expiry: int, policy: str | None
+) -> int:
+    from gateway.auth.sas import device_resource_uri, generate_sas_token
+
+    uri = device_resource_uri(host, device_id, module_id)
+    try:
+        token = generate_sas_token(uri, key, expiry, policy)
     except ValueError as exc:
         print(f"iot-gateway sas: --key: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry))
     print(f"# resource {uri}, expires {expires}", file=sys.stderr)
     print(token)
+    return EXIT_OK
+
+
+def _cmd_sas_from_config(options: argparse.Namespace) -> int:
+    conflicting = [
+        flag
+        for flag, value in (
+            ("--device-id", options.device_id),
+            ("--module-id", options.module_id),
+            ("--key", options.key),
+            ("--policy", options.policy),
+        )
+        if value is not None
+    ]
+    if conflicting:
+        return _usage_error(
+            options,
+            f"--from-config takes the identity and key from the config, not {conflicting[0]}",
+        )
+    if options.config is None:
+        return _usage_error(options, "--from-config needs -c/--config FILE")
+    config = _load(options.config, sys.stderr)
+    if config is None:
+        return EXIT_CONFIG
+    store = _credential_store(config, options.config)
+    if store is None:
+        return EXIT_CONFIG
+    entry = store.lookup_identity(options.from_config)
+    if entry is None:
+        print(
+            f"iot-gateway sas: no credentials for {options.from_config!r} in {options.config}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if entry.key is None:
+        print(
+            f"iot-gateway sas: {entry.identity} authenticates with an X.509 certificate "
+            f"({entry.cert_file}), not a SAS token",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    host = options.host or _single_hub_host(config)
+    if host is None:
+        hosts = ", ".join(sorted(_hub_hosts(config))) or "none"
+        print(
+            f"iot-gateway sas: name the hub with --host (connector hosts in "
+            f"{options.config}: {hosts})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    expiry = _sas_expiry(options, store.token_ttl)
+    if expiry is None:
+        return EXIT_CONFIG
+    return _print_sas(
+        host, entry.device_id, entry.module_id, entry.key.get_secret_value(), expiry, None
+    )
+
+
+def _hub_hosts(config: GatewayConfig) -> set[str]:
+    """The hub host names the config's connectors reach (AMQP open hostname / TLS name)."""
+    hosts: set[str] = set()
+    for connector in config.connectors:
+        name = getattr(connector, "hostname", None)
+        if not name:
+            profile = config.tls_profile_for(connector)
+            name = (profile and profile.server_name) or connector.host
+        hosts.add(name.lower())
+    return hosts
+
+
+def _single_hub_host(config: GatewayConfig) -> str | None:
+    hosts = _hub_hosts(config)
+    return hosts.pop() if len(hosts) == 1 else None
+
+
+def _credential_store(config: GatewayConfig, path: str) -> CredentialStore | None:
+    from gateway.auth.credentials import CredentialError, CredentialStore
+
+    try:
+        return CredentialStore.from_config(config.credentials)
+    except CredentialError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_credentials_usage(options: argparse.Namespace) -> int:
+    options.parser.print_help(sys.stderr)
+    return EXIT_CONFIG
+
+
+def _cmd_credentials_list(options: argparse.Namespace) -> int:
+    config = _load(options.config, sys.stderr)
+    if config is None:
+        return EXIT_CONFIG
+    if config.credentials is None:
+        print(f"{options.config}: no credentials section; devices use their own credentials")
+        return EXIT_OK
+    store = _credential_store(config, options.config)
+    if store is None:
+        return EXIT_CONFIG
+    from gateway.config.summary import format_duration, table
+
+    token = (
+        f"issued on demand (ttl {format_duration(store.token_ttl)}, renew at {store.renew_at:.0%})"
+    )
+    rows = [["ID", "KIND", "SOURCE", "LOCAL AUTH", "TOKEN EXPIRY"]]
+    for row in store.describe():
+        rows.append(
+            [
+                row["id"],
+                row["kind"],
+                row["source"],
+                row["local_auth"],
+                token if row["kind"] != "x509" else "none (X.509 certificate)",
+            ]
+        )
+    print(f"credentials in {options.config} ({len(rows) - 1}):")
+    print("\n".join(table(rows)))
+    for line in store.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_hash_password(options: argparse.Namespace) -> int:
+    from gateway.auth.local_auth import hash_password
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Device password: ")
+        if getpass.getpass("Again: ") != password:
+            print("iot-gateway credentials hash-password: the passwords differ", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        password = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    if not password:
+        print("iot-gateway credentials hash-password: empty password", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
     return EXIT_OK
 
 

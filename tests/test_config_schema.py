@@ -29,6 +29,7 @@ def test_schema_covers_every_section_and_forbids_unknown_keys() -> None:
         "connectors",
         "link_routes",
         "mqtt_routes",
+        "credentials",
     }
     assert schema["additionalProperties"] is False
     for name, definition in schema["$defs"].items():

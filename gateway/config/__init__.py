@@ -6,6 +6,12 @@ without reading code.
 
 from __future__ import annotations
 
+from gateway.config.credentials import (
+    CredentialsSection,
+    DeviceCredentialConfig,
+    GroupCredentialConfig,
+    KeyRef,
+)
 from gateway.config.durations import Duration, parse_duration
 from gateway.config.hostport import HostPort
 from gateway.config.loader import ConfigError, load_config, parse_config_text
@@ -34,10 +40,14 @@ __all__ = [
     "AmqpListener",
     "ConfigError",
     "Connector",
+    "CredentialsSection",
+    "DeviceCredentialConfig",
     "Duration",
     "GatewayConfig",
     "GatewaySection",
+    "GroupCredentialConfig",
     "HostPort",
+    "KeyRef",
     "LinkRoute",
     "Listener",
     "LogSection",

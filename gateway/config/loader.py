@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config import model
+from gateway.config import credentials, model
 from gateway.config.model import GatewayConfig
 from gateway.config.yamlsource import YamlDocument, YamlSourceError, load_yaml
 
@@ -23,8 +24,10 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read, parse and validate a config file; raises ConfigError."""
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, parse and validate a config file; raises ConfigError.
+
+    ``env`` (default: the process environment) resolves ``env:VAR`` credential keys."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -32,13 +35,17 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError([f"{path}:1: yaml: the file is not UTF-8 text"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
-    config = parse_config_text(text, str(path))
+    config = parse_config_text(text, str(path), env=env)
     config._source_path = path.absolute()
     return config
 
 
 def parse_config_text(
-    text: str, filename: str = "<config>", *, base_dir: str | Path | None = None
+    text: str,
+    filename: str = "<config>",
+    *,
+    base_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> GatewayConfig:
     """Parse and validate YAML text. Relative file paths resolve against ``base_dir``
     (default: the directory of ``filename``)."""
@@ -51,7 +58,9 @@ def parse_config_text(
     if base_dir is None:
         base_dir = Path(filename).parent
     try:
-        return GatewayConfig.model_validate(doc.data, context={"base_dir": Path(base_dir)})
+        return GatewayConfig.model_validate(
+            doc.data, context={"base_dir": Path(base_dir), "env": env}
+        )
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, doc, filename)) from None
 
@@ -172,7 +181,7 @@ _KNOWN_KEYS: list[str] = []
 
 def _known_keys() -> list[str]:
     if not _KNOWN_KEYS:
-        for obj in vars(model).values():
+        for obj in [*vars(model).values(), *vars(credentials).values()]:
             if isinstance(obj, type) and issubclass(obj, BaseModel):
                 _KNOWN_KEYS.extend(k for k in obj.model_fields if k not in _KNOWN_KEYS)
     return _KNOWN_KEYS

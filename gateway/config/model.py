@@ -8,100 +8,30 @@ through ``errors_at`` so each problem points at the key that caused it.
 
 from __future__ import annotations
 
-import os
-import re
 import socket
-from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     PlainValidator,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from gateway.config.base import Loc, Name, Network, Section, _str, errors_at, readable_file
+from gateway.config.credentials import CredentialsSection
 from gateway.config.durations import Duration
 from gateway.config.hostport import HostPort
-
-Loc = tuple[str | int, ...]
 
 DEFAULT_AMQP_PORT = 5671
 DEFAULT_MQTT_PORT = 8883
 DEFAULT_MQTT_MAX_PACKET_SIZE = 262144 + 1024  # IoT Hub's 256 KiB message limit + header room
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def errors_at(title: str, problems: list[tuple[Loc, str]]) -> ValidationError:
-    """A ValidationError whose entries sit at the given locations.
-
-    Raised from a model validator, pydantic prefixes each location with the
-    model's own path, so the loader can map it to a file line.
-    """
-    return ValidationError.from_exception_data(
-        title,
-        [
-            InitErrorDetails(type=PydanticCustomError("config", message), loc=loc, input=None)
-            for loc, message in problems
-        ],
-    )
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def _check_name(value: str) -> str:
-    if not _NAME_RE.match(value):
-        raise ValueError(
-            f"invalid name {value!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
-
-
-Name = Annotated[
-    str,
-    PlainValidator(lambda v: _check_name(_str(v))),
-    WithJsonSchema({"type": "string", "pattern": _NAME_RE.pattern}),
-]
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _network(value: Any) -> IPv4Network | IPv6Network:
-    if isinstance(value, IPv4Network | IPv6Network):
-        return value
-    try:
-        return ip_network(_str(value).strip())
-    except ValueError as exc:
-        raise ValueError(f"invalid network {value!r}: {exc}") from None
-
-
-# A CIDR (or a single address, meaning /32 or /128).
-Network = Annotated[
-    IPv4Network | IPv6Network,
-    PlainValidator(_network),
-    PlainSerializer(str),
-    WithJsonSchema({"type": "string", "description": "CIDR, e.g. 192.168.1.0/24, or an address"}),
-]
 
 
 def _tls_version(value: Any) -> Any:
@@ -167,18 +97,7 @@ class TlsProfile(Section):
     def _readable_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
-        base = (info.context or {}).get("base_dir")
-        path = value.expanduser()
-        if not path.is_absolute():
-            path = Path(base or ".") / path
-        path = Path(os.path.normpath(path.absolute()))
-        if not path.exists():
-            raise ValueError(f"file not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"not a file: {path}")
-        if not os.access(path, os.R_OK):
-            raise ValueError(f"file not readable: {path}")
-        return path
+        return readable_file(value, (info.context or {}).get("base_dir"))
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> TlsProfile:
@@ -377,6 +296,9 @@ class GatewayConfig(Section):
     connectors: list[Connector] = Field(default_factory=list)
     link_routes: list[LinkRoute] = Field(default_factory=list)
     mqtt_routes: list[MqttRoute] = Field(default_factory=list)
+    credentials: CredentialsSection | None = Field(
+        None, description="keys and certificates the gateway holds for devices"
+    )
 
     _source_path: Path | None = PrivateAttr(default=None)
 

@@ -38,7 +38,23 @@ def route_table(config: GatewayConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def format_duration(seconds: float) -> str:
+    """``3600`` -> ``1h``, ``90`` -> ``1m30s``, ``0.5`` -> ``500ms``."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    whole = int(seconds)
+    if whole != seconds:
+        return f"{seconds:g}s"
+    text = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, whole = divmod(whole, size)
+        if count:
+            text += f"{count}{unit}"
+    return text
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Rows as aligned, indented lines (the first row is the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -74,7 +90,7 @@ def render_summary(config: GatewayConfig) -> str:
                     details,
                 ]
             )
-        out.extend(_table(rows))
+        out.extend(table(rows))
 
     out.append(f"connectors ({len(config.connectors)}):")
     if config.connectors:
@@ -91,7 +107,7 @@ def render_summary(config: GatewayConfig) -> str:
                 details = "one TLS connection per device"
             tls = connector.tls_profile or "PLAINTEXT"
             rows.append([connector.name, connector.protocol, connector.target, tls, details])
-        out.extend(_table(rows))
+        out.extend(table(rows))
 
     link_rows = [r for r in route_table(config) if r["kind"] == "link"]
     out.append(f"link routes ({len(link_rows)}):")
@@ -99,7 +115,7 @@ def render_summary(config: GatewayConfig) -> str:
         rows = [["MATCH", "ADDRESS", "DIRECTION", "CONNECTOR", "TARGET"]]
         for r in link_rows:
             rows.append([r["match"], r["address"], r["direction"], r["connector"], r["target"]])
-        out.extend(_table(rows))
+        out.extend(table(rows))
 
     mqtt_rows = [r for r in route_table(config) if r["kind"] == "mqtt"]
     out.append(f"mqtt routes ({len(mqtt_rows)}):")
@@ -108,5 +124,12 @@ def render_summary(config: GatewayConfig) -> str:
         for r in mqtt_rows:
             topics = "all" if r["allowed_topics"] is None else " ".join(r["allowed_topics"])
             rows.append([r["hub"], r["connector"], r["target"], topics])
-        out.extend(_table(rows))
+        out.extend(table(rows))
+    if config.credentials is not None:
+        creds = config.credentials
+        out.append(
+            f"credentials: {len(creds.devices)} devices, {len(creds.groups)} groups, "
+            f"token ttl {format_duration(creds.token_ttl)}, renew at {creds.renew_at:.0%}"
+            " (iot-gateway credentials list -c FILE)"
+        )
     return "\n".join(out) + "\n"

@@ -1,0 +1,24 @@
+"""Device keys derived from a group (enrollment) key, as the Device Provisioning Service does.
+
+``device_key = base64(HMAC-SHA256(base64decode(group_key), utf8(registration_id)))``;
+for IoT Hub the registration id is the device id. A device provisioned through
+a symmetric-key enrollment group holds exactly this key, so the gateway can
+hold one group key for a whole fleet instead of one key per device.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+
+
+def derive_device_key(group_key_b64: str, registration_id: str) -> str:
+    """The base64 device key for ``registration_id`` under ``group_key_b64``."""
+    try:
+        group_key = base64.b64decode(group_key_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the group key is not valid base64") from None
+    digest = hmac.new(group_key, registration_id.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")

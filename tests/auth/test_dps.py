@@ -1,0 +1,55 @@
+"""Group (enrollment) key derivation as the Device Provisioning Service does it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.auth.dps import derive_device_key
+
+from .conftest import FLEET_KEY
+
+# Microsoft's DPS symmetric-key enrollment group example: group key, registration id, and
+# the device key the article derives with openssl and PowerShell.
+REGISTRATION_ID = "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6"
+DERIVED_KEY = "Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc="
+
+
+def test_documented_example() -> None:
+    assert derive_device_key(FLEET_KEY, REGISTRATION_ID) == DERIVED_KEY
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=16, max_size=64), st.text(min_size=1, max_size=128))
+def test_matches_an_independent_computation(group_key: bytes, device_id: str) -> None:
+    expected = base64.b64encode(
+        hmac.HMAC(group_key, device_id.encode("utf-8"), digestmod="sha256").digest()
+    ).decode()
+    assert derive_device_key(base64.b64encode(group_key).decode(), device_id) == expected
+    assert len(base64.b64decode(expected)) == hashlib.sha256().digest_size
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("device_id", [REGISTRATION_ID, "sensor-0042", "dev.with_odd:chars"])
+def test_matches_openssl(device_id: str) -> None:
+    hexkey = base64.b64decode(FLEET_KEY).hex()
+    done = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-mac", "HMAC", "-macopt", f"hexkey:{hexkey}", "-binary"],
+        input=device_id.encode(),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert derive_device_key(FLEET_KEY, device_id) == base64.b64encode(done.stdout).decode()
+
+
+def test_bad_group_key() -> None:
+    with pytest.raises(ValueError, match="not valid base64"):
+        derive_device_key("not base64!", "dev1")
