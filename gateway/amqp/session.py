@@ -1,0 +1,777 @@
+"""Sessions (spec 2.5): channels, transfer windows, handles, delivery ids.
+
+A Session maps link handles both ways, numbers outgoing deliveries, tracks the
+unsettled deliveries of each direction for dispositions, and writes every
+session-scoped frame through its Connection. Window arithmetic lives in
+``flow.py``; the per-frame work on the transfer path is constant time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .constants import ErrorCondition as C
+from .errors import LocalProtocolError, ProtocolError
+from .events import DispositionReceived, RemoteAttach, RemoteDetach, RemoteFlow, TransferReceived
+from .flow import MAX_WINDOW, SEQ_MASK, SenderCredit, SessionWindows, WindowViolation, seq_diff
+from .framing import encode_disposition, encode_flow, encode_transfer_frame_into
+from .link import RECEIVER, SENDER, Delivery, Link, LinkState, role_of
+from .performatives import Attach, Begin, Detach, Disposition, End, Error, Flow, Transfer
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["Session", "SessionState"]
+
+class SessionState(Enum):
+    BEGIN_SENT = "begin-sent"  # we began, waiting for the peer's begin
+    BEGIN_RCVD = "begin-rcvd"  # the peer began, waiting for answer_begin()
+    MAPPED = "mapped"
+    END_SENT = "end-sent"
+    END_RCVD = "end-rcvd"  # the peer ended, waiting for end()
+    UNMAPPED = "unmapped"
+
+
+# Upper bound of a transfer performative without delivery tag and state:
+# frame header 8 + descriptor 3 + list32 header 9 + handle 5 + delivery-id 5 + tag header 2
+# + message-format 5 + settled 1 + more 1 + rcv-settle-mode 1 + state 1 + 3 booleans.
+_TRANSFER_OVERHEAD = 8 + 3 + 9 + 5 + 5 + 2 + 5 + 1 + 1 + 1 + 1 + 3
+
+
+class Session:
+    """One session on a Connection. Create with ``Connection.begin()`` or get one from
+    a ``RemoteBegin`` event and answer it with ``answer_begin()``."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        state: SessionState,
+        channel: int | None,
+        remote_channel: int | None,
+        incoming_window: int,
+        outgoing_window: int,
+        handle_max: int,
+        auto_flow: bool = True,
+    ) -> None:
+        self.connection = connection
+        self.state = state
+        self.channel = channel
+        self.remote_channel = remote_channel
+        self.windows = SessionWindows(incoming_window=incoming_window, outgoing_window=outgoing_window)
+        self.handle_max = handle_max
+        #: restore the incoming window automatically (else call ``flow()``)
+        self.auto_flow = auto_flow
+        self.remote_handle_max = 0xFFFFFFFF
+        self.remote_begin: Begin | None = None
+        self.local_begin: Begin | None = None
+        self.remote_end_error: Error | None = None
+        self.context: Any = None
+        self.next_delivery_id = 0
+        self._links: dict[int, Link] = {}  # by our handle
+        self._remote_links: dict[int, Link] = {}  # by the peer's handle
+        self._attaching: dict[tuple[str, bool], Link] = {}  # (name, our role) awaiting peer attach
+        self._free_handles: list[int] = []
+        self._next_handle = 0
+        # Unsettled deliveries by delivery-id: ones we sent, ones we received.
+        self._out_unsettled: dict[int, Delivery] = {}
+        self._in_unsettled: dict[int, Delivery] = {}
+        self._blocked: dict[Link, None] = {}  # links with queued transfers, in order
+        self._pending_dispositions: list[tuple[bool, int, bool, Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<Session channel={self.channel} remote={self.remote_channel} {self.state.value}>"
+
+    # ------------------------------------------------------------------------ public API
+
+    @property
+    def links(self) -> list[Link]:
+        links = dict.fromkeys(self._links.values())
+        links.update(dict.fromkeys(self._remote_links.values()))
+        return list(links)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is SessionState.MAPPED
+
+    def answer_begin(
+        self,
+        *,
+        incoming_window: int | None = None,
+        outgoing_window: int | None = None,
+        handle_max: int | None = None,
+        auto_flow: bool = True,
+        offered_capabilities: Any = None,
+        desired_capabilities: Any = None,
+        properties: dict[Any, Any] | None = None,
+    ) -> None:
+        """Accept a session the peer began. See ``Connection.begin`` for the options.
+        A no-op when the peer already ended it (``end()`` answers both then)."""
+        if self.state is not SessionState.BEGIN_RCVD:
+            if self.state is SessionState.END_RCVD and self.channel is None:
+                return
+            raise LocalProtocolError(f"answer_begin on a session in state {self.state.value}")
+        w = self.windows
+        if incoming_window is not None:
+            if not 1 <= incoming_window <= MAX_WINDOW:
+                raise LocalProtocolError(f"incoming_window must be in 1..{MAX_WINDOW}")
+            w.incoming_window = w.max_incoming_window = incoming_window
+        if outgoing_window is not None:
+            w.outgoing_window = outgoing_window
+        if handle_max is not None:
+            self.handle_max = handle_max
+        self.auto_flow = auto_flow
+        self._map_and_begin(offered_capabilities, desired_capabilities, properties)
+        self.state = SessionState.MAPPED
+
+    def _map_and_begin(self, *args: Any) -> None:
+        self.connection._map_local_session(self)
+        self._send_begin(*args)
+
+    def flow(self, incoming_window: int | None = None, *, echo: bool = False) -> None:
+        """Send a session flow, first restoring our incoming window to its maximum
+        (or setting a new maximum). Needed only with ``auto_flow=False``."""
+        w = self.windows
+        if incoming_window is not None:
+            if not 1 <= incoming_window <= MAX_WINDOW:
+                raise LocalProtocolError(f"incoming_window must be in 1..{MAX_WINDOW}")
+            w.max_incoming_window = incoming_window
+        w.replenish()
+        self._send_session_flow(echo)
+
+    def end(self, error: Error | None = None) -> None:
+        """End the session (answers the peer's end when it ended first)."""
+        if self.state in (SessionState.END_SENT, SessionState.UNMAPPED):
+            return
+        conn = self.connection
+        if self.channel is None and conn._can_send():
+            # The peer's begin was never answered; a begin must precede our end.
+            if self.state is SessionState.BEGIN_RCVD:
+                self.answer_begin()
+            else:
+                self._map_and_begin()
+        if conn._can_send() and self.channel is not None:
+            conn._write_performative(End(error), self.channel)
+        for link in self.links:
+            self._forget_link_deliveries(link)
+            link.state = LinkState.DETACHED
+            link._queue.clear()
+        self._blocked.clear()
+        self._pending_dispositions.clear()
+        if self.state is SessionState.END_RCVD:
+            self.state = SessionState.UNMAPPED
+            conn._unmap_session(self)
+        else:
+            self.state = SessionState.END_SENT
+
+    def attach(
+        self,
+        name: str,
+        role: bool | str,
+        source: Any = None,
+        target: Any = None,
+        *,
+        snd_settle_mode: int = 2,
+        rcv_settle_mode: int = 0,
+        unsettled: dict[Any, Any] | None = None,
+        incomplete_unsettled: bool = False,
+        initial_delivery_count: int | None = None,
+        max_message_size: int | None = None,
+        offered_capabilities: Any = None,
+        desired_capabilities: Any = None,
+        properties: dict[Any, Any] | None = None,
+    ) -> Link:
+        """Attach a link; everything is put in the attach as given (a router passes
+        the device's values through). A sender's initial-delivery-count defaults to 0."""
+        if self.state not in (SessionState.MAPPED, SessionState.BEGIN_SENT):
+            raise LocalProtocolError(f"attach on a session in state {self.state.value}")
+        r = role_of(role)
+        if (name, r) in self._attaching:
+            raise LocalProtocolError(f"link {name!r} is already being attached")
+        handle = self._alloc_handle()
+        link = Link(self, name, r, handle=handle, state=LinkState.ATTACH_SENT)
+        if r == SENDER:
+            if initial_delivery_count is None:
+                initial_delivery_count = 0
+            link._sender = SenderCredit(initial_delivery_count)
+        elif max_message_size:
+            link.max_message_size = min(max_message_size, link.max_message_size)
+        attach = Attach(
+            name=name,
+            handle=handle,
+            role=r,
+            snd_settle_mode=snd_settle_mode,
+            rcv_settle_mode=rcv_settle_mode,
+            source=source,
+            target=target,
+            unsettled=unsettled,
+            incomplete_unsettled=incomplete_unsettled,
+            initial_delivery_count=initial_delivery_count,
+            max_message_size=max_message_size,
+            offered_capabilities=offered_capabilities,
+            desired_capabilities=desired_capabilities,
+            properties=properties,
+        )
+        link.local_attach = attach
+        self._links[handle] = link
+        self._attaching[(name, r)] = link
+        self.connection._write_performative(attach, self.channel)
+        return link
+
+    # ------------------------------------------------------------------ handle bookkeeping
+
+    def _alloc_handle(self) -> int:
+        if self._free_handles:
+            return heapq.heappop(self._free_handles)
+        h = self._next_handle
+        if h > min(self.handle_max, self.remote_handle_max):
+            raise LocalProtocolError("no free link handle on this session (handle-max reached)")
+        self._next_handle = h + 1
+        return h
+
+    def _release_link(self, link: Link) -> None:
+        """Both ends have detached: drop the link and recycle its handle."""
+        link.state = LinkState.DETACHED
+        if link.handle is not None and self._links.get(link.handle) is link:
+            del self._links[link.handle]
+            heapq.heappush(self._free_handles, link.handle)
+        self._attaching.pop((link.name, link.role), None)
+        self._blocked.pop(link, None)
+        self._forget_link_deliveries(link)
+
+    def _forget_link_deliveries(self, link: Link) -> None:
+        link._queue.clear()
+        link._queued_bytes = 0
+        link._partial = None
+        link._partial_buf = None
+        if link._unsettled:
+            for table in (self._out_unsettled, self._in_unsettled):
+                for did in [k for k, d in table.items() if d.link is link]:
+                    del table[did]
+            link._unsettled = 0
+
+    # -------------------------------------------------------------------- frames we send
+
+    def _send_begin(
+        self, offered_capabilities: Any = None, desired_capabilities: Any = None,
+        properties: dict[Any, Any] | None = None,
+    ) -> None:  # fmt: skip
+        w = self.windows
+        begin = Begin(
+            remote_channel=self.remote_channel,
+            next_outgoing_id=w.next_outgoing_id,
+            incoming_window=w.incoming_window,
+            outgoing_window=w.outgoing_window,
+            handle_max=self.handle_max,
+            offered_capabilities=offered_capabilities,
+            desired_capabilities=desired_capabilities,
+            properties=properties,
+        )
+        self.local_begin = begin
+        self.connection._write_performative(begin, self.channel)
+
+    def _flow_frame(self, link: Link | None = None, *, drain: bool = False, echo: bool = False,
+                    properties: dict[Any, Any] | None = None) -> bytes:  # fmt: skip
+        w = self.windows
+        assert self.channel is not None
+        if link is None:
+            return encode_flow(
+                self.channel, w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
+                w.outgoing_window, echo=echo, properties=properties,
+            )  # fmt: skip
+        if link._sender is not None:
+            s = link._sender
+            delivery_count: int | None = s.delivery_count
+            credit, available = s.credit, s.available
+            drain = drain or s.drain
+        else:
+            r = link._receiver
+            assert r is not None
+            delivery_count = r.delivery_count if r._started else None
+            credit, available = r.credit, None
+        return encode_flow(
+            self.channel, w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
+            w.outgoing_window, link.handle, delivery_count, credit, available, drain, echo,
+            properties,
+        )  # fmt: skip
+
+    def _send_session_flow(self, echo: bool = False) -> None:
+        conn = self.connection
+        if self.state is SessionState.MAPPED and conn._can_send():
+            conn._write(self._flow_frame(echo=echo))
+
+    def _send_link_flow(self, link: Link, *, drain: bool = False, echo: bool = False,
+                        properties: dict[Any, Any] | None = None) -> None:  # fmt: skip
+        conn = self.connection
+        if self.state is SessionState.MAPPED and conn._can_send():
+            conn._write(self._flow_frame(link, drain=drain, echo=echo, properties=properties))
+
+    def _answer_attach(self, link: Link, attach: Attach) -> None:
+        if self.state is not SessionState.MAPPED:
+            raise LocalProtocolError(f"answer_attach on a session in state {self.state.value}")
+        handle = self._alloc_handle()
+        link.handle = handle
+        if link._sender is not None:
+            if attach.initial_delivery_count is None:
+                attach.initial_delivery_count = 0
+            link._sender.initial_delivery_count = attach.initial_delivery_count & SEQ_MASK
+            link._sender.delivery_count = link._sender.initial_delivery_count
+        elif attach.max_message_size:
+            link.max_message_size = min(attach.max_message_size, link.max_message_size)
+        attach.handle = handle
+        link.local_attach = attach
+        self._links[handle] = link
+        link.state = LinkState.ATTACHED
+        self.connection._write_performative(attach, self.channel)
+        # A flow that came with the peer's attach may have granted credit already.
+        if link._queue:
+            self._pump_link(link)
+
+    def _detach_link(self, link: Link, error: Error | None, closed: bool) -> None:
+        conn = self.connection
+        if self.state is SessionState.MAPPED and conn._can_send() and link.handle is not None:
+            conn._write_performative(Detach(link.handle, closed, error), self.channel)
+        link._queue.clear()
+        link._queued_bytes = 0
+        self._blocked.pop(link, None)
+        if link.state is LinkState.DETACH_RCVD:
+            self._release_link(link)
+        else:
+            link.state = LinkState.DETACH_SENT
+
+    def _send_abort(self, link: Link, delivery: Delivery) -> None:
+        conn = self.connection
+        if self.state is SessionState.MAPPED and conn._can_send() and link.handle is not None:
+            self.windows.on_transfer_sent()
+            encode_transfer_frame_into(
+                conn._begin_write(), self.channel, link.handle, delivery.delivery_id, None,
+                None, None, False, b"", aborted=True,
+            )  # fmt: skip
+        if delivery.delivery_id is not None and self._out_unsettled.pop(delivery.delivery_id, None):
+            link._unsettled -= 1
+
+    # ------------------------------------------------------------------- outgoing transfers
+
+    def _pump_link(self, link: Link) -> None:
+        """Send as much of ``link``'s queue as credit and the peer's window allow."""
+        if self.state is not SessionState.MAPPED or link.state is not LinkState.ATTACHED:
+            if link._queue:
+                self._blocked[link] = None
+            return
+        conn = self.connection
+        if not conn._can_send():
+            return
+        sender = link._sender
+        assert sender is not None
+        queue = link._queue
+        w = self.windows
+        while queue:
+            if w.remote_incoming_window <= 0:
+                break
+            p = queue[0]
+            if p.offset == 0 and sender.credit <= 0:
+                break
+            if not self._send_pending(link, p):
+                break
+            queue.popleft()
+            link._queued_bytes -= p.payload.nbytes
+        if queue:
+            self._blocked[link] = None
+        else:
+            self._blocked.pop(link, None)
+
+    def _pump_all(self) -> None:
+        if not self._blocked:
+            return
+        for link in list(self._blocked):
+            if self.windows.remote_incoming_window <= 0:
+                break
+            self._pump_link(link)
+
+    def _send_pending(self, link: Link, p: Any) -> bool:
+        """Write frames of one delivery; True when its last frame is out."""
+        conn = self.connection
+        w = self.windows
+        d = p.delivery
+        payload = p.payload
+        size = payload.nbytes
+        max_frame = conn._send_max_frame_size
+        channel = self.channel
+        handle = link.handle
+        if p.offset == 0:
+            did = self.next_delivery_id
+            self.next_delivery_id = (did + 1) & SEQ_MASK
+            d.delivery_id = did
+            assert link._sender is not None
+            link._sender.on_delivery_sent()
+            if not d.settled:
+                self._out_unsettled[did] = d
+                link._unsettled += 1
+            tag = d.delivery_tag
+            state = d.state
+            if state is None and size + _TRANSFER_OVERHEAD + len(tag) <= max_frame:
+                # The common case: the whole message fits in one frame.
+                w.on_transfer_sent()
+                encode_transfer_frame_into(
+                    conn._begin_write(), channel, handle, did, tag, d.message_format,
+                    d.settled, False, payload, batchable=p.batchable,
+                )  # fmt: skip
+                return True
+            room = max_frame - self._overhead(handle, did, tag, d, True)
+            more = size > room
+            w.on_transfer_sent()
+            encode_transfer_frame_into(
+                conn._begin_write(), channel, handle, did, tag, d.message_format, d.settled,
+                more, payload[:room] if more else payload, state=state, batchable=p.batchable,
+            )  # fmt: skip
+            if not more:
+                return True
+            p.offset = room
+        did = d.delivery_id
+        room = max_frame - self._overhead(handle, did, None, d, False)
+        settled = True if d.settled else None
+        while w.remote_incoming_window > 0:
+            end = p.offset + room
+            more = end < size
+            w.on_transfer_sent()
+            encode_transfer_frame_into(
+                conn._begin_write(), channel, handle, did, None, None, settled, more,
+                payload[p.offset : end] if more else payload[p.offset :],
+                batchable=p.batchable,
+            )  # fmt: skip
+            if not more:
+                return True
+            p.offset = end
+        return False
+
+    def _overhead(self, handle: int | None, did: int, tag: bytes | None, d: Delivery,
+                  first: bool) -> int:  # fmt: skip
+        probe = bytearray()
+        encode_transfer_frame_into(
+            probe, self.channel or 0, handle or 0, did, tag,
+            d.message_format if first else None,
+            d.settled if first else (True if d.settled else None),
+            True, b"", state=d.state if first else None, batchable=True,
+        )  # fmt: skip
+        room = self.connection._send_max_frame_size - len(probe)
+        if room <= 0:
+            raise ProtocolError(
+                f"transfer performative ({len(probe)} bytes) does not fit the peer's "
+                f"max-frame-size {self.connection._send_max_frame_size}",
+                C.FRAME_SIZE_TOO_SMALL,
+            )
+        return len(probe)
+
+    # ---------------------------------------------------------------- dispositions we send
+
+    def _queue_disposition(self, d: Delivery, settled: bool, state: Any) -> None:
+        if d.settled or d.link.state is LinkState.DETACHED:
+            return
+        if state is not None:
+            d.state = state
+        if d.delivery_id is None:
+            # Still queued on the link: the transfer will carry the settlement.
+            d.settled = settled
+            return
+        if settled:
+            d.settled = True
+            table = self._in_unsettled if d.incoming else self._out_unsettled
+            if table.pop(d.delivery_id, None) is not None:
+                d.link._unsettled -= 1
+            if d.remote_settled:
+                return  # the peer already forgot it: nothing to tell
+        if self.state is not SessionState.MAPPED:
+            return
+        # Our role: the receiver of an incoming delivery, the sender of an outgoing one.
+        self._pending_dispositions.append((d.incoming, d.delivery_id, settled, state))
+        self.connection._dispositions_pending(self)
+
+    def _flush_dispositions(self) -> bytes:
+        """Encode queued dispositions; consecutive ids (in the order given) with the same
+        role, settlement and state become one first..last range."""
+        pending = self._pending_dispositions
+        self._pending_dispositions = []
+        if self.state is not SessionState.MAPPED or self.channel is None:
+            return b""
+        frames = []
+        channel = self.channel
+        role, first, settled, state = pending[0]
+        last = first
+        for r, did, s, st in pending[1:]:
+            if r == role and did == (last + 1) & SEQ_MASK and s == settled and (
+                st is state or st == state
+            ):
+                last = did
+                continue
+            frames.append(encode_disposition(channel, role, first, None if last == first else last,
+                                             settled, state))  # fmt: skip
+            role, first, settled, state = r, did, s, st
+            last = did
+        frames.append(
+            encode_disposition(channel, role, first, None if last == first else last, settled, state)
+        )
+        return b"".join(frames)
+
+    # --------------------------------------------------------------- frames we receive
+
+    def _on_remote_begin(self, begin: Begin) -> None:
+        self.remote_begin = begin
+        self.remote_handle_max = begin.handle_max
+        self.windows.on_remote_begin(
+            begin.next_outgoing_id, begin.incoming_window, begin.outgoing_window  # type: ignore[arg-type]
+        )
+
+    def _on_attach(self, attach: Attach) -> None:
+        handle = attach.handle
+        assert handle is not None and attach.name is not None and attach.role is not None
+        if handle > self.handle_max:
+            raise ProtocolError(
+                f"attach of link {attach.name!r:.80} uses handle {handle} above handle-max "
+                f"{self.handle_max}",
+                C.NOT_ALLOWED,
+            )
+        if handle in self._remote_links:
+            raise ProtocolError(
+                f"attach of link {attach.name!r:.80} on handle {handle}, which is in use",
+                C.HANDLE_IN_USE,
+            )
+        our_role = not attach.role
+        link = self._attaching.pop((attach.name, our_role), None)
+        conn = self.connection
+        if link is not None:
+            # The peer answered our attach.
+            link.state = LinkState.ATTACHED if link.state is LinkState.ATTACH_SENT else link.state
+        else:
+            link = Link(self, attach.name, our_role, handle=None, state=LinkState.ATTACH_RCVD)
+        link.remote_handle = handle
+        link.remote_attach = attach
+        self._remote_links[handle] = link
+        if link._receiver is not None:
+            link._receiver.on_remote_attach(attach.initial_delivery_count or 0)
+        conn._events.append(RemoteAttach(link, attach))
+        if link._queue and link.state is LinkState.ATTACHED:
+            self._pump_link(link)
+
+    def _on_flow(self, flow: Flow) -> None:
+        w = self.windows
+        w.on_remote_flow(
+            flow.next_incoming_id, flow.incoming_window, flow.next_outgoing_id,  # type: ignore[arg-type]
+            flow.outgoing_window,  # type: ignore[arg-type]
+        )
+        link = None
+        if flow.handle is not None:
+            link = self._remote_links.get(flow.handle)
+            if link is None:
+                raise ProtocolError(f"flow on unattached handle {flow.handle}", C.UNATTACHED_HANDLE)
+            if link._sender is not None:
+                if flow.link_credit is not None:
+                    link._sender.on_flow(flow.delivery_count, flow.link_credit, flow.drain)
+            else:
+                assert link._receiver is not None
+                link._receiver.on_flow(flow.delivery_count, flow.available)
+            if flow.echo:
+                self._send_link_flow(link)
+        elif flow.echo:
+            self._send_session_flow()
+        self.connection._events.append(RemoteFlow(self, link, flow))
+        if link is not None and link._queue:
+            self._pump_link(link)
+        if self._blocked:
+            self._pump_all()
+
+    def _on_transfer(self, t: Transfer, payload: memoryview) -> None:
+        link = self._remote_links.get(t.handle)  # type: ignore[arg-type]
+        if link is None:
+            raise ProtocolError(f"transfer on unattached handle {t.handle}", C.UNATTACHED_HANDLE)
+        w = self.windows
+        try:
+            w.on_transfer_received()
+        except WindowViolation as exc:
+            raise ProtocolError(str(exc), C.WINDOW_VIOLATION) from None
+        rc = link._receiver
+        if rc is None:
+            raise ProtocolError(
+                f"transfer from the receiving end of link {link.name!r:.80}", C.INVALID_FIELD
+            )
+        if self.auto_flow and w.incoming_window <= w.max_incoming_window >> 1:
+            w.replenish()
+            self._send_session_flow()
+        d = link._partial
+        if d is None:
+            did = t.delivery_id
+            tag = t.delivery_tag
+            if did is None or tag is None:
+                raise ProtocolError(
+                    f"first transfer of a delivery on link {link.name!r:.80} lacks "
+                    f"{'delivery-id' if did is None else 'delivery-tag'}",
+                    C.INVALID_FIELD,
+                )
+            try:
+                rc.on_delivery_received()
+            except WindowViolation as exc:
+                raise ProtocolError(
+                    f"link {link.name!r:.80}: {exc}", C.TRANSFER_LIMIT_EXCEEDED
+                ) from None
+            settled = t.settled is True
+            fmt = t.message_format
+            d = Delivery(link, did, tag, 0 if fmt is None else fmt, True, False, settled, None, t.state)
+            if link.state is LinkState.DETACH_SENT:
+                if t.more:
+                    link._partial = d
+                    link._partial_buf = None
+                return  # the link is going away: count the frame, drop the message
+            if not settled:
+                self._in_unsettled[did] = d
+                link._unsettled += 1
+            if t.aborted:
+                self._finish_aborted(link, d)
+                return
+            if payload.nbytes > link.max_message_size:
+                self._too_big(link, payload.nbytes)
+            if t.more:
+                link._partial = d
+                link._partial_buf = bytearray(payload)
+                link._partial_state = t.state
+                return
+            self.connection._events.append(
+                TransferReceived(link, d, tag, payload, d.message_format, settled, t.state,
+                                 False, False, t.batchable)  # fmt: skip
+            )
+            return
+        # Continuation of a multi-frame delivery.
+        if t.delivery_id is not None and t.delivery_id != d.delivery_id:
+            raise ProtocolError(
+                f"link {link.name!r:.80}: delivery-id {t.delivery_id} in the middle of "
+                f"delivery {d.delivery_id}",
+                C.INVALID_FIELD,
+            )
+        buf = link._partial_buf
+        if buf is None:  # a delivery we are dropping (link detaching)
+            if not t.more or t.aborted:
+                link._partial = None
+            return
+        if t.settled and not d.remote_settled:
+            d.remote_settled = True
+            if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+                link._unsettled -= 1
+        if t.state is not None:
+            link._partial_state = t.state
+        if t.aborted:
+            link._partial = None
+            link._partial_buf = None
+            self._finish_aborted(link, d)
+            return
+        if len(buf) + payload.nbytes > link.max_message_size:
+            self._too_big(link, len(buf) + payload.nbytes)
+        buf += payload
+        if t.more:
+            return
+        link._partial = None
+        link._partial_buf = None
+        d.remote_state = link._partial_state
+        self.connection._events.append(
+            TransferReceived(link, d, d.delivery_tag, bytes(buf), d.message_format,
+                             d.remote_settled, link._partial_state, False, False, t.batchable)  # fmt: skip
+        )
+
+    def _too_big(self, link: Link, size: int) -> None:
+        raise ProtocolError(
+            f"link {link.name!r:.80}: message of more than {size - 1} bytes exceeds the "
+            f"maximum message size {link.max_message_size}",
+            C.MESSAGE_SIZE_EXCEEDED,
+        )
+
+    def _finish_aborted(self, link: Link, d: Delivery) -> None:
+        d.aborted = True
+        d.remote_settled = True
+        if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+            link._unsettled -= 1
+        self.connection._events.append(
+            TransferReceived(link, d, d.delivery_tag, b"", d.message_format, True, None,
+                             False, True)  # fmt: skip
+        )
+
+    def _on_disposition(self, disp: Disposition) -> None:
+        role = disp.role
+        # From a receiver: about deliveries we sent. From a sender: ones we received.
+        table = self._out_unsettled if role == RECEIVER else self._in_unsettled
+        first = disp.first
+        assert first is not None
+        last = first if disp.last is None else disp.last
+        span = seq_diff(last, first)
+        if span < 0:
+            raise ProtocolError(f"disposition range {first}..{last} runs backwards", C.INVALID_FIELD)
+        if not table:
+            return
+        touched: list[Delivery] = []
+        if span < len(table):
+            get = table.get
+            for i in range(span + 1):
+                d = get((first + i) & SEQ_MASK)
+                if d is not None:
+                    touched.append(d)
+        else:
+            for did, d in table.items():
+                if seq_diff(did, first) >= 0 and seq_diff(last, did) >= 0:
+                    touched.append(d)
+        if not touched:
+            return
+        state = disp.state
+        settled = disp.settled
+        for d in touched:
+            if state is not None:
+                d.remote_state = state
+            if settled:
+                d.remote_settled = True
+                del table[d.delivery_id]  # type: ignore[arg-type]
+                d.link._unsettled -= 1
+        self.connection._events.append(
+            DispositionReceived(self, touched, state, settled, first, last, role,  # type: ignore[arg-type]
+                                disp.batchable)  # fmt: skip
+        )
+
+    def _on_detach(self, detach: Detach) -> None:
+        link = self._remote_links.pop(detach.handle, None)  # type: ignore[arg-type]
+        if link is None:
+            raise ProtocolError(f"detach of unattached handle {detach.handle}", C.UNATTACHED_HANDLE)
+        link.remote_closed = detach.closed
+        link.remote_detach_error = detach.error
+        link._partial = None
+        link._partial_buf = None
+        self._attaching.pop((link.name, link.role), None)
+        events = self.connection._events
+        if link.state is LinkState.DETACH_SENT:
+            self._release_link(link)
+        elif link.state is LinkState.ATTACH_RCVD:
+            # Detached before we answered: answer both now (a refusal, as it were), so the
+            # peer's handle is free again; the application only hears of the detach.
+            if self.state is SessionState.MAPPED:
+                self._answer_attach(
+                    link, Attach(name=link.name, handle=0, role=link.role, source=None, target=None)
+                )
+                link.state = LinkState.DETACH_RCVD
+                self._detach_link(link, None, detach.closed)
+            else:
+                self._release_link(link)
+        else:
+            link.state = LinkState.DETACH_RCVD
+            link._queue.clear()
+            link._queued_bytes = 0
+            self._blocked.pop(link, None)
+        events.append(RemoteDetach(link, detach.closed, detach.error))
+
+    def _on_end(self, end: End) -> None:
+        """The peer ended the session; its links are implicitly detached."""
+        self.remote_end_error = end.error
+        for link in self.links:
+            self._forget_link_deliveries(link)
+            link.state = LinkState.DETACHED
+        self._blocked.clear()
+        if self.state is SessionState.END_SENT:
+            self.state = SessionState.UNMAPPED
+            self.connection._unmap_session(self)
+        else:
+            self.state = SessionState.END_RCVD
+            self._pending_dispositions.clear()
