@@ -1,0 +1,586 @@
+"""The MQTT path: each device connection relayed over its own TLS connection.
+
+Per device connection:
+
+1. Read CONNECT within the listener's `handshake_timeout` (else close).
+2. Pick the route: the hub host is the CONNECT user name up to the first `/`
+   (`{hub-host}/{device-id}/?api-version=...`); an exact `hub` match (case
+   insensitive) wins over `hub: "*"`.
+3. Open a TLS connection to the route's connector within its `connect_timeout`.
+4. Forward the CONNECT bytes unchanged, then every packet in both directions
+   as the original bytes (`Packet.raw`), each one validated on the way.
+
+Answers the gateway gives itself (the only packets it ever writes):
+
+- no route for the hub host: CONNACK 5 "not authorized" (MQTT 5: 0x87). The
+  gateway refuses to relay for that hub, a configuration decision like an
+  authorisation one; it is kept distinct from an unreachable hub so device
+  logs tell the two apart.
+- the connector cannot be reached (TCP, TLS or timeout): CONNACK 3 "server
+  unavailable" (MQTT 5: 0x88), which devices retry.
+- a Will topic outside the route's `allowed_topics`: CONNACK 5 (MQTT 5: 0x87).
+- an unsupported protocol level: CONNACK 1 (3.1.1 section 3.1.2.2).
+
+Everything else comes from the hub, refusals included. Once the session is
+relayed, nothing is answered on the hub's behalf: a protocol error, an
+oversize packet, a refused topic or keep-alive expiry closes the device
+connection (IoT Hub semantics: no error replies) and the upstream one with it,
+without a DISCONNECT, so the hub publishes the device's Will as it would for
+any abrupt loss.
+
+Keep-alive: a device silent for 1.5 x its keep-alive (MQTT 5: the server's
+Server Keep Alive if the CONNACK carries one) is closed. Backpressure: each
+direction reads its next bytes only after the previous packet was written to
+the other side, so a slow hub slows the device and buffers stay bounded by
+one packet plus one read.
+
+The CONNECT password is never logged; nor are payloads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import trio
+
+from gateway.mqtt import encode
+from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode
+from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge, UnsupportedProtocolVersion
+from gateway.mqtt.packets import Connack, Connect, Packet, Publish, Subscribe
+from gateway.mqtt.reader import PacketReader
+from gateway.mqtt.session import RelayState
+from gateway.mqtt.topics import TopicPolicy
+
+from .listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
+from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
+
+__all__ = [
+    "CloseReason",
+    "PacketTracer",
+    "RelayObserver",
+    "hub_host_from_username",
+    "relay_mqtt_connection",
+    "select_route",
+    "serve_mqtt_listener",
+]
+
+log = logging.getLogger("gateway.mqtt.relay")
+
+# Directions, as the metrics name them: "in" = device -> hub, "out" = hub -> device.
+IN = "in"
+OUT = "out"
+
+RECEIVE_SIZE = 65536
+# Packets from the hub are bounded too, but generously: the hub, not the
+# gateway, decides what a device may receive.
+UPSTREAM_MAX_PACKET_SIZE = 2 * 1024 * 1024
+# Writing the gateway's own CONNACK or closing a stream never waits longer than this.
+CLOSE_TIMEOUT = 2.0
+
+
+class CloseReason:
+    """Why a relayed connection ended; a fixed vocabulary fit for metric labels."""
+
+    CONNECT_TIMEOUT = "connect_timeout"  # no CONNECT within handshake_timeout
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    NO_ROUTE = "no_route"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # connect/TLS to the connector failed
+    UPSTREAM_REFUSED = "upstream_refused"  # the hub's CONNACK refused the device
+    TOPIC_REFUSED = "topic_refused"  # allowed_topics policy
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    PACKET_TOO_LARGE = "packet_too_large"  # from the device
+    DEVICE_PROTOCOL_ERROR = "device_protocol_error"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    DEVICE_DISCONNECT = "device_disconnect"  # the device sent DISCONNECT
+    DEVICE_CLOSED = "device_closed"  # closed without DISCONNECT
+    DEVICE_ERROR = "device_error"  # reset / broken device connection
+    UPSTREAM_CLOSED = "upstream_closed"
+    UPSTREAM_ERROR = "upstream_error"
+    SHUTDOWN = "shutdown"  # the gateway stopped
+    INTERNAL_ERROR = "internal_error"  # a bug in the gateway (logged with a traceback)
+
+
+class RelayObserver(Protocol):
+    """Counting hooks; `gateway.ops.metrics.MqttRelayMetrics` implements them.
+
+    An observer may also define `on_upstream_connect_failure(connector, reason)`
+    (reason as in `TLSConnectError.reason`); it is called when present.
+    """
+
+    def on_packet(self, direction: str, packet_type: str, nbytes: int) -> None: ...
+    def on_close(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def on_packet(self, direction: str, packet_type: str, nbytes: int) -> None:
+        pass
+
+    def on_close(self, reason: str) -> None:
+        pass
+
+
+OpenUpstream = Callable[[Any, Any], Awaitable[trio.abc.Stream]]
+
+
+class PacketTracer(Protocol):
+    """`gateway.ops.trace.FrameTracer` (only what the relay uses)."""
+
+    mqtt_enabled: bool
+
+    def mqtt(self, conn_id: Any, direction: str, packet: Any) -> None: ...
+
+
+_connection_ids = itertools.count(1)
+
+_default_contexts = ClientContextCache()
+
+
+def hub_host_from_username(username: str | None) -> str:
+    """`{hub-host}/{device-id}/?api-version=...` -> `{hub-host}` ("" without a user name)."""
+    return (username or "").split("/", 1)[0]
+
+
+def select_route(routes: Iterable[Any], hub_host: str) -> Any | None:
+    """The exact hub match (case-insensitive), else the `*` route, else None."""
+    routes = list(routes)
+    wanted = hub_host.lower()
+    for route in routes:
+        if route.hub != "*" and route.hub.lower() == wanted:
+            return route
+    for route in routes:
+        if route.hub == "*":
+            return route
+    return None
+
+
+def _find_connector(config: Any, name: str) -> Any:
+    for connector in config.connectors:
+        if connector.name == name:
+            return connector
+    raise LookupError(f"no connector named {name!r}")
+
+
+class _Stop(Exception):
+    """Ends a relayed connection with a reason (and a detail for the log)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Connection:
+    """One device connection and, once routed, its upstream connection."""
+
+    def __init__(
+        self,
+        device: trio.abc.Stream,
+        peer: tuple[str, int],
+        listener_cfg: Any,
+        config: Any,
+        observer: RelayObserver,
+        open_upstream: OpenUpstream | None,
+        contexts: ClientContextCache,
+        tracer: PacketTracer | None,
+    ) -> None:
+        self.device = device
+        self.peer = peer
+        self.listener_cfg = listener_cfg
+        self.config = config
+        self.obs = observer
+        self.open_upstream = open_upstream
+        self.contexts = contexts
+        self.upstream: trio.abc.Stream | None = None
+        self.device_reader = PacketReader(listener_cfg.max_packet_size)
+        self.state = RelayState()
+        self.policy: TopicPolicy | None = None
+        self.topic_aliases: dict[int, str] = {}
+        self.last_heard = trio.current_time()
+        self.conn_id = f"mqtt-{next(_connection_ids)}"
+        self.tracer = tracer
+        self.label = f"{self.conn_id} {peer[0]}:{peer[1]}"
+        self.stop: _Stop | None = None
+        # The device read in progress; its deadline moves if the keep-alive changes.
+        self._device_wait: trio.CancelScope | None = None
+
+    # -- the whole life of the connection ---------------------------------------------------
+
+    async def run(self) -> str:
+        try:
+            connect = await self._read_connect()
+            await self._open_upstream(connect)
+            await self._relay()
+        except _Stop as stop:
+            self.stop = self.stop or stop
+        except BaseException as exc:
+            if _only_cancellation(exc):
+                self.stop = self.stop or _Stop(CloseReason.SHUTDOWN, "gateway shutting down")
+            else:
+                # A bug: close and count it here; the listener logs the traceback.
+                self.stop = _Stop(CloseReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            await self._close_all()
+            stop = self.stop or _Stop(CloseReason.SHUTDOWN, "gateway shutting down")
+            if self.state.client_disconnected and stop.reason in _AFTER_DISCONNECT:
+                # The hub may close before the relay notices its own end of the DISCONNECT.
+                stop = _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
+            self.obs.on_close(stop.reason)
+            level = logging.INFO if stop.reason in _ROUTINE else logging.WARNING
+            log.log(level, "mqtt %s closed: %s (%s)", self.label, stop.reason, stop.detail)
+        return stop.reason
+
+    # -- step 1: CONNECT ----------------------------------------------------------------
+
+    async def _read_connect(self) -> Connect:
+        timeout = float(self.listener_cfg.handshake_timeout)
+        with trio.move_on_after(timeout):
+            packet = await self._next_device_packet()
+            try:
+                self.state.client_packet(packet)
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+            assert isinstance(packet, Connect)
+            return packet
+        raise _Stop(CloseReason.CONNECT_TIMEOUT, f"no CONNECT within {timeout:g}s")
+
+    # -- step 2 and 3: route and upstream ---------------------------------------------------
+
+    async def _open_upstream(self, connect: Connect) -> None:
+        hub = hub_host_from_username(connect.username)
+        self.label = f"{self.label} client {connect.client_id!r}"
+        route = select_route(self.config.mqtt_routes, hub)
+        if route is None:
+            await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
+            raise _Stop(CloseReason.NO_ROUTE, f"no mqtt route for hub {hub!r}")
+        if route.allowed_topics is not None:
+            self.policy = TopicPolicy(route.allowed_topics)
+            if connect.will is not None and not self.policy.allows_publish(connect.will.topic):
+                await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
+                raise _Stop(
+                    CloseReason.TOPIC_REFUSED,
+                    f"Will topic {connect.will.topic!r} not in allowed_topics of hub {route.hub!r}",
+                )
+        connector = _find_connector(self.config, route.connector)
+        profile = self.config.tls_profiles[connector.tls_profile] if connector.tls_profile else None
+        try:
+            if self.open_upstream is not None:
+                self.upstream = await self.open_upstream(connector, profile)
+            else:
+                self.upstream = await self._connect(connector, profile)
+        except TLSConnectError as exc:
+            hook = getattr(self.obs, "on_upstream_connect_failure", None)
+            if hook is not None:
+                hook(connector.name, exc.reason)
+            await self._refuse(connect, ConnackCode.SERVER_UNAVAILABLE)
+            raise _Stop(
+                CloseReason.UPSTREAM_UNAVAILABLE,
+                f"connector {connector.name} ({exc.reason}): {exc.detail}",
+            ) from None
+        log.info(
+            "mqtt %s: hub %r -> connector %s (%s:%s), protocol level %d, keep-alive %ds",
+            self.label,
+            hub,
+            connector.name,
+            connector.host,
+            connector.port,
+            connect.protocol_level,
+            connect.keep_alive,
+        )
+        await self._send_upstream(connect)
+        self.last_heard = trio.current_time()
+
+    async def _connect(self, connector: Any, profile: Any) -> trio.abc.Stream:
+        if profile is None and not getattr(connector, "allow_plaintext", False):
+            raise TLSConnectError("error", "plaintext connector without allow_plaintext")
+        context = self.contexts.get(profile) if profile is not None else None
+        return await open_upstream_stream(
+            connector.host,
+            connector.port,
+            ssl_context=context,
+            server_hostname=server_name_for(connector, profile) if context else None,
+            timeout=float(connector.connect_timeout),
+        )
+
+    async def _refuse(self, connect: Connect, code: ConnackCode) -> None:
+        """Answer the device with the gateway's own CONNACK refusal (best effort)."""
+        level = connect.protocol_level
+        return_code = V5_CONNACK_EQUIVALENT[code] if level == MQTT_5 else int(code)
+        await self._send_own(encode.connack(return_code, protocol_level=level))
+
+    async def _send_own(self, data: bytes) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self.device.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    # -- step 4: the relay ---------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def pump(direction: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await direction()
+                except _Stop as stop:
+                    self.stop = self.stop or stop
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, self._pump_device)
+            nursery.start_soon(pump, self._pump_upstream)
+
+    async def _pump_device(self) -> None:
+        while True:
+            packet = await self._next_device_packet()
+            try:
+                self.state.client_packet(packet)
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+            if self.policy is not None:
+                self._check_policy(packet)
+            await self._send_upstream(packet)
+            self.last_heard = trio.current_time()
+            if self.state.client_disconnected:
+                # The device is done (3.1.1 section 3.14.4): close both, the hub drops the Will.
+                raise _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
+
+    async def _pump_upstream(self) -> None:
+        assert self.upstream is not None
+        reader = PacketReader(
+            max(UPSTREAM_MAX_PACKET_SIZE, self.listener_cfg.max_packet_size),
+            protocol_level=self.state.protocol_level,
+        )
+        while True:
+            try:
+                packet = reader.next_packet()
+                if packet is not None:
+                    self.state.server_packet(packet)
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason) from None
+            if isinstance(packet, Connack) and self._device_wait is not None:
+                # An MQTT 5 CONNACK may set the keep-alive (Server Keep Alive).
+                self._device_wait.deadline = self.state.keep_alive_deadline(self.last_heard)
+            if packet is None:
+                try:
+                    data = await self.upstream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    if _is_ragged_eof(exc):
+                        # Closed without a TLS close_notify: still just a close; MQTT's
+                        # own framing shows whether a packet was cut short.
+                        raise _Stop(
+                            CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader)
+                        ) from None
+                    raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+                if not data:
+                    raise _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
+                reader.feed(data)
+                continue
+            await self._send_device(packet)
+            if isinstance(packet, Connack) and packet.return_code:
+                # The hub refused the device; the session is over once the device has the answer.
+                raise _Stop(
+                    CloseReason.UPSTREAM_REFUSED,
+                    f"hub refused CONNECT with code {packet.return_code}",
+                )
+
+    def _upstream_eof_detail(self, reader: PacketReader) -> str:
+        partial = f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
+        return f"hub closed the connection{partial}"
+
+    async def _next_device_packet(self) -> Packet:
+        """The device's next packet; raises _Stop on EOF, errors and keep-alive expiry."""
+        reader = self.device_reader
+        while True:
+            try:
+                packet = reader.next_packet()
+            except PacketTooLarge as exc:
+                raise _Stop(CloseReason.PACKET_TOO_LARGE, exc.reason) from None
+            except UnsupportedProtocolVersion as exc:
+                await self._send_own(encode.connack(ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION))
+                raise _Stop(CloseReason.UNSUPPORTED_PROTOCOL, exc.reason) from None
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+            if packet is not None:
+                return packet
+            deadline = self.state.keep_alive_deadline(self.last_heard)
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._device_wait = scope
+                try:
+                    data = await self.device.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    if not _is_ragged_eof(exc):
+                        raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+                    data = b""
+                if not data:
+                    partial = (
+                        f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
+                    )
+                    raise _Stop(
+                        CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}"
+                    )
+                reader.feed(data)
+            if not scope.cancelled_caught:
+                continue
+            raise _Stop(
+                CloseReason.KEEPALIVE_TIMEOUT,
+                f"no packet from the device for {self.state.keep_alive_timeout:g}s "
+                f"(keep-alive {self.state.keep_alive}s)",
+            )
+
+    def _check_policy(self, packet: Packet) -> None:
+        assert self.policy is not None
+        if isinstance(packet, Publish):
+            topic = packet.topic
+            alias = packet.topic_alias if self.state.protocol_level == MQTT_5 else None
+            if alias is not None:
+                if topic:
+                    self.topic_aliases[alias] = topic
+                else:
+                    topic = self.topic_aliases.get(alias, "")
+                    if not topic:
+                        raise _Stop(
+                            CloseReason.DEVICE_PROTOCOL_ERROR, f"unknown topic alias {alias}"
+                        )
+            if not self.policy.allows_publish(topic):
+                raise _Stop(
+                    CloseReason.TOPIC_REFUSED,
+                    f"PUBLISH to {topic!r} refused: not in the route's allowed_topics",
+                )
+        elif isinstance(packet, Subscribe):
+            for topic_filter in packet.topic_filters:
+                if not self.policy.allows_subscribe(topic_filter):
+                    raise _Stop(
+                        CloseReason.TOPIC_REFUSED,
+                        f"SUBSCRIBE to {topic_filter!r} refused: not in the route's allowed_topics",
+                    )
+
+    async def _send_upstream(self, packet: Packet) -> None:
+        assert self.upstream is not None
+        try:
+            await self.upstream.send_all(packet.raw)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+        self.obs.on_packet(IN, packet.type.name, packet.size)
+        if self.tracer is not None and self.tracer.mqtt_enabled:
+            self.tracer.mqtt(self.conn_id, "<-", packet)
+
+    async def _send_device(self, packet: Packet) -> None:
+        try:
+            await self.device.send_all(packet.raw)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+        self.obs.on_packet(OUT, packet.type.name, packet.size)
+        if self.tracer is not None and self.tracer.mqtt_enabled:
+            self.tracer.mqtt(self.conn_id, "->", packet)
+
+    async def _close_all(self) -> None:
+        with trio.CancelScope(shield=True):
+            for stream in (self.device, self.upstream):
+                if stream is None:
+                    continue
+                with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                    try:
+                        await stream.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                if scope.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
+
+
+# Ends that, once the device has sent DISCONNECT, are just the connection winding down.
+_AFTER_DISCONNECT = {
+    CloseReason.UPSTREAM_CLOSED,
+    CloseReason.UPSTREAM_ERROR,
+    CloseReason.DEVICE_CLOSED,
+    CloseReason.DEVICE_ERROR,
+}
+
+# Closes that are part of normal life, logged at INFO; the rest at WARNING.
+_ROUTINE = {
+    CloseReason.DEVICE_DISCONNECT,
+    CloseReason.DEVICE_CLOSED,
+    CloseReason.UPSTREAM_CLOSED,
+    CloseReason.SHUTDOWN,
+}
+
+
+def _only_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def _is_ragged_eof(exc: BaseException) -> bool:
+    """A TLS peer that closed its socket without close_notify."""
+    return isinstance(exc.__cause__, ssl.SSLEOFError)
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {cause or exc}" if cause or str(exc) else type(exc).__name__
+
+
+async def relay_mqtt_connection(
+    device_stream: trio.abc.Stream,
+    peer: tuple[str, int],
+    listener_cfg: Any,
+    config: Any,
+    observer: RelayObserver | None = None,
+    *,
+    open_upstream: OpenUpstream | None = None,
+    tls_contexts: ClientContextCache | None = None,
+    tracer: PacketTracer | None = None,
+) -> str:
+    """Relay one device connection until either side ends it; returns the CloseReason.
+
+    Closes both streams before returning. `open_upstream(connector, profile)`
+    replaces the TLS connect (tests use it to put a memory stream there).
+    `tracer` logs every relayed packet on the device connection's id ("<-" from
+    the device, "->" to it) when its `mqtt_enabled` is set.
+    """
+    connection = _Connection(
+        device_stream,
+        peer,
+        listener_cfg,
+        config,
+        observer or _NullObserver(),
+        open_upstream,
+        tls_contexts or _default_contexts,
+        tracer,
+    )
+    return await connection.run()
+
+
+async def serve_mqtt_listener(
+    listener_cfg: Any,
+    config: Any,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    observer: RelayObserver | None = None,
+    listener_observer: ListenerObserver | None = None,
+    stats: ListenerStats | None = None,
+    tracer: PacketTracer | None = None,
+) -> None:
+    """Serve one `protocol: mqtt` listener until cancelled.
+
+    `task_status.started()` receives the bound (host, port) addresses.
+    `observer` gets every connection's packets and close reason,
+    `listener_observer` the admissions (`gateway.ops.metrics.Metrics` fits),
+    `stats` live listener counters, `tracer` the packet trace.
+    """
+    settings = ListenerSettings.from_config(listener_cfg, config)
+    contexts = ClientContextCache()
+
+    async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+        await relay_mqtt_connection(
+            stream, peer, listener_cfg, config, observer, tls_contexts=contexts, tracer=tracer
+        )
+
+    await serve_listener(
+        settings, handler, observer=listener_observer, stats=stats, task_status=task_status
+    )
