@@ -136,7 +136,9 @@ def _d_ubyte(buf: Buffer, pos: int, end: int, depth: int) -> tuple[Any, int]:
     return _UBYTES[buf[pos]], pos + 1
 
 
-def _fixed(width: int, unpack: Callable[..., tuple[Any, ...]], wrap: Callable[[Any], Any], what: str) -> DecodeFn:
+def _fixed(
+    width: int, unpack: Callable[..., tuple[Any, ...]], wrap: Callable[[Any], Any], what: str
+) -> DecodeFn:
     def decode(buf: Buffer, pos: int, end: int, depth: int) -> tuple[Any, int]:
         nxt = pos + width
         if nxt > end:
@@ -246,9 +248,7 @@ def _list(wide: bool) -> DecodeFn:
     def decode(buf: Buffer, pos: int, end: int, depth: int) -> tuple[Any, int]:
         count, p, stop = _compound_header(buf, pos, end, wide, what)
         if count > stop - p:
-            raise DecodeError(
-                f"offset {pos}: {what} claims {count} elements in {stop - p} bytes"
-            )
+            raise DecodeError(f"offset {pos}: {what} claims {count} elements in {stop - p} bytes")
         if depth >= MAX_DEPTH:
             raise DecodeError(f"offset {pos}: values nested deeper than {MAX_DEPTH} levels")
         depth += 1
@@ -264,7 +264,9 @@ def _list(wide: bool) -> DecodeFn:
             v, p = fn(buf, p + 1, stop, depth)
             append(v)
         if p != stop:
-            raise DecodeError(f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}")
+            raise DecodeError(
+                f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}"
+            )
         return items, stop
 
     return decode
@@ -305,7 +307,9 @@ def _map(wide: bool) -> DecodeFn:
                     f"offset {kp}: map key of type {type(k).__name__} is not supported"
                 ) from None
         if p != stop:
-            raise DecodeError(f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}")
+            raise DecodeError(
+                f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}"
+            )
         return result, stop
 
     return decode
@@ -363,7 +367,9 @@ def _array(wide: bool) -> DecodeFn:
             v, p = fn(buf, p, stop, depth)
             append(v)
         if p != stop:
-            raise DecodeError(f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}")
+            raise DecodeError(
+                f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}"
+            )
         return Array(ELEMENT_TYPES[code], items, descriptor), stop
 
     return decode
@@ -455,7 +461,9 @@ def decode_value(buf: Buffer, offset: int = 0) -> tuple[Any, int]:
     except (struct.error, IndexError, ValueError, OverflowError, RecursionError) as exc:
         # Defence in depth: every bound is checked above, but a codec bug must
         # still surface as a protocol error, never as a crash of the caller.
-        raise DecodeError(f"offset {offset}: malformed value ({type(exc).__name__}: {exc})") from None
+        raise DecodeError(
+            f"offset {offset}: malformed value ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -665,7 +673,9 @@ def _e_symbol(buf: bytearray, v: str) -> None:
     buf += b
 
 
-def _finish_compound(buf: bytearray, start: int, count: int, empty_code: int | None, code8: int, code32: int) -> None:
+def _finish_compound(
+    buf: bytearray, start: int, count: int, empty_code: int | None, code8: int, code32: int
+) -> None:
     """Fix up a compound header reserved as 3 bytes (code8, size, count) at ``start``."""
     body = len(buf) - start - 3
     if count == 0 and empty_code is not None:
@@ -774,7 +784,9 @@ def _to_bytes(kind: int, v: Any) -> bytes:
             return v.encode("utf-8")
         return v.encode("ascii")
     except (UnicodeEncodeError, AttributeError, TypeError) as exc:
-        raise EncodeError(f"array item {v!r} does not fit element type 0x{kind:02x}: {exc}") from None
+        raise EncodeError(
+            f"array item {v!r} does not fit element type 0x{kind:02x}: {exc}"
+        ) from None
 
 
 def _body_compound32(buf: bytearray, v: Any, kind: int) -> None:
@@ -849,7 +861,9 @@ def _encode_array(buf: bytearray, v: Array, wide: bool = False) -> None:
         if any(item is not None for item in items):
             raise EncodeError("array of null holds a non-null item")
         if len(items) > MAX_ZERO_WIDTH_ITEMS:
-            raise EncodeError(f"array of {len(items)} nulls exceeds the limit of {MAX_ZERO_WIDTH_ITEMS}")
+            raise EncodeError(
+                f"array of {len(items)} nulls exceeds the limit of {MAX_ZERO_WIDTH_ITEMS}"
+            )
         buf.append(0x40)
     elif kind in _ARRAY_FIXED:
         code, body = _ARRAY_FIXED[kind]

@@ -5,7 +5,11 @@
 as the 4 size bytes are in, before buffering the body. A transfer frame is
 decoded by a specialised path that reads only the performative and hands the
 message bytes back as a ``memoryview`` slice of the received data: the message
-itself is never parsed or copied.
+itself is never parsed or copied. Flow and disposition frames, the other
+per-message performatives, take the same specialised path.
+
+Payload views keep the received chunk they point into alive; a caller that
+holds on to a payload for long should copy it.
 
 The encoders build complete frames. ``encode_transfer_frame``, ``encode_flow``
 and ``encode_disposition`` write the bytes directly, without building a
@@ -23,11 +27,14 @@ from .errors import AMQPError, DecodeError, EncodeError, FramingError
 from .performatives import (
     AMQP_PERFORMATIVES,
     SASL_PERFORMATIVES,
+    Disposition,
+    Flow,
     Performative,
     Transfer,
     decode_performative,
+    decode_state,
 )
-from .types import UInt
+from .types import Described, UInt
 
 __all__ = [
     "AMQP_HEADER",
@@ -165,7 +172,7 @@ class FrameReader:
         return b"".join(parts)
 
     def _consolidate(self) -> None:
-        self._buf = b"".join([self._buf[self._pos :], *self._pending])
+        self._buf = b"".join([self._view[self._pos :], *self._pending])
         self._view = memoryview(self._buf)
         self._pos = 0
         self._pending = []
@@ -236,16 +243,18 @@ class FrameReader:
         body = pos + doff * 4
         if body == end:
             return Frame(ftype, channel, None, _EMPTY)
-        # Transfer fast path: descriptor 0x00 0x53 0x14 (smallulong code 0x14).
-        if (
-            buf[body] == 0x00
-            and end - body >= 3
-            and buf[body + 1] == 0x53
-            and buf[body + 2] == 0x14
-            and ftype == FRAME_AMQP
-        ):
-            transfer, p = _decode_transfer(buf, body + 3, end)
-            return Frame(FRAME_AMQP, channel, transfer, self._view[p:end])
+        # Fast paths for the per-message performatives (transfer, flow,
+        # disposition) with the usual smallulong descriptor: no generic
+        # described-value objects, and the payload stays a view.
+        if buf[body] == 0x00 and end - body >= 3 and buf[body + 1] == 0x53 and ftype == FRAME_AMQP:
+            fast = _FAST_DECODERS.get(buf[body + 2])
+            if fast is not None:
+                performative, p = fast(buf, body + 3, end)
+                if p != end and fast is not _decode_transfer:
+                    raise FramingError(
+                        f"{type(performative).__name__} frame has {end - p} unexpected bytes after its body"
+                    )
+                return Frame(FRAME_AMQP, channel, performative, self._view[p:end])
         view = self._view[:end]
         value, p = decode_value(view, body)
         performative = decode_performative(value)
@@ -274,60 +283,75 @@ _II = struct.Struct(">II")
 _NONE = type(None)
 
 
-def _plain_signatures() -> frozenset[tuple[type, ...]]:
-    """Type signatures of transfer field lists that need no conversion: each
-    field already has its declared type, and no null needs a default."""
-    allowed: list[tuple[type, ...]] = [
-        (UInt,), (UInt, _NONE), (bytes, _NONE), (UInt, _NONE), (bool, _NONE), (bool,)
-    ]  # handle, delivery-id, delivery-tag, message-format, settled, more
+def _signatures(allowed: list[tuple[type, ...]], min_len: int) -> frozenset[tuple[type, ...]]:
+    """Type signatures of field lists that need no conversion: every field
+    already has its declared type, no null needs a default, and every
+    mandatory field is there. Anything else takes the generic path."""
     sigs: set[tuple[type, ...]] = {()}
-    out: set[tuple[type, ...]] = set()
-    for options in allowed:
+    out: set[tuple[type, ...]] = {()} if min_len == 0 else set()
+    for n, options in enumerate(allowed, start=1):
         sigs = {sig + (t,) for sig in sigs for t in options}
-        out |= sigs
+        if n >= min_len:
+            out |= sigs
     return frozenset(out)
 
 
-_PLAIN_SIGNATURES = _plain_signatures()
+_U_OR_NULL = (UInt, _NONE)
+# handle, delivery-id, delivery-tag, message-format, settled, more
+_PLAIN_TRANSFER = _signatures(
+    [(UInt,), _U_OR_NULL, (bytes, _NONE), _U_OR_NULL, (bool, _NONE), (bool,)], 1
+)
 _TRANSFER_DEFAULTS = (None, None, None, None, None, False, None, None, False, False, False)
+# next-incoming-id, incoming-window, next-outgoing-id, outgoing-window, handle,
+# delivery-count, link-credit, available, drain, echo, properties
+_PLAIN_FLOW = _signatures(
+    [_U_OR_NULL, (UInt,), (UInt,), (UInt,), _U_OR_NULL, _U_OR_NULL, _U_OR_NULL, _U_OR_NULL,
+     (bool,), (bool,), (dict, _NONE)],
+    4,
+)  # fmt: skip
+_FLOW_DEFAULTS = (None, None, None, None, None, None, None, None, False, False, None)
+# role, first, last, settled, state, batchable
+_PLAIN_DISPOSITION = _signatures(
+    [(bool,), (UInt,), _U_OR_NULL, (bool,), (Described, _NONE), (bool,)], 2
+)
+_DISPOSITION_DEFAULTS = (None, None, None, False, None, False)
 
 
-def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
-    """Decode a transfer's field list starting at its list constructor.
+def _decode_fields(buf: bytes, pos: int, end: int, what: str) -> tuple[list[Any], int]:
+    """Decode a performative's field list starting at its list constructor.
 
     ``buf`` is the received bytes object (indexing bytes is about twice as fast
     as indexing a memoryview). The encodings every stack uses for these fields
-    are decoded inline; anything else goes through the generic decoder and the
-    generic field checks, so every valid encoding is accepted.
+    are decoded inline; anything else goes through the generic decoders.
     """
     if pos >= end:
-        raise DecodeError(f"offset {pos}: transfer has no field list")
+        raise DecodeError(f"offset {pos}: {what} has no field list")
     code = buf[pos]
     if code == 0xC0:
         if pos + 3 > end:
-            raise DecodeError(f"offset {pos}: truncated transfer field list")
+            raise DecodeError(f"offset {pos}: truncated {what} field list")
         stop = pos + 2 + buf[pos + 1]
         count = buf[pos + 2]
         p = pos + 3
     elif code == 0xD0:
         if pos + 9 > end:
-            raise DecodeError(f"offset {pos}: truncated transfer field list")
+            raise DecodeError(f"offset {pos}: truncated {what} field list")
         size, count = _II.unpack_from(buf, pos + 1)
         p = pos + 9
         stop = pos + 5 + size
     elif code == 0x45:
-        raise DecodeError("Transfer: mandatory field handle is null")
+        return [], pos + 1
     else:
-        raise DecodeError(f"offset {pos}: transfer body must be a list, got constructor 0x{code:02x}")
+        raise DecodeError(f"offset {pos}: {what} body must be a list, got constructor 0x{code:02x}")
     if stop > end or stop < p:
-        raise DecodeError(f"offset {pos}: transfer field list overruns the frame")
+        raise DecodeError(f"offset {pos}: {what} field list overruns the frame")
     if count > stop - p:
-        raise DecodeError(f"offset {pos}: transfer claims {count} fields in {stop - p} bytes")
+        raise DecodeError(f"offset {pos}: {what} claims {count} fields in {stop - p} bytes")
     values: list[Any] = []
     append = values.append
     for _ in range(count):
         if p >= stop:
-            raise DecodeError(f"offset {p}: truncated transfer field list")
+            raise DecodeError(f"offset {p}: truncated {what} field list")
         c = buf[p]
         if c == 0x43:
             append(_SMALL_UINT[0])
@@ -349,7 +373,7 @@ def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
         elif c == 0xA0:
             n = buf[p + 1] if p + 1 < stop else 0
             if p + 2 + n > stop:
-                raise DecodeError(f"offset {p}: truncated delivery tag")
+                raise DecodeError(f"offset {p}: truncated binary")
             append(buf[p + 2 : p + 2 + n])
             p += 2 + n
         elif c == 0x70:
@@ -366,16 +390,52 @@ def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
             except DecodeError:
                 raise
             except (struct.error, IndexError, ValueError, OverflowError, RecursionError) as exc:
-                raise DecodeError(f"offset {p}: malformed transfer field ({exc})") from None
+                raise DecodeError(f"offset {p}: malformed {what} field ({exc})") from None
             append(v)
     if p != stop:
-        raise DecodeError(f"offset {pos}: transfer list size disagrees with its fields")
-    if tuple(map(type, values)) in _PLAIN_SIGNATURES and (count < 3 or values[2] is None or len(values[2]) <= 32):
-        # The common case: every field already has its declared type.
+        raise DecodeError(f"offset {pos}: {what} list size disagrees with its fields")
+    return values, stop
+
+
+def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
+    values, stop = _decode_fields(buf, pos, end, "transfer")
+    count = len(values)
+    if tuple(map(type, values)) in _PLAIN_TRANSFER and (
+        count < 3 or values[2] is None or len(values[2]) <= 32
+    ):
         if count < 11:
             values += _TRANSFER_DEFAULTS[count:]
         return Transfer(*values), stop
     return Transfer._from_list(values), stop
+
+
+def _decode_flow(buf: bytes, pos: int, end: int) -> tuple[Flow, int]:
+    values, stop = _decode_fields(buf, pos, end, "flow")
+    count = len(values)
+    if tuple(map(type, values)) in _PLAIN_FLOW:
+        if count < 11:
+            values += _FLOW_DEFAULTS[count:]
+        return Flow(*values), stop
+    return Flow._from_list(values), stop
+
+
+def _decode_disposition(buf: bytes, pos: int, end: int) -> tuple[Disposition, int]:
+    values, stop = _decode_fields(buf, pos, end, "disposition")
+    count = len(values)
+    if tuple(map(type, values)) in _PLAIN_DISPOSITION:
+        if count > 4 and values[4] is not None:
+            values[4] = decode_state(values[4])
+        if count < 6:
+            values += _DISPOSITION_DEFAULTS[count:]
+        return Disposition(*values), stop
+    return Disposition._from_list(values), stop
+
+
+_FAST_DECODERS: dict[int, Any] = {
+    0x13: _decode_flow,
+    0x14: _decode_transfer,
+    0x15: _decode_disposition,
+}
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -652,4 +712,3 @@ def encode_disposition(
                     count = 2
     body = _finish_list(parts[:count], count)
     return b"".join((_frame_header(11 + len(body), FRAME_AMQP, channel), b"\x00\x53\x15", body))
-

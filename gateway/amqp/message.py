@@ -172,7 +172,9 @@ class Message:
 def _section_code(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
     """Read a section's descriptor at ``pos``; return (code, offset of its value)."""
     if buf[pos] != 0x00:
-        raise DecodeError(f"offset {pos}: message section must be a described value, got 0x{buf[pos]:02x}")
+        raise DecodeError(
+            f"offset {pos}: message section must be a described value, got 0x{buf[pos]:02x}"
+        )
     if pos + 1 >= end:
         raise DecodeError(f"offset {pos}: truncated section descriptor")
     c = buf[pos + 1]
@@ -254,7 +256,9 @@ def replace_section(raw: Buffer, code: int, section: bytes | Any | None) -> byte
     absent, or removed if ``section`` is None. Other sections keep their bytes.
     Body sections (data, amqp-sequence, amqp-value) cannot be replaced this way."""
     if code in _BODY_CODES or code not in SECTION_CODES:
-        raise ValueError(f"replace_section handles header/annotations/properties/footer, not 0x{code:x}")
+        raise ValueError(
+            f"replace_section handles header/annotations/properties/footer, not 0x{code:x}"
+        )
     if section is not None and not isinstance(section, bytes | bytearray):
         buf = bytearray()
         encode_into(buf, section)
@@ -301,7 +305,9 @@ def decode_message(raw: Buffer) -> Message:
             last = code
             continue
         if code <= last:
-            raise DecodeError(f"offset {start}: message section 0x{code:x} out of order or repeated")
+            raise DecodeError(
+                f"offset {start}: message section 0x{code:x} out of order or repeated"
+            )
         last = code
         if code == HEADER:
             msg.header = section
@@ -336,10 +342,14 @@ def encode_message(msg: Message) -> bytes:
         body = [body]
     kinds = {type(s) for s in body}
     if len(kinds) > 1 or (AmqpValue in kinds and len(body) > 1):
-        raise EncodeError("a message body is data sections, amqp-sequence sections, or one amqp-value")
+        raise EncodeError(
+            "a message body is data sections, amqp-sequence sections, or one amqp-value"
+        )
     for section in body:
         if not isinstance(section, Data | AmqpSequence | AmqpValue):
-            raise EncodeError(f"body section must be Data, AmqpSequence or AmqpValue, got {type(section).__name__}")
+            raise EncodeError(
+                f"body section must be Data, AmqpSequence or AmqpValue, got {type(section).__name__}"
+            )
         encode_into(buf, section)
     if msg.footer is not None:
         encode_into(buf, Footer(msg.footer))

@@ -102,8 +102,12 @@ class _CompositeBase(Composite):
             while n:
                 s = spec[n - 1]
                 v = values[n - 1]
-                if v is None or (not s.mandatory and s.default is not None and v == s.default
-                                 and type(v) is not Described):
+                if v is None or (
+                    not s.mandatory
+                    and s.default is not None
+                    and v == s.default
+                    and type(v) is not Described
+                ):
                     n -= 1
                 else:
                     break
@@ -128,7 +132,9 @@ class _CompositeBase(Composite):
             buf[start + 1] = body + 1
             buf[start + 2] = count
         else:
-            buf[start : start + 3] = b"\xd0" + (body + 4).to_bytes(4, "big") + count.to_bytes(4, "big")
+            buf[start : start + 3] = (
+                b"\xd0" + (body + 4).to_bytes(4, "big") + count.to_bytes(4, "big")
+            )
 
     def to_described(self) -> Described:
         """The generic described-list form (numeric descriptor)."""
@@ -152,7 +158,7 @@ class _CompositeBase(Composite):
                 args.append(s.default)
             else:
                 args.append(s.convert(v, name, s.name))
-        extra = tuple(items[len(spec):])
+        extra = tuple(items[len(spec) :])
         return cls(*args, extra) if extra else cls(*args)
 
 
@@ -577,10 +583,12 @@ class SaslOutcome(Performative):
 
 
 AMQP_PERFORMATIVES: dict[int, type[Performative]] = {
-    c: _REGISTRY[c] for c in range(0x10, 0x19)  # type: ignore[misc]
+    c: _REGISTRY[c]
+    for c in range(0x10, 0x19)  # type: ignore[misc]
 }
 SASL_PERFORMATIVES: dict[int, type[Performative]] = {
-    c: _REGISTRY[c] for c in range(0x40, 0x45)  # type: ignore[misc]
+    c: _REGISTRY[c]
+    for c in range(0x40, 0x45)  # type: ignore[misc]
 }
 
 
@@ -604,7 +612,9 @@ def decode_composite(value: Any) -> Any:
     if cls is None:
         return value
     if not isinstance(value.value, list):
-        raise DecodeError(f"{cls.__name__}: expected a described list, got {type(value.value).__name__}")
+        raise DecodeError(
+            f"{cls.__name__}: expected a described list, got {type(value.value).__name__}"
+        )
     return cls._from_list(value.value)
 
 
@@ -624,5 +634,7 @@ def decode_performative(described: Any) -> Performative:
     if cls is None or not issubclass(cls, Performative):
         raise DecodeError(f"unknown performative descriptor {described.descriptor!r:.60}")
     if not isinstance(described.value, list):
-        raise DecodeError(f"{cls.__name__}: expected a described list, got {type(described.value).__name__}")
+        raise DecodeError(
+            f"{cls.__name__}: expected a described list, got {type(described.value).__name__}"
+        )
     return cls._from_list(described.value)  # type: ignore[no-any-return]

@@ -208,7 +208,9 @@ class Array:
     __slots__ = ("element_type", "items", "descriptor")
     __hash__ = None  # type: ignore[assignment]
 
-    def __init__(self, element_type: int, items: Iterable[Any] = (), descriptor: Any = None) -> None:
+    def __init__(
+        self, element_type: int, items: Iterable[Any] = (), descriptor: Any = None
+    ) -> None:
         self.element_type = element_type
         self.items = list(items)
         self.descriptor = descriptor

@@ -143,7 +143,10 @@ WIDE_FORMS = [
     ("e00202" + "42", Array(0x56, [False, False])),
     ("e00201" + "45", Array(0xD0, [[]])),
     # array of arrays (inner arrays use the array8 body form)
-    ("e00b02e0" + "0301" + "5201" + "0401" + "a10178", Array(0xF0, [Array(0x70, [UInt(1)]), Array(0xB1, ["x"])])),
+    (
+        "e00b02e0" + "0301" + "5201" + "0401" + "a10178",
+        Array(0xF0, [Array(0x70, [UInt(1)]), Array(0xB1, ["x"])]),
+    ),
     # array of described values (descriptor once, then the element constructor)
     ("e00801" + "00a30178" + "a10161", Array(0xB1, ["a"], descriptor=Symbol("x"))),
     # array of lists in list8 form

@@ -190,7 +190,11 @@ def from_proton(v: Any) -> Any:
     """A python-qpid-proton object -> our typed value."""
     if isinstance(v, memoryview):
         return bytes(v)
-    if v is None or isinstance(v, bool | bytes | uuid.UUID) and not isinstance(v, proton.decimal128):
+    if (
+        v is None
+        or isinstance(v, bool | bytes | uuid.UUID)
+        and not isinstance(v, proton.decimal128)
+    ):
         return v
     if isinstance(v, proton.decimal128):
         return Decimal128(bytes(v))
@@ -297,7 +301,11 @@ def _proton_safe(v: Any) -> bool:
     # Python binding, not of the encoding. Keep that one shape out of the
     # cross-checks.
     if isinstance(v, Described):
-        return not isinstance(v.value, Described) and _proton_safe(v.descriptor) and _proton_safe(v.value)
+        return (
+            not isinstance(v.value, Described)
+            and _proton_safe(v.descriptor)
+            and _proton_safe(v.value)
+        )
     if isinstance(v, list):
         return all(_proton_safe(x) for x in v)
     if isinstance(v, dict):

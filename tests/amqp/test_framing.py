@@ -36,7 +36,17 @@ from .test_codec_strategies import proton_encode
 from .test_performatives import ALL_CLASSES, _states, instances
 
 SASL_CLASSES = [P.SaslMechanisms, P.SaslInit, P.SaslChallenge, P.SaslResponse, P.SaslOutcome]
-AMQP_CLASSES = [P.Open, P.Begin, P.Attach, P.Flow, P.Transfer, P.Disposition, P.Detach, P.End, P.Close]
+AMQP_CLASSES = [
+    P.Open,
+    P.Begin,
+    P.Attach,
+    P.Flow,
+    P.Transfer,
+    P.Disposition,
+    P.Detach,
+    P.End,
+    P.Close,
+]
 
 
 def read_all(reader: FrameReader) -> list[Frame]:
@@ -79,13 +89,17 @@ def test_frames_round_trip_through_any_chunking(specs, data):
 
 
 def test_transfer_payload_is_a_zero_copy_view_of_the_input():
-    data = encode_transfer_frame(3, 1, 7, b"t", 0, False, False, b"message bytes") + encode_frame(None)
+    data = encode_transfer_frame(3, 1, 7, b"t", 0, False, False, b"message bytes") + encode_frame(
+        None
+    )
     reader = FrameReader()
     reader.feed(data)
     frame = reader.next_frame()
     assert frame.payload.obj is data  # no copy when a read holds whole frames
     assert bytes(frame.payload) == b"message bytes"
-    assert frame.performative == P.Transfer(handle=1, delivery_id=7, delivery_tag=b"t", message_format=0, settled=False)
+    assert frame.performative == P.Transfer(
+        handle=1, delivery_id=7, delivery_tag=b"t", message_format=0, settled=False
+    )
 
 
 def test_small_reads_are_joined_once_per_frame():
@@ -126,10 +140,17 @@ def test_max_frame_size_can_be_changed_after_open():
         (struct.pack(">IBBH", 8, 1, 0, 0), "data offset 1 is below the minimum"),
         (struct.pack(">IBBH", 8, 3, 0, 0), "data offset 12 bytes exceeds the frame size 8"),
         (struct.pack(">IBBH", 8, 2, 7, 0), "unknown frame type 0x07"),
-        (encode_frame(P.Open(container_id="c"), frame_type=FRAME_SASL), "Open is not allowed in an SASL frame"),
+        (
+            encode_frame(P.Open(container_id="c"), frame_type=FRAME_SASL),
+            "Open is not allowed in an SASL frame",
+        ),
         (encode_frame(P.SaslOutcome(code=0)), "SaslOutcome is not allowed in an AMQP frame"),
-        (encode_frame(P.Flow(incoming_window=1, next_outgoing_id=0, outgoing_window=1), payload=b"x"),
-         "unexpected bytes after its body"),
+        (
+            encode_frame(
+                P.Flow(incoming_window=1, next_outgoing_id=0, outgoing_window=1), payload=b"x"
+            ),
+            "unexpected bytes after its body",
+        ),
     ],
 )
 def test_framing_errors(data, message):
@@ -179,7 +200,17 @@ def test_extended_header_is_skipped():
 
 transfer_lists = st.builds(
     lambda handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable, n: [
-        handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable
+        handle,
+        did,
+        tag,
+        fmt,
+        settled,
+        more,
+        rsm,
+        state,
+        resume,
+        aborted,
+        batchable,
     ][:n],
     st.integers(0, 2**32 - 1).map(UInt),
     st.one_of(st.none(), st.integers(0, 2**32 - 1).map(UInt)),
@@ -216,8 +247,53 @@ def test_fast_transfer_decoder_agrees_with_the_generic_decoder(fields, wide, pay
     assert bytes(got.payload) == payload
 
 
+def _field_lists(*fields):
+    return st.tuples(*fields, st.integers(0, len(fields))).map(lambda t: list(t[:-1])[: t[-1]])
+
+
+_opt_uint = st.one_of(
+    st.none(), st.integers(0, 2**32 - 1).map(UInt), st.integers(0, 2**32 - 1).map(ULong)
+)
+_opt_bool = st.one_of(st.none(), st.booleans())
+flow_lists = _field_lists(
+    _opt_uint, _opt_uint, _opt_uint, _opt_uint, _opt_uint, _opt_uint, _opt_uint, _opt_uint,
+    _opt_bool, _opt_bool, st.one_of(st.none(), st.dictionaries(st.text(alphabet="abc", max_size=3).map(Symbol), st.integers(0, 5), max_size=2)),
+)  # fmt: skip
+disposition_lists = _field_lists(_opt_bool, _opt_uint, _opt_uint, _opt_bool, _states, _opt_bool)
+
+
+@given(st.sampled_from([(0x13, "flow"), (0x15, "disposition")]), st.data(), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_fast_flow_and_disposition_decoders_agree_with_the_generic_decoder(kind, data, wide):
+    code, name = kind
+    fields = data.draw(flow_lists if code == 0x13 else disposition_lists)
+    if code == 0x15 and len(fields) > 4 and isinstance(fields[4], P._CompositeBase):
+        fields[4] = fields[4].to_described()
+    described = Described(ULong(code), fields)
+    body = proton_encode(described) if wide else encode_value(described)
+    reader = FrameReader()
+    reader.feed(struct.pack(">IBBH", 8 + len(body), 2, 0, 1) + body)
+    try:
+        expected = P.decode_performative(decode_value(body)[0])
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as info:
+            reader.next_frame()
+        assert info.value.description.split(":")[0] == exc.description.split(":")[0]
+        return
+    got = reader.next_frame().performative
+    assert got == expected
+    assert [type(getattr(got, f.name)) for f in got._spec] == [
+        type(getattr(expected, f.name)) for f in got._spec
+    ]
+
+
 def test_transfer_with_extra_fields_keeps_them():
-    body = encode_value(Described(ULong(0x14), [UInt(0), None, None, None, None, None, None, None, None, None, None, Symbol("x")]))
+    body = encode_value(
+        Described(
+            ULong(0x14),
+            [UInt(0), None, None, None, None, None, None, None, None, None, None, Symbol("x")],
+        )
+    )
     reader = FrameReader()
     reader.feed(struct.pack(">IBBH", 8 + len(body), 2, 0, 0) + body)
     assert reader.next_frame().performative._extra == (Symbol("x"),)
@@ -238,10 +314,14 @@ uints = st.integers(0, 2**32 - 1)
 def test_encode_transfer_frame_matches_generic_encoding(
     channel, handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable, payload
 ):
-    kwargs = dict(rcv_settle_mode=rsm, state=state, resume=resume, aborted=aborted, batchable=batchable)
+    kwargs = dict(
+        rcv_settle_mode=rsm, state=state, resume=resume, aborted=aborted, batchable=batchable
+    )
     fast = encode_transfer_frame(channel, handle, did, tag, fmt, settled, more, payload, **kwargs)
     out = bytearray(b"prefix")
-    encode_transfer_frame_into(out, channel, handle, did, tag, fmt, settled, more, payload, **kwargs)
+    encode_transfer_frame_into(
+        out, channel, handle, did, tag, fmt, settled, more, payload, **kwargs
+    )
     assert bytes(out[6:]) == fast
     generic = encode_frame(
         P.Transfer(handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable),
@@ -252,7 +332,9 @@ def test_encode_transfer_frame_matches_generic_encoding(
     reader = FrameReader()
     reader.feed(fast)
     frame = reader.next_frame()
-    assert frame.performative == P.Transfer(handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable)
+    assert frame.performative == P.Transfer(
+        handle, did, tag, fmt, settled, more, rsm, state, resume, aborted, batchable
+    )
     assert bytes(frame.payload) == payload
 
 
@@ -263,18 +345,32 @@ def test_encode_transfer_frame_matches_generic_encoding(
     st.one_of(st.none(), st.dictionaries(st.text(alphabet="abc", max_size=3).map(Symbol), st.integers(0, 9), max_size=2)),
 )  # fmt: skip
 @settings(max_examples=300, deadline=None)
-def test_encode_flow_matches_generic_encoding(channel, nid, iw, noid, ow, h, dc, lc, av, drain, echo, props):
+def test_encode_flow_matches_generic_encoding(
+    channel, nid, iw, noid, ow, h, dc, lc, av, drain, echo, props
+):
     fast = encode_flow(channel, nid, iw, noid, ow, h, dc, lc, av, drain, echo, props)
-    assert fast == encode_frame(P.Flow(nid, iw, noid, ow, h, dc, lc, av, drain, echo, props), channel)
+    assert fast == encode_frame(
+        P.Flow(nid, iw, noid, ow, h, dc, lc, av, drain, echo, props), channel
+    )
 
 
 @given(
-    st.integers(0, 0xFFFF), st.booleans(), uints, st.one_of(st.none(), uints), st.booleans(), _states, st.booleans()
+    st.integers(0, 0xFFFF),
+    st.booleans(),
+    uints,
+    st.one_of(st.none(), uints),
+    st.booleans(),
+    _states,
+    st.booleans(),
 )
 @settings(max_examples=300, deadline=None)
-def test_encode_disposition_matches_generic_encoding(channel, role, first, last, settled, state, batchable):
+def test_encode_disposition_matches_generic_encoding(
+    channel, role, first, last, settled, state, batchable
+):
     fast = encode_disposition(channel, role, first, last, settled, state, batchable)
-    assert fast == encode_frame(P.Disposition(role, first, last, settled, state, batchable), channel)
+    assert fast == encode_frame(
+        P.Disposition(role, first, last, settled, state, batchable), channel
+    )
 
 
 def test_empty_frame_is_eight_bytes():

@@ -154,7 +154,10 @@ def test_proton_endpoints_talk_through_our_codec(max_frame_size):
     sender.target.capabilities.enter()
     sender.target.capabilities.put_symbol(symbol("queue"))
     sender.target.capabilities.exit()
-    sender.properties = {symbol("com.microsoft:api-version"): "2020-09-30", symbol("com.microsoft:channel-correlation-id"): "abc"}
+    sender.properties = {
+        symbol("com.microsoft:api-version"): "2020-09-30",
+        symbol("com.microsoft:channel-correlation-id"): "abc",
+    }
     sender.snd_settle_mode = sender.SND_MIXED
     sender.open()
 
@@ -187,7 +190,9 @@ def test_proton_endpoints_talk_through_our_codec(max_frame_size):
                     if not dlv.settled:
                         i = len(received) % 4
                         if outcomes[i] == Delivery.REJECTED:
-                            dlv.local.condition = Condition("amqp:not-allowed", "nope", {symbol("k"): 1})
+                            dlv.local.condition = Condition(
+                                "amqp:not-allowed", "nope", {symbol("k"): 1}
+                            )
                         if outcomes[i] == Delivery.MODIFIED:
                             dlv.local.failed = True
                             dlv.local.undeliverable = True

@@ -140,7 +140,9 @@ def test_proton_message_decodes_with_our_code():
         inferred=True,
     )
     msg = decode_message(pm.encode())
-    assert msg.header == Header(durable=True, priority=9, ttl=1500, first_acquirer=True, delivery_count=2)
+    assert msg.header == Header(
+        durable=True, priority=9, ttl=1500, first_acquirer=True, delivery_count=2
+    )
     p = msg.properties
     assert typed_equal(p.message_id, ULong(7))
     assert p.user_id == b"user" and p.to == pm.address and p.subject == "telemetry"
@@ -163,8 +165,12 @@ def test_our_message_decodes_with_proton():
         header=Header(durable=True, priority=UByte(3), ttl=UInt(60000)),
         message_annotations={"x-opt-partition-key": "p"},
         properties=Properties(
-            message_id="req-1", to="$cbs", reply_to="cbs", correlation_id=ULong(0),
-            content_type="text/plain", creation_time=Timestamp(1_600_000_000_000),
+            message_id="req-1",
+            to="$cbs",
+            reply_to="cbs",
+            correlation_id=ULong(0),
+            content_type="text/plain",
+            creation_time=Timestamp(1_600_000_000_000),
         ),  # fmt: skip
         application_properties={
             "operation": "put-token",
@@ -191,7 +197,10 @@ def _has_binary_map_key(v) -> bool:
     # proton.Message builds Python dicts from the body; binary keys come back
     # as memoryviews, which do not hash (a limit of the peer's binding)
     if isinstance(v, dict):
-        return any(isinstance(k, bytes) or _has_binary_map_key(k) or _has_binary_map_key(x) for k, x in v.items())
+        return any(
+            isinstance(k, bytes) or _has_binary_map_key(k) or _has_binary_map_key(x)
+            for k, x in v.items()
+        )
     if isinstance(v, list | Array):
         return any(_has_binary_map_key(x) for x in v)
     if isinstance(v, Described):
@@ -200,9 +209,9 @@ def _has_binary_map_key(v) -> bool:
 
 
 def _proton_safe_message(m: Message) -> bool:
-    return not any(_has_binary_map_key(s.value) for s in m.body if not isinstance(s, Data)) and not (
-        len(m.body) > 1 and isinstance(m.body[0], AmqpSequence)
-    )
+    return not any(
+        _has_binary_map_key(s.value) for s in m.body if not isinstance(s, Data)
+    ) and not (len(m.body) > 1 and isinstance(m.body[0], AmqpSequence))
 
 
 def _unset_as_none(props: Properties | None) -> list:
@@ -304,7 +313,10 @@ def test_replace_properties_keeps_other_sections_byte_for_byte():
     assert again == out
     only_body = encode_message(Message(body=[Data(b"x")]))
     assert decode_message(replace_section(only_body, 0x70, Header(durable=True))).header.durable
-    assert [c for c, _, _ in split_sections(replace_section(only_body, 0x78, Footer({})))] == [0x75, 0x78]
+    assert [c for c, _, _ in split_sections(replace_section(only_body, 0x78, Footer({})))] == [
+        0x75,
+        0x78,
+    ]
     with pytest.raises(ValueError):
         replace_section(raw, 0x77, AmqpValue("no"))
 

@@ -60,7 +60,9 @@ _states = st.one_of(
     _outcomes,
     st.builds(P.Received, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
     # transactional-state: not interpreted, kept as Described
-    st.builds(lambda txn: Described(ULong(0x34), [txn, Described(ULong(0x24), [])]), st.binary(max_size=8)),
+    st.builds(
+        lambda txn: Described(ULong(0x34), [txn, Described(ULong(0x24), [])]), st.binary(max_size=8)
+    ),
 )
 
 STRATEGIES: dict[str, st.SearchStrategy] = {
@@ -95,7 +97,9 @@ def _field_strategy(spec):
         return st.one_of(st.none(), _terminus(P.Source))
     if spec.kind == "target":
         return st.one_of(
-            st.none(), _terminus(P.Target), st.just(Described(ULong(0x30), [Array(0xB3, [Symbol("amqp:local-transactions")])]))
+            st.none(),
+            _terminus(P.Target),
+            st.just(Described(ULong(0x30), [Array(0xB3, [Symbol("amqp:local-transactions")])])),
         )
     base = STRATEGIES[spec.kind]
     if spec.mandatory:
@@ -163,12 +167,18 @@ def test_proton_reads_the_declared_types(obj):
 def test_plain_ints_encode_as_declared_types():
     flow = P.Flow(next_incoming_id=1, incoming_window=2048, next_outgoing_id=0,
                   outgoing_window=2048, handle=0, delivery_count=0, link_credit=100)  # fmt: skip
-    assert encode_value(flow).hex() == "005313c01207" + "5201" + "7000000800" + "43" + "7000000800" + "43" + "43" + "5264"
+    assert (
+        encode_value(flow).hex()
+        == "005313c01207" + "5201" + "7000000800" + "43" + "7000000800" + "43" + "43" + "5264"
+    )
     attach = P.Attach(name="l", handle=3, role=True, snd_settle_mode=1, max_message_size=1024)
     fields = decode_value(encode_value(attach))[0].value
     assert [type(x) for x in fields[:5]] == [str, UInt, bool, UByte, UByte]
     assert type(fields[10]) is ULong
-    assert type(decode_value(encode_value(P.Open(container_id="c", channel_max=9)))[0].value[3]) is UShort
+    assert (
+        type(decode_value(encode_value(P.Open(container_id="c", channel_max=9)))[0].value[3])
+        is UShort
+    )
 
 
 def test_trailing_nulls_and_defaults_are_omitted_like_proton():
@@ -192,7 +202,11 @@ def test_missing_trailing_fields_take_spec_defaults():
     begin = P.decode_performative(Described(ULong(0x11), [None, UInt(0), UInt(1), UInt(1)]))
     assert begin.handle_max == 4294967295 and begin.remote_channel is None
     # explicit nulls mean the default too
-    flow = P.decode_performative(Described(ULong(0x13), [None, UInt(1), UInt(0), UInt(1), None, None, None, None, None, None]))
+    flow = P.decode_performative(
+        Described(
+            ULong(0x13), [None, UInt(1), UInt(0), UInt(1), None, None, None, None, None, None]
+        )
+    )
     assert flow.drain is False and flow.echo is False
     src = P.decode_composite(Described(ULong(0x28), []))
     assert src.expiry_policy == "session-end" and type(src.expiry_policy) is Symbol
@@ -208,9 +222,25 @@ def test_extra_trailing_fields_are_kept_and_re_encoded():
 
 
 def test_multiple_symbol_fields_keep_what_was_received():
-    one = P.decode_performative(Described(ULong(0x10), ["c", None, None, None, None, None, None, Symbol("ANONYMOUS-RELAY")]))
+    one = P.decode_performative(
+        Described(ULong(0x10), ["c", None, None, None, None, None, None, Symbol("ANONYMOUS-RELAY")])
+    )
     assert type(one.offered_capabilities) is Symbol
-    assert encode_value(one) == encode_value(Described(ULong(0x10), ["c", None, UInt(4294967295), UShort(65535), None, None, None, Symbol("ANONYMOUS-RELAY")]))
+    assert encode_value(one) == encode_value(
+        Described(
+            ULong(0x10),
+            [
+                "c",
+                None,
+                UInt(4294967295),
+                UShort(65535),
+                None,
+                None,
+                None,
+                Symbol("ANONYMOUS-RELAY"),
+            ],
+        )
+    )
     arr = Array(0xB3, [Symbol("a"), Symbol("b")])
     many = P.decode_performative(Described(ULong(0x40), [arr]))
     assert many.sasl_server_mechanisms == arr
@@ -224,7 +254,9 @@ def test_multiple_symbol_fields_keep_what_was_received():
 
 
 def test_fields_maps_promote_plain_string_keys_to_symbols():
-    attach = P.Attach(name="n", handle=0, role=False, properties={"com.microsoft:client-version": "x"})
+    attach = P.Attach(
+        name="n", handle=0, role=False, properties={"com.microsoft:client-version": "x"}
+    )
     props = decode_value(encode_value(attach))[0].value[13]
     assert typed_equal(props, {Symbol("com.microsoft:client-version"): "x"})
 
@@ -236,14 +268,25 @@ def test_symbolic_descriptors_are_accepted():
 
 
 def test_delivery_states_and_nested_composites_decode_to_classes():
-    d = P.decode_performative(decode_value(encode_value(
-        P.Disposition(role=True, first=0, last=9, settled=True,
-                      state=P.Rejected(P.Error("amqp:not-allowed", "no", {"k": 1}))))  # fmt: skip
-    )[0])
+    d = P.decode_performative(
+        decode_value(
+            encode_value(
+                P.Disposition(
+                    role=True,
+                    first=0,
+                    last=9,
+                    settled=True,
+                    state=P.Rejected(P.Error("amqp:not-allowed", "no", {"k": 1})),
+                )
+            )  # fmt: skip
+        )[0]
+    )
     assert isinstance(d.state, P.Rejected) and isinstance(d.state.error, P.Error)
     assert d.state.error.condition == "amqp:not-allowed"
     txn = Described(ULong(0x34), [b"t", None])
-    t = P.decode_performative(Described(ULong(0x14), [UInt(0), None, None, None, None, None, None, txn]))
+    t = P.decode_performative(
+        Described(ULong(0x14), [UInt(0), None, None, None, None, None, None, txn])
+    )
     assert t.state == txn
     assert P.decode_state(Described(Symbol("amqp:released:list"), [])) == P.Released()
 
@@ -256,13 +299,25 @@ def test_delivery_states_and_nested_composites_decode_to_classes():
         (Described(ULong(0x12), ["x", UInt(0), UInt(1)]), "role must be a boolean"),
         (Described(ULong(0x12), ["x", Long(-1), True]), "handle must be a uint"),
         (Described(ULong(0x16), [UInt(0), False, "oops"]), "error must be an error"),
-        (Described(ULong(0x16), [UInt(0), False, Described(ULong(0x24), [])]), "error must be an error"),
+        (
+            Described(ULong(0x16), [UInt(0), False, Described(ULong(0x24), [])]),
+            "error must be an error",
+        ),
         (Described(ULong(0x10), "not a list"), "expected a described list"),
         (Described(ULong(0x99), []), "unknown performative descriptor"),
-        (Described(ULong(0x28), []), "unknown performative descriptor"),  # a source is not a frame body
-        (Described(ULong(0x12), ["x", UInt(0), True, None, None, Described(ULong(0x29), [])]), "source must be a source"),
+        (
+            Described(ULong(0x28), []),
+            "unknown performative descriptor",
+        ),  # a source is not a frame body
+        (
+            Described(ULong(0x12), ["x", UInt(0), True, None, None, Described(ULong(0x29), [])]),
+            "source must be a source",
+        ),
         ([1, 2], "frame body must be a described list"),
-        (Described(ULong(0x14), [UInt(0), None, None, None, None, None, None, 5]), "state must be a delivery state"),
+        (
+            Described(ULong(0x14), [UInt(0), None, None, None, None, None, None, 5]),
+            "state must be a delivery state",
+        ),
     ],
 )
 def test_malformed_performatives_raise_decode_error(described, message):
@@ -300,7 +355,12 @@ def test_sasl_secrets_stay_out_of_repr():
 
 
 def test_replace_builds_a_new_value():
-    a = P.Attach(name="sender-link", handle=0, role=False, target=P.Target(address="devices/d1/messages/events"))
+    a = P.Attach(
+        name="sender-link",
+        handle=0,
+        role=False,
+        target=P.Target(address="devices/d1/messages/events"),
+    )
     b = dataclasses.replace(a, name="sender-link@gw", handle=5)
     assert b.target is a.target and b.handle == 5 and a.handle == 0
 
