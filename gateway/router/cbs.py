@@ -1,0 +1,389 @@
+"""CBS on shared upstream connections (design items 7 and 8).
+
+SDKs reuse CBS link names, reply-to values and message-ids, so on an
+upstream connection shared by many devices `$cbs` cannot be tunnelled link
+for link. Instead:
+
+- `DeviceCbs` serves `$cbs` to one device connection locally: it answers the
+  device's CBS links and takes its put-token requests;
+- `GatewayCbs` owns one CBS link pair per upstream connection and forwards
+  each request there with a gateway-unique message-id and reply-to (the only
+  properties rewritten; every other section keeps its bytes); the hub's reply
+  is matched by correlation-id, gets the device's own message-id back as its
+  correlation-id, and goes to the device that asked.
+
+A reply with status 200 (or 202) authorises the request's audience for that
+device connection only (`Binding.authorise`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
+from gateway.amqp.errors import AMQPError
+from gateway.amqp.message import (
+    APPLICATION_PROPERTIES,
+    PROPERTIES,
+    AmqpValue,
+    Message,
+    Properties,
+    decode_section,
+    encode_message,
+    replace_section,
+    split_sections,
+)
+from gateway.amqp.performatives import Accepted, Attach, Rejected, Source, Target
+
+from .linkpair import amqp_error
+
+if TYPE_CHECKING:
+    from .core import Binding
+    from .device import DeviceConn
+    from .upstream import UpstreamConn
+
+log = logging.getLogger("gateway.router.cbs")
+
+CBS_ADDRESS = "$cbs"
+PUT_TOKEN = "put-token"
+SAS_TOKEN_TYPE = "servicebus.windows.net:sastoken"
+# Requests a device may have in flight on its CBS sender link.
+DEVICE_CBS_CREDIT = 16
+# Replies the hub may have in flight on the gateway's CBS receiver link.
+GATEWAY_CBS_CREDIT = 100
+# Unanswered put-tokens kept per upstream connection; beyond it the oldest is dropped.
+MAX_PENDING = 2000
+
+_OK_STATUS = (200, 202)
+
+
+def is_cbs_address(normalised: str) -> bool:
+    return normalised == CBS_ADDRESS or normalised.startswith(CBS_ADDRESS + "/")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(slots=True)
+class CbsRequest:
+    """What the router needs from a put-token request (the bytes stay as sent)."""
+
+    raw: bytes
+    properties: Properties
+    operation: str | None
+    audience: str | None
+
+
+def parse_request(raw: bytes | memoryview) -> CbsRequest:
+    """Read properties and application-properties; raise AMQPError if malformed."""
+    data = bytes(raw)
+    props: Properties | None = None
+    app: dict[Any, Any] = {}
+    for code, start, end in split_sections(data):
+        if code == PROPERTIES:
+            props = decode_section(data, start, end)
+        elif code == APPLICATION_PROPERTIES:
+            app = decode_section(data, start, end).value or {}
+    if props is None:
+        props = Properties()
+    operation = app.get("operation")
+    name = app.get("name")
+    return CbsRequest(
+        data,
+        props,
+        str(operation) if operation is not None else None,
+        str(name) if name is not None else None,
+    )
+
+
+def rewrite_request(req: CbsRequest, message_id: str, reply_to: str) -> bytes:
+    """The request with only message-id and reply-to replaced."""
+    props = dataclasses.replace(req.properties, message_id=message_id, reply_to=reply_to)
+    return replace_section(req.raw, PROPERTIES, props)
+
+
+@dataclass(slots=True)
+class CbsReply:
+    raw: bytes
+    properties: Properties
+    status: int | None
+    description: str | None
+
+
+def parse_reply(raw: bytes | memoryview) -> CbsReply:
+    data = bytes(raw)
+    props: Properties | None = None
+    app: dict[Any, Any] = {}
+    for code, start, end in split_sections(data):
+        if code == PROPERTIES:
+            props = decode_section(data, start, end)
+        elif code == APPLICATION_PROPERTIES:
+            app = decode_section(data, start, end).value or {}
+    status = app.get("status-code")
+    try:
+        status_code = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status_code = None
+    desc = app.get("status-description")
+    return CbsReply(data, props or Properties(), status_code, None if desc is None else str(desc))
+
+
+def restore_reply(reply: CbsReply, correlation_id: Any) -> bytes:
+    """The reply with only correlation-id replaced (the device's own message-id)."""
+    props = dataclasses.replace(reply.properties, correlation_id=correlation_id)
+    return replace_section(reply.raw, PROPERTIES, props)
+
+
+def put_token_message(audience: str, token: str, message_id: str, reply_to: str) -> bytes:
+    """A put-token request the gateway sends on a device's behalf (SASL PLAIN devices)."""
+    return encode_message(
+        Message(
+            properties=Properties(message_id=message_id, to=CBS_ADDRESS, reply_to=reply_to),
+            application_properties={
+                "operation": PUT_TOKEN,
+                "type": SAS_TOKEN_TYPE,
+                "name": audience,
+            },
+            body=[AmqpValue(token)],
+        )
+    )
+
+
+# ----------------------------------------------------------------------- device side
+
+
+class DeviceCbs:
+    """The `$cbs` node as one device connection sees it, served by the gateway."""
+
+    def __init__(self, device: DeviceConn) -> None:
+        self.device = device
+        self.senders: list[Link] = []  # the device's request links (we receive)
+        self.receivers: list[Link] = []  # the device's reply links (we send)
+        self._tags = itertools.count()
+
+    def attach(self, link: Link, attach: Attach, connector: str) -> None:
+        link.context = ("cbs", connector)
+        link.answer_attach(source=attach.source, target=attach.target)
+        if link.is_receiver:
+            self.senders.append(link)
+            link.flow(DEVICE_CBS_CREDIT)
+        else:
+            self.receivers.append(link)
+        self.device.wake()
+
+    def detached(self, link: Link, closed: bool) -> None:
+        if link.state is LinkState.DETACH_RCVD:
+            link.detach(None, closed)
+        for links in (self.senders, self.receivers):
+            if link in links:
+                links.remove(link)
+        self.device.wake()
+
+    def on_request(self, link: Link, ev: Any) -> None:
+        """A message on a device's CBS sender link."""
+        if ev.aborted:
+            return
+        if link.credit < DEVICE_CBS_CREDIT // 2 and link.state is LinkState.ATTACHED:
+            link.flow(DEVICE_CBS_CREDIT)
+        _, connector = link.context
+        try:
+            req = parse_request(ev.payload)
+        except AMQPError as exc:
+            self._reject(ev, amqp_error(exc.condition, f"malformed CBS request: {exc.description}"))
+            return
+        self.device.router.forward_cbs_request(self.device, connector, req, ev.delivery, ev.settled)
+        self.device.wake()
+
+    def _reject(self, ev: Any, error: Any) -> None:
+        if not ev.settled:
+            ev.delivery.settle(Rejected(error))
+        self.device.wake()
+
+    def fail_request(self, delivery: Delivery | None, condition: str, description: str) -> None:
+        """No upstream could take the request: reject it (the device retries)."""
+        if delivery is not None and not delivery.settled and not delivery.remote_settled:
+            delivery.settle(Rejected(amqp_error(condition, description)))
+        self.device.wake()
+
+    def deliver_reply(self, payload: bytes, reply_to: Any) -> bool:
+        """Send a reply on the device's CBS receiver link (the one reply-to names,
+        else the most recently attached). False if the device has none open."""
+        link = None
+        open_links = [r for r in self.receivers if r.state is LinkState.ATTACHED]
+        if reply_to is not None:
+            for r in open_links:
+                tgt = r.remote_target
+                if tgt is not None and getattr(tgt, "address", None) == reply_to:
+                    link = r
+                    break
+        if link is None and open_links:
+            link = open_links[-1]
+        if link is None:
+            return False
+        # Pre-settled, as the hub sends replies, unless the device's attach asked
+        # for unsettled deliveries (snd-settle-mode 0).
+        mode = link.remote_attach.snd_settle_mode if link.remote_attach is not None else 2
+        settled = mode != 0
+        tag = next(self._tags).to_bytes(8, "big")
+        try:
+            link.send_transfer(tag, payload, settled=settled)
+        except LocalProtocolError:
+            return False
+        self.device.wake()
+        return True
+
+    def close(self) -> None:
+        for link in self.senders + self.receivers:
+            if link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED):
+                link.detach(None, True)
+        self.senders.clear()
+        self.receivers.clear()
+
+
+# ---------------------------------------------------------------------- upstream side
+
+
+@dataclass(slots=True, eq=False)
+class PendingPut:
+    binding: Binding
+    audience: str | None
+    original_message_id: Any
+    original_reply_to: Any
+    to_device: bool  # relay the reply to the device (False: the gateway's own put)
+    device_delivery: Delivery | None = None  # the device's unsettled request
+    on_done: Callable[[int | None, str | None], None] | None = None
+    request: CbsRequest | None = None  # kept to put again on a new upstream connection
+
+
+class GatewayCbs:
+    """The gateway's own CBS link pair on one upstream connection."""
+
+    _serial = itertools.count(1)
+
+    def __init__(self, upstream: UpstreamConn) -> None:
+        self.upstream = upstream
+        n = next(self._serial)
+        gw = upstream.router.container_id
+        self.reply_to = f"cbs-{gw}-{n}"
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{gw}:{n}:"
+        self._tags = itertools.count()
+        self.pending: dict[str, PendingPut] = {}
+        session = upstream.control_session()
+        self.sender = session.attach(
+            f"$cbs-sender-{gw}-{n}",
+            False,
+            Source(address=self.reply_to),
+            Target(address=CBS_ADDRESS),
+        )
+        self.receiver = session.attach(
+            f"$cbs-receiver-{gw}-{n}",
+            True,
+            Source(address=CBS_ADDRESS),
+            Target(address=self.reply_to),
+        )
+        self.sender.context = self
+        self.receiver.context = self
+        upstream.wake()
+
+    def on_attach(self, link: Link) -> None:
+        """The hub answered one of our attaches: grant the reply link credit."""
+        if link is self.receiver and link.is_open:
+            link.flow(GATEWAY_CBS_CREDIT)
+            self.upstream.wake()
+
+    @property
+    def usable(self) -> bool:
+        return all(
+            link.state in (LinkState.ATTACH_SENT, LinkState.ATTACHED)
+            for link in (self.sender, self.receiver)
+        )
+
+    def next_message_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def forward(self, req: CbsRequest, pending: PendingPut, settled: bool) -> Delivery:
+        message_id = self.next_message_id()
+        raw = rewrite_request(req, message_id, self.reply_to)
+        return self._send(raw, message_id, pending, settled)
+
+    def put_token(self, audience: str, token: str, pending: PendingPut) -> Delivery:
+        message_id = self.next_message_id()
+        raw = put_token_message(audience, token, message_id, self.reply_to)
+        return self._send(raw, message_id, pending, False)
+
+    def _send(self, raw: bytes, message_id: str, pending: PendingPut, settled: bool) -> Delivery:
+        if len(self.pending) >= MAX_PENDING:
+            oldest = next(iter(self.pending))
+            self._complete(self.pending.pop(oldest), None, "no reply from the hub")
+        self.pending[message_id] = pending
+        tag = next(self._tags).to_bytes(8, "big")
+        d = self.sender.send_transfer(tag, raw, settled=settled)
+        if pending.device_delivery is not None and not settled:
+            d.context = pending.device_delivery
+            pending.device_delivery.context = d
+        self.upstream.wake()
+        return d
+
+    def on_reply(self, ev: Any) -> None:
+        if ev.aborted:
+            return
+        if not ev.settled:
+            ev.delivery.settle(Accepted())
+        if self.receiver.credit < GATEWAY_CBS_CREDIT // 2 and self.receiver.is_open:
+            self.receiver.flow(GATEWAY_CBS_CREDIT)
+        self.upstream.wake()
+        try:
+            reply = parse_reply(ev.payload)
+        except AMQPError as exc:
+            log.warning("upstream %s: malformed CBS reply dropped: %s", self.upstream.id, exc)
+            return
+        corr = reply.properties.correlation_id
+        pending = self.pending.pop(str(corr), None) if corr is not None else None
+        if pending is None:
+            log.warning("upstream %s: CBS reply for an unknown request dropped", self.upstream.id)
+            return
+        if reply.status in _OK_STATUS and pending.audience:
+            pending.binding.authorise(pending.audience)
+            if pending.request is not None:
+                pending.binding.device.remember_token(
+                    pending.binding.connector, pending.audience, pending.request
+                )
+        if pending.to_device:
+            device = pending.binding.device
+            if not device.closed and device.cbs is not None:
+                payload = restore_reply(reply, pending.original_message_id)
+                if not device.cbs.deliver_reply(payload, pending.original_reply_to):
+                    log.info("device %s: CBS reply dropped, no CBS receiver link", device.id)
+        self._complete(pending, reply.status, reply.description)
+
+    @staticmethod
+    def _complete(pending: PendingPut, status: int | None, description: str | None) -> None:
+        pending.binding.put_finished()
+        if pending.on_done is not None:
+            pending.on_done(status, description)
+
+    def on_detach(self, link: Link, error: Any) -> None:
+        """The hub detached one of our CBS links: requests in flight are lost."""
+        if link.state is LinkState.DETACH_RCVD:
+            link.detach(None, True)
+        self.fail_all(error)
+        self.upstream.drop_cbs(self)
+
+    def fail_all(self, error: Any = None) -> None:
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for p in pending:
+            self._complete(p, None, "upstream CBS link lost")
+
+    def close(self) -> None:
+        for link in (self.sender, self.receiver):
+            if link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED):
+                link.detach(None, True)
+        self.fail_all()
+

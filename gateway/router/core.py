@@ -1,0 +1,476 @@
+"""The link-routing core: routes attaches, binds devices to upstream connections.
+
+A device connection gets one `Binding` per connector it uses: a lease on one
+upstream connection from that connector's pool, taken at its first routed
+attach or CBS request and kept until the device (or the upstream connection)
+goes. On a shared upstream connection (``max_devices_per_connection`` > 1)
+`$cbs` is served locally (see `cbs.py`) and `devices/{id}` attaches are
+admitted only for identities the binding authorised (design item 8); with
+``max_devices_per_connection: 1`` everything, `$cbs` included, is link-routed
+verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from gateway.amqp import Delivery, Link
+from gateway.amqp.performatives import Attach
+from gateway.net.amqp_connector import (
+    client_engine_for,
+    open_connector_stream,
+    run_upstream,
+)
+from gateway.net.pool import ConnectorPool, Lease, PoolUnavailable
+
+from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
+from .device import DeviceConn
+from .identity import IdentityPath, audience_path, covers, identity_of_address, token_audience
+from .linkpair import (
+    FORCED,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    LinkPair,
+    PairState,
+    amqp_error,
+    refuse_attach,
+)
+from .routes import RouteTable, attach_direction_and_address
+from .upstream import UpstreamConn
+
+log = logging.getLogger("gateway.router")
+
+# How long an attach may wait for put-tokens of the same device still in flight.
+PUT_WAIT = 10.0
+# How long a closing upstream connection may wait for the hub's close.
+CLOSE_WAIT = 5.0
+
+
+class RouterObserver(Protocol):
+    """Hooks for metrics and the live registry; every method is optional."""
+
+    def on_link_opened(self, pair: LinkPair) -> None: ...
+    def on_link_closed(self, pair: LinkPair) -> None: ...
+    def on_message(self, pair: LinkPair, nbytes: int) -> None: ...
+    def on_attach_refused(self, reason: str) -> None: ...
+    def on_connector_state(self, connector: str, state: str, detail: str) -> None: ...
+    def on_reconnect(self, connector: str) -> None: ...
+    def on_device_open(self, device: DeviceConn) -> None: ...
+    def on_device_closed(self, device: DeviceConn) -> None: ...
+    def on_upstream_open(self, upstream: UpstreamConn, remote: str) -> None: ...
+    def on_upstream_closed(self, upstream: UpstreamConn) -> None: ...
+
+
+class NullObserver:
+    def on_link_opened(self, pair: LinkPair) -> None:
+        pass
+
+    def on_link_closed(self, pair: LinkPair) -> None:
+        pass
+
+    def on_message(self, pair: LinkPair, nbytes: int) -> None:
+        pass
+
+    def on_attach_refused(self, reason: str) -> None:
+        pass
+
+    def on_connector_state(self, connector: str, state: str, detail: str) -> None:
+        pass
+
+    def on_reconnect(self, connector: str) -> None:
+        pass
+
+    def on_device_open(self, device: DeviceConn) -> None:
+        pass
+
+    def on_device_closed(self, device: DeviceConn) -> None:
+        pass
+
+    def on_upstream_open(self, upstream: UpstreamConn, remote: str) -> None:
+        pass
+
+    def on_upstream_closed(self, upstream: UpstreamConn) -> None:
+        pass
+
+
+class Binding:
+    """A device connection's place on one upstream connection of one connector."""
+
+    def __init__(self, router: Router, device: DeviceConn, connector: str,
+                 pool: ConnectorPool[UpstreamConn]) -> None:  # fmt: skip
+        self.router = router
+        self.device = device
+        self.connector = connector
+        self.pool = pool
+        self.shared = pool.max_devices_per_connection > 1
+        self.lease: Lease[UpstreamConn] | None = None
+        self.upstream: UpstreamConn | None = None
+        self.error: PoolUnavailable | None = None
+        self.ready = trio.Event()
+        self.authorised: list[IdentityPath] = []
+        self.puts_in_flight = 0
+        self._puts_changed = trio.Event()
+        self._invalid = False
+
+    @property
+    def valid(self) -> bool:
+        return (
+            self.ready.is_set()
+            and self.error is None
+            and not self._invalid
+            and self.upstream is not None
+            and self.upstream.usable
+        )
+
+    def authorise(self, audience: str) -> None:
+        path = audience_path(audience)
+        if path not in self.authorised:
+            self.authorised.append(path)
+
+    def is_authorised(self, identity: IdentityPath) -> bool:
+        return any(covers(a, identity) for a in self.authorised)
+
+    def put_started(self) -> None:
+        self.puts_in_flight += 1
+
+    def put_finished(self) -> None:
+        self.puts_in_flight = max(0, self.puts_in_flight - 1)
+        self._puts_changed.set()
+        self._puts_changed = trio.Event()
+
+    async def wait_puts(self) -> None:
+        await self._puts_changed.wait()
+
+    def invalidate(self) -> None:
+        """The upstream connection is gone; the next attach takes a new binding."""
+        self._invalid = True
+        self.authorised.clear()
+        self._puts_changed.set()
+        if self.lease is not None:
+            self.lease.release()
+        if self.device.bindings.get(self.connector) is self:
+            del self.device.bindings[self.connector]
+
+    def release(self) -> None:
+        """The device is gone. A dedicated upstream connection goes with it: a token
+        its device put there must not serve whoever gets the connection next."""
+        self._invalid = True
+        up = self.upstream
+        if up is not None:
+            up.bindings.discard(self)
+            up.end_sessions_of(self.device)
+        if self.lease is None:
+            return
+        if self.shared or up is None or up.lost:
+            self.lease.release()
+        else:
+            self.lease.retire()
+            self.router.retire_upstream(up)
+
+
+class Router:
+    def __init__(self, config: Any, *, observer: Any = None,
+                 rng: Callable[[], float] = random.random, tracer: Any = None) -> None:  # fmt: skip
+        self.config = config
+        self.tracer = tracer  # frame trace (gateway.ops.trace.FrameTracer), or None
+        self.container_id = str(config.gateway.id)
+        self.routes = RouteTable.from_config(config.link_routes)
+        self.observer = observer if observer is not None else NullObserver()
+        self.devices: set[DeviceConn] = set()
+        self.upstreams: set[UpstreamConn] = set()
+        self.pools: dict[str, ConnectorPool[UpstreamConn]] = {}
+        for connector in config.connectors:
+            if getattr(connector, "protocol", "amqp") != "amqp":
+                continue
+            self.pools[connector.name] = ConnectorPool(
+                connector.name,
+                self._connect_fn(connector),
+                max_connections=connector.pool.max_connections,
+                max_devices_per_connection=connector.pool.max_devices_per_connection,
+                connect_timeout=float(connector.connect_timeout),
+                backoff_initial=float(connector.reconnect.initial),
+                backoff_max=float(connector.reconnect.max),
+                on_demand=bool(connector.on_demand),
+                rng=rng,
+                observer=self.observer,
+            )
+        self._nursery: trio.Nursery | None = None
+        self.stopping = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for pool in self.pools.values():
+                await nursery.start(pool.run)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def shutdown(self) -> None:
+        """Detach every link, close every connection (drivers then finish)."""
+        self.stopping = True
+        for pool in self.pools.values():
+            pool.close()
+        for device in list(self.devices):
+            device.shutdown("the gateway is shutting down")
+        for upstream in list(self.upstreams):
+            upstream.shutdown()
+
+    def new_device(self, listener: Any, peer: tuple[str, int]) -> DeviceConn:
+        device = DeviceConn(self, listener, peer)
+        self.devices.add(device)
+        self.observer.on_device_open(device)
+        return device
+
+    def device_gone(self, device: DeviceConn) -> None:
+        self.devices.discard(device)
+        self.observer.on_device_closed(device)
+
+    def upstream_gone(self, upstream: UpstreamConn) -> None:
+        if upstream in self.upstreams:
+            self.upstreams.discard(upstream)
+            self.observer.on_upstream_closed(upstream)
+
+    def retire_upstream(self, upstream: UpstreamConn) -> None:
+        """Close an upstream connection cleanly; abort it if the hub does not answer."""
+        upstream.shutdown()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._abort_later, upstream)
+
+    @staticmethod
+    async def _abort_later(upstream: UpstreamConn) -> None:
+        await trio.sleep(CLOSE_WAIT)
+        if upstream.driver is not None and not upstream.engine.closed:
+            upstream.driver.abort()
+
+    def _connect_fn(self, connector: Any) -> Callable[[int, Callable[[Any], None]], Any]:
+        async def connect(slot: int, on_up: Callable[[Any], None]) -> None:
+            profile = self.config.tls_profile_for(connector)
+            stream = await open_connector_stream(connector, profile)
+            engine = client_engine_for(connector, profile, self.container_id)
+            upstream = UpstreamConn(self, connector.name, slot, engine)
+
+            def opened(driver: Any) -> None:
+                self.upstreams.add(upstream)
+                self.observer.on_upstream_open(upstream, f"{connector.host}:{connector.port}")
+                log.info("connector %s: upstream %s open to %s:%s", connector.name,
+                         upstream.id, connector.host, connector.port)  # fmt: skip
+                on_up(upstream)
+
+            try:
+                await run_upstream(stream, engine, upstream.handle, opened, name=upstream.id,
+                                   bind_driver=upstream.set_driver, tracer=self.tracer)  # fmt: skip
+            finally:
+                driver = upstream.driver
+                why = driver.transport_error if driver is not None else None
+                upstream.fail(None, why or "connection ended")
+
+        return connect
+
+    # --------------------------------------------------------------- binding
+
+    def binding_for(self, device: DeviceConn, connector: str) -> Binding:
+        b = device.bindings.get(connector)
+        if b is not None and (not b.ready.is_set() or b.valid):
+            return b
+        pool = self.pools[connector]
+        b = Binding(self, device, connector, pool)
+        device.bindings[connector] = b
+        assert self._nursery is not None
+        self._nursery.start_soon(self._bind, b)
+        return b
+
+    async def _bind(self, b: Binding) -> None:
+        device = b.device
+        try:
+            lease = await b.pool.acquire(owner=device)
+        except PoolUnavailable as exc:
+            log.warning("device %s: connector %s unavailable: %s", device.id, b.connector,
+                        exc.description)  # fmt: skip
+            b.error = exc
+            b.ready.set()
+            return
+        if device.closed:
+            lease.release()
+            b.error = PoolUnavailable("device gone")
+            b.ready.set()
+            return
+        b.lease = lease
+        b.upstream = lease.conn
+        lease.conn.bindings.add(b)
+        if device.plain is not None and device.plain_token is not None:
+            await self._put_plain_token(b)
+        if b.shared and device.tokens_for(b.connector):
+            await self._replay_tokens(b)
+        b.ready.set()
+
+    async def _replay_tokens(self, b: Binding) -> None:
+        """The device's tokens died with its previous upstream connection, but its
+        own connection to us did not: put them again, as it put them, so the
+        device's links can come back without it redoing CBS."""
+        assert b.upstream is not None
+        device = b.device
+        done = trio.Event()
+        waiting = 0
+
+        def on_done(status: int | None, description: str | None) -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                done.set()
+
+        cbs = b.upstream.cbs_pair()
+        for audience, request in device.tokens_for(b.connector):
+            waiting += 1
+            b.put_started()
+            cbs.forward(request, PendingPut(b, audience, None, None, False, None, on_done,
+                                            request), False)  # fmt: skip
+        with trio.move_on_after(PUT_WAIT):
+            await done.wait()
+        log.info("device %s: %d token(s) put again on upstream %s", device.id,
+                 len(device.tokens_for(b.connector)), b.upstream.id)  # fmt: skip
+
+    async def _put_plain_token(self, b: Binding) -> None:
+        """A SASL PLAIN device gave us its SAS token: put it over CBS for it."""
+        device = b.device
+        token = device.plain_token
+        assert token is not None and b.upstream is not None
+        audience = token_audience(token)
+        if audience is None:
+            return
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        def on_done(status: int | None, description: str | None) -> None:
+            outcome.append((status, description))
+            done.set()
+
+        b.put_started()
+        b.upstream.cbs_pair().put_token(
+            audience, token, PendingPut(b, audience, None, None, False, None, on_done)
+        )
+        with trio.move_on_after(PUT_WAIT):
+            await done.wait()
+        status = outcome[0][0] if outcome else None
+        if status not in (200, 202):
+            log.warning("device %s: the hub refused its SASL PLAIN token (status %s)", device.id,
+                        status)  # fmt: skip
+
+    # ----------------------------------------------------------------- attach
+
+    def device_attach(self, device: DeviceConn, link: Link, attach: Attach) -> None:
+        if self.stopping:
+            refuse_attach(link, amqp_error(FORCED, "the gateway is shutting down"))
+            return
+        direction, address = attach_direction_and_address(bool(attach.role), attach.source,
+                                                          attach.target)  # fmt: skip
+        match = self.routes.match(None if address is None else str(address), direction)
+        if match is None:
+            self.observer.on_attach_refused(NOT_FOUND)
+            log.info("device %s: attach %r refused: no route for %s address %r", device.id,
+                     attach.name, direction, address)  # fmt: skip
+            refuse_attach(link, amqp_error(NOT_FOUND, f"no route for address {address!r}"))
+            return
+        connector = match.route.connector
+        pool = self.pools.get(connector)
+        if pool is None:
+            self.observer.on_attach_refused(NOT_FOUND)
+            refuse_attach(link, amqp_error(NOT_FOUND, f"connector {connector!r} is not available"))
+            return
+        if pool.max_devices_per_connection > 1 and is_cbs_address(match.address):
+            device.cbs.attach(link, attach, connector)
+            return
+        pair = LinkPair(device, link, attach, match, direction, connector)
+        device.pairs.add(pair)
+        b = self.binding_for(device, connector)
+        if b.ready.is_set() and self._admit(pair, b):
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._admit_later, pair, b)
+
+    def _admit(self, pair: LinkPair, b: Binding, *, wait_for_puts: bool = True) -> bool:
+        """Try to tunnel `pair` over `b`; False when it must wait for a put-token
+        of the same device still in flight (SDKs put, then attach)."""
+        if pair.state is not PairState.PENDING:
+            return True
+        if b.error is not None:
+            self.observer.on_attach_refused(b.error.condition)
+            pair.refuse(b.error.condition, b.error.description)
+            return True
+        if not b.valid:
+            pair.refuse(FORCED, "upstream connection lost")
+            return True
+        if b.shared:
+            identity = identity_of_address(pair.address)
+            if identity is not None and not b.is_authorised(identity):
+                if b.puts_in_flight and wait_for_puts:
+                    return False
+                self.observer.on_attach_refused(UNAUTHORIZED)
+                who = "/".join(identity)
+                log.info("device %s: attach to %r refused: no token for %s on this connection",
+                         pair.device.id, pair.address, who)  # fmt: skip
+                pair.refuse(UNAUTHORIZED, f"no valid token for {who} was put on this connection")
+                return True
+        assert b.upstream is not None
+        pair.open_upstream(b.upstream)
+        if pair.state is PairState.ATTACHING:
+            self.observer.on_link_opened(pair)
+        return True
+
+    async def _admit_later(self, pair: LinkPair, b: Binding) -> None:
+        await b.ready.wait()
+        with trio.move_on_after(PUT_WAIT):
+            while not self._admit(pair, b):
+                await b.wait_puts()
+        if pair.state is PairState.PENDING:
+            self._admit(pair, b, wait_for_puts=False)
+        pair.device.wake()
+
+    # -------------------------------------------------------------------- CBS
+
+    def forward_cbs_request(self, device: DeviceConn, connector: str, req: CbsRequest,
+                            delivery: Delivery, settled: bool) -> None:  # fmt: skip
+        b = self.binding_for(device, connector)
+        if b.ready.is_set():
+            self._forward_cbs(b, req, delivery, settled)
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._forward_cbs_later, b, req, delivery, settled)
+
+    async def _forward_cbs_later(self, b: Binding, req: CbsRequest, delivery: Delivery,
+                                 settled: bool) -> None:  # fmt: skip
+        await b.ready.wait()
+        self._forward_cbs(b, req, delivery, settled)
+
+    def _forward_cbs(self, b: Binding, req: CbsRequest, delivery: Delivery, settled: bool) -> None:
+        device = b.device
+        if device.closed:
+            return
+        if b.error is not None or not b.valid:
+            cond = b.error.condition if b.error is not None else FORCED
+            desc = b.error.description if b.error is not None else "upstream connection lost"
+            device.cbs.fail_request(None if settled else delivery, cond, desc)
+            return
+        assert b.upstream is not None
+        audience = req.audience if req.operation == PUT_TOKEN else None
+        pending = PendingPut(
+            b,
+            audience,
+            req.properties.message_id,
+            req.properties.reply_to,
+            True,
+            None if settled else delivery,
+            request=req if audience is not None else None,
+        )
+        b.put_started()
+        b.upstream.cbs_pair().forward(req, pending, settled)
+        device.wake()
+
+
+__all__ = ["Binding", "NullObserver", "Router", "RouterObserver", "UNAUTHORIZED"]

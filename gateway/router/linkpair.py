@@ -1,0 +1,427 @@
+"""A routed link: the device's link and its upstream twin, and the relay between them.
+
+The device's attach is held until the hub answers the upstream attach; the
+device then gets the hub's answer (termini, settle modes, properties,
+capabilities, max-message-size, initial-delivery-count) unchanged.
+Transfers are relayed with their delivery tag, message format, settlement and
+payload bytes untouched (the engines re-fragment to each hop's frame size);
+dispositions both ways with the peer's outcome; detaches both ways with the
+peer's error.
+
+Credit (design item 5): a device sender never holds more credit than the hub
+granted the upstream link, less what is still queued upstream; a device
+receiver's credit is passed up less what is queued towards the device. Drain
+is relayed edge-triggered: a drain request is forwarded once, and answered
+on the requesting side when the other side has answered it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
+from gateway.amqp.performatives import Attach, Error, Flow
+from gateway.amqp.types import Symbol
+
+from .routes import Direction, RouteMatch
+
+if TYPE_CHECKING:
+    from .device import DeviceConn
+    from .upstream import UpstreamConn
+
+log = logging.getLogger("gateway.router")
+
+NOT_FOUND = "amqp:not-found"
+UNAUTHORIZED = "amqp:unauthorized-access"
+FORCED = "amqp:connection:forced"
+RESOURCE_LIMIT = "amqp:resource-limit-exceeded"
+
+_GONE = (LinkState.DETACH_SENT, LinkState.DETACHED)
+
+
+def amqp_error(condition: str, description: str | None = None, info: Any = None) -> Error:
+    return Error(Symbol(condition), description, info)
+
+
+def refuse_attach(link: Link, error: Error) -> None:
+    """Answer a peer's attach with a null terminus on our side, then detach with error."""
+    if link.state is LinkState.ATTACH_RCVD:
+        remote = link.remote_attach
+        assert remote is not None
+        if link.is_sender:  # the peer receives: our source is the refused node
+            link.answer_attach(source=None, target=remote.target)
+        else:
+            link.answer_attach(source=remote.source, target=None)
+    if link.state not in _GONE:
+        link.detach(error, closed=True)
+
+
+class PairState:
+    PENDING = "pending"  # waiting for an upstream connection
+    ATTACHING = "attaching"  # upstream attach sent, device attach held
+    ATTACHED = "attached"
+    REFUSED = "refused"  # the hub answered with a null terminus; its detach follows
+    DONE = "done"
+
+
+class LinkPair:
+    """One device link tunnelled to one upstream link."""
+
+    def __init__(self, device: DeviceConn, link: Link, attach: Attach, route: RouteMatch,
+                 direction: Direction, connector: str) -> None:  # fmt: skip
+        self.device = device
+        self.dev_link = link
+        self.attach = attach
+        self.route = route
+        self.direction = direction  # "in": device sends; "out": device receives
+        self.connector = connector
+        self.upstream: UpstreamConn | None = None
+        self.up_link: Link | None = None
+        self.state = PairState.PENDING
+        # drain bookkeeping, see the module docstring
+        self._dev_draining = False  # "in": we asked the device to drain for the hub
+        self._up_drain_owed = False  # "in": the hub's drain waits for our queue to empty
+        self._up_draining = False  # "out": we asked the hub to drain for the device
+        self._dev_drain_owed = False  # "out": the device's drain waits for its queue
+        self._last_available: int | None = None
+        self.observed = False  # reported open to the observer
+        link.context = self
+
+    def __repr__(self) -> str:
+        return f"<LinkPair {self.attach.name!r} {self.direction} {self.state}>"
+
+    @property
+    def address(self) -> str:
+        return self.route.address
+
+    # ------------------------------------------------------------------ attach
+
+    def open_upstream(self, upstream: UpstreamConn) -> None:
+        """Send the mirrored attach on `upstream` (device attach stays held)."""
+        if self.state is not PairState.PENDING:
+            return
+        a = self.attach
+        session = upstream.session_for(self.device, self.dev_link.session)
+        name = upstream.unique_link_name(str(a.name))
+        try:
+            up_link = session.attach(
+                name,
+                bool(a.role),
+                a.source,
+                a.target,
+                snd_settle_mode=a.snd_settle_mode,
+                rcv_settle_mode=a.rcv_settle_mode,
+                unsettled=a.unsettled,
+                incomplete_unsettled=a.incomplete_unsettled,
+                initial_delivery_count=a.initial_delivery_count,
+                max_message_size=a.max_message_size,
+                offered_capabilities=a.offered_capabilities,
+                desired_capabilities=a.desired_capabilities,
+                properties=a.properties,
+            )
+        except LocalProtocolError as exc:
+            self.refuse(RESOURCE_LIMIT, f"upstream connection cannot take the link: {exc}")
+            return
+        up_link.context = self
+        self.upstream = upstream
+        self.up_link = up_link
+        upstream.pairs.add(self)
+        self.state = PairState.ATTACHING
+        upstream.wake()
+
+    def refuse(self, condition: str, description: str, info: Any = None) -> None:
+        """Refuse the device's (still held) attach."""
+        if self.state is PairState.DONE:
+            return
+        refuse_attach(self.dev_link, amqp_error(condition, description, info))
+        self._finish()
+        self.device.wake()
+
+    def on_up_attach(self, attach: Attach) -> None:
+        """The hub answered: mirror its attach to the device."""
+        if self.state is not PairState.ATTACHING:
+            return
+        dev = self.dev_link
+        if dev.state is not LinkState.ATTACH_RCVD:
+            return
+        dev.answer_attach(
+            source=attach.source,
+            target=attach.target,
+            snd_settle_mode=attach.snd_settle_mode,
+            rcv_settle_mode=attach.rcv_settle_mode,
+            unsettled=attach.unsettled,
+            incomplete_unsettled=attach.incomplete_unsettled,
+            initial_delivery_count=attach.initial_delivery_count,
+            max_message_size=attach.max_message_size,
+            offered_capabilities=attach.offered_capabilities,
+            desired_capabilities=attach.desired_capabilities,
+            properties=attach.properties,
+        )
+        refused = attach.target is None if self.direction == "in" else attach.source is None
+        self.state = PairState.REFUSED if refused else PairState.ATTACHED
+        if not refused:
+            self._sync_credit()
+        self.device.wake()
+
+    # ----------------------------------------------------------------- detach
+
+    def on_dev_detach(self, closed: bool, error: Error | None) -> None:
+        """The device detached: answer it and detach upstream with its error."""
+        dev = self.dev_link
+        if dev.state is LinkState.DETACH_RCVD:
+            dev.detach(None, closed)
+        up = self.up_link
+        if up is not None and up.state not in _GONE:
+            up.detach(error, closed)
+            assert self.upstream is not None
+            self.upstream.wake()
+        self._finish()
+        self.device.wake()
+
+    def on_up_detach(self, closed: bool, error: Error | None) -> None:
+        """The hub detached: answer it and detach the device with the hub's error."""
+        up = self.up_link
+        if up is not None and up.state is LinkState.DETACH_RCVD:
+            up.detach(None, closed)
+            assert self.upstream is not None
+            self.upstream.wake()
+        dev = self.dev_link
+        if dev.state is LinkState.ATTACH_RCVD:
+            refuse_attach(dev, error or amqp_error(NOT_FOUND, "the hub detached the link"))
+        elif dev.state not in _GONE:
+            dev.detach(error, closed)
+        self._finish()
+        self.device.wake()
+
+    def upstream_lost(self, error: Error) -> None:
+        """The upstream connection is gone: the device link goes with `error`.
+
+        Unsettled deliveries stay unsettled on the device side (never settled
+        on the hub's behalf), so the device resends them.
+        """
+        dev = self.dev_link
+        if dev.state is LinkState.ATTACH_RCVD:
+            refuse_attach(dev, error)
+        elif dev.state not in _GONE:
+            dev.detach(error, True)
+        self.up_link = None
+        self._finish()
+        self.device.wake()
+
+    def device_lost(self) -> None:
+        """The device connection is gone: detach upstream (no error: a clean close)."""
+        up = self.up_link
+        if up is not None and up.state not in _GONE:
+            up.detach(None, True)
+            assert self.upstream is not None
+            self.upstream.wake()
+        self._finish()
+
+    def shutdown(self, error: Error) -> None:
+        """The gateway is stopping: detach both sides, the device's with `error`."""
+        self.device_lost()
+        dev = self.dev_link
+        if dev.state is LinkState.ATTACH_RCVD:
+            refuse_attach(dev, error)
+        elif dev.state not in _GONE:
+            dev.detach(error, True)
+        self.device.wake()
+
+    def _finish(self) -> None:
+        if self.state is PairState.DONE:
+            return
+        self.state = PairState.DONE
+        self.device.pairs.discard(self)
+        if self.upstream is not None:
+            self.upstream.pairs.discard(self)
+        self.device.router.observer.on_link_closed(self)
+
+    # -------------------------------------------------------------- transfers
+
+    def on_dev_transfer(self, ev: Any) -> None:
+        """A complete message from the device (direction in)."""
+        if ev.aborted or self.state is not PairState.ATTACHED:
+            return
+        up = self.up_link
+        if up is None or up.state is not LinkState.ATTACHED:
+            return  # the link is going away; the device hears of it by detach
+        d = up.send_transfer(
+            ev.delivery_tag,
+            ev.payload,
+            message_format=ev.message_format,
+            settled=ev.settled,
+            state=ev.state,
+            batchable=ev.batchable,
+        )
+        if not ev.settled:
+            d.context = ev.delivery
+            ev.delivery.context = d
+        self.device.router.observer.on_message(self, len(ev.payload))
+        assert self.upstream is not None
+        self.upstream.wake()
+
+    def on_up_transfer(self, ev: Any) -> None:
+        """A complete message from the hub (direction out)."""
+        if ev.aborted or self.state is not PairState.ATTACHED:
+            return
+        dev = self.dev_link
+        if dev.state is not LinkState.ATTACHED:
+            return
+        d = dev.send_transfer(
+            ev.delivery_tag,
+            ev.payload,
+            message_format=ev.message_format,
+            settled=ev.settled,
+            state=ev.state,
+            batchable=ev.batchable,
+        )
+        if not ev.settled:
+            d.context = ev.delivery
+            ev.delivery.context = d
+        self.device.router.observer.on_message(self, len(ev.payload))
+        self._sync_credit()
+        self.device.wake()
+
+    # ------------------------------------------------------------------ credit
+
+    def on_dev_flow(self, flow: Flow) -> None:
+        if self.state is not PairState.ATTACHED:
+            return  # credit is passed on once the hub answered the attach
+        if self.direction == "out":
+            # The device (receiver) granted credit or asked to drain.
+            up = self.up_link
+            assert up is not None
+            if up.state is not LinkState.ATTACHED:
+                return
+            want = self._out_credit()
+            if flow.drain and want > 0 and not self._up_draining:
+                up.flow(want, drain=True)
+                self._up_draining = True
+            elif not self._up_draining and want != up.credit:
+                up.flow(want)
+            if flow.drain and want == 0 and not self._up_draining:
+                self._dev_drain_owed = True  # nothing outstanding upstream
+            self._answer_dev_drain()
+            assert self.upstream is not None
+            self.upstream.wake()
+        else:
+            # The device (sender) reported its state, e.g. answering our drain.
+            dev = self.dev_link
+            if self._dev_draining and dev.credit == 0:
+                self._dev_draining = False
+                self._up_drain_owed = True
+            self._answer_up_drain()
+
+    def on_up_flow(self, flow: Flow) -> None:
+        if self.state is not PairState.ATTACHED:
+            return
+        up = self.up_link
+        assert up is not None
+        if self.direction == "in":
+            # The hub (receiver) granted credit or asked to drain.
+            dev = self.dev_link
+            want = self._in_credit()
+            if flow.drain:
+                if want == 0 and not up.queued:
+                    up.drained()  # nothing to drain from the device
+                    assert self.upstream is not None
+                    self.upstream.wake()
+                else:
+                    dev.flow(want, drain=True)
+                    self._dev_draining = True
+            elif want != dev.credit:
+                dev.flow(want)
+            self._answer_up_drain()
+            self.device.wake()
+        else:
+            # The hub (sender) answered our drain or reported availability.
+            if self._up_draining and up.credit == 0:
+                self._up_draining = False
+                self._dev_drain_owed = True
+            if flow.available is not None and flow.available != self._last_available:
+                self._last_available = flow.available
+                if self.dev_link.state is LinkState.ATTACHED:
+                    self.dev_link.flow(available=int(flow.available))
+            self._answer_dev_drain()
+            self.device.wake()
+
+    def _in_credit(self) -> int:
+        up = self.up_link
+        assert up is not None
+        return max(0, up.credit - up.queued)
+
+    def _out_credit(self) -> int:
+        dev = self.dev_link
+        return max(0, dev.credit - dev.queued)
+
+    def _sync_credit(self) -> None:
+        """Bring the downstream credit in line after an attach or a transfer."""
+        if self.state is not PairState.ATTACHED:
+            return
+        up = self.up_link
+        dev = self.dev_link
+        assert up is not None
+        if self.direction == "in":
+            if self._dev_draining or dev.state is not LinkState.ATTACHED:
+                return
+            want = self._in_credit()
+            if up.drain and want > 0:
+                dev.flow(want, drain=True)
+                self._dev_draining = True
+            elif want != dev.credit:
+                dev.flow(want)
+            self.device.wake()
+        else:
+            if self._up_draining or self._dev_drain_owed or up.state is not LinkState.ATTACHED:
+                return
+            want = self._out_credit()
+            if dev.drain and want > 0:
+                up.flow(want, drain=True)
+                self._up_draining = True
+            elif want != up.credit:
+                up.flow(want)
+            assert self.upstream is not None
+            self.upstream.wake()
+
+    def _answer_up_drain(self) -> None:
+        up = self.up_link
+        if self._up_drain_owed and up is not None and not up.queued:
+            self._up_drain_owed = False
+            if up.state is LinkState.ATTACHED:
+                up.drained()
+                assert self.upstream is not None
+                self.upstream.wake()
+
+    def _answer_dev_drain(self) -> None:
+        dev = self.dev_link
+        if self._dev_drain_owed and not dev.queued:
+            self._dev_drain_owed = False
+            if dev.state is LinkState.ATTACHED:
+                dev.drained()
+                self.device.wake()
+
+    def on_queue_progress(self) -> None:
+        """Called after session flows: queued deliveries may have left."""
+        if self.state is PairState.ATTACHED:
+            self._answer_up_drain()
+            self._answer_dev_drain()
+
+
+def relay_disposition(ev: Any) -> set[Any]:
+    """Relay a disposition to the paired deliveries; returns the connections touched."""
+    touched: set[Any] = set()
+    by_conn: dict[Any, list[Delivery]] = {}
+    for d in ev.deliveries:
+        other = d.context
+        if other is None or not isinstance(other, Delivery):
+            continue
+        if ev.settled:
+            d.context = None
+            other.context = None
+        conn = other.link.session.connection
+        by_conn.setdefault(conn, []).append(other)
+    for conn, deliveries in by_conn.items():
+        conn.disposition(deliveries, settled=ev.settled, state=ev.state)
+        touched.add(conn)
+    return touched
