@@ -3,16 +3,24 @@
 The relay never re-encodes relayed packets (it forwards `Packet.raw`); the
 gateway only writes a CONNACK refusal (3.1.1 code 3 "server unavailable",
 5 "not authorized", 1 "unacceptable protocol version") or, for MQTT 5, a
-DISCONNECT with a reason code. The rest is here so tests and tools can build
-packets, including invalid ones.
+DISCONNECT with a reason code. Two rewrites exist for credentials the gateway
+holds for a device: a CONNECT with its password replaced or removed
+(`connect_with_password`), a PUBLISH retransmitted with DUP set (`with_dup`)
+and an MQTT 5 PUBLISH given back the topic its alias stood for
+(`publish_with_topic`, for a new upstream connection that never learnt it). The rest is here so tests and tools can build packets,
+including invalid ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from .constants import MAX_REMAINING_LENGTH, MQTT_3_1_1, MQTT_5, PacketType
 from .properties import PROPERTY_TYPES, PropertyType, PropertyValue
+
+if TYPE_CHECKING:
+    from .packets import Connect, Publish
 
 Properties = Sequence[tuple[int, PropertyValue]] | None
 
@@ -288,3 +296,56 @@ def auth(reason_code: int = 0, *, properties: Properties = None) -> bytes:
         if properties:
             body += encode_properties(properties)
     return packet(PacketType.AUTH, 0, body)
+
+
+# -- rewriting received packets (credentials filled in by the gateway) -------------------------
+
+_PASSWORD_FLAG = 0x40
+_USERNAME_FLAG = 0x80
+_DUP_FLAG = 0x08
+
+
+def connect_with_password(connect: Connect, password: bytes | None) -> bytes:
+    """The CONNECT `connect` with its password replaced (None: removed, flag cleared).
+
+    Everything else stays byte-identical: protocol name and level, the other
+    flags, keep-alive, MQTT 5 properties, client id, Will and user name. The
+    password is the last field of a CONNECT (3.1.1 section 3.1.3, 5.0 section
+    3.1.3), so the rewrite is a cut at that point plus a new fixed header.
+    MQTT 3.1 and 3.1.1 allow a password only with a user name (ValueError).
+    """
+    raw = bytes(connect.raw)
+    body = raw[connect.body_offset :]
+    old = connect.password
+    if old is not None:
+        body = body[: len(body) - 2 - len(old)]
+    flags_at = 2 + len(connect.protocol_name.encode("utf-8")) + 1
+    flags = body[flags_at]
+    if password is None:
+        flags &= ~_PASSWORD_FLAG
+    else:
+        if not flags & _USERNAME_FLAG and connect.protocol_level != MQTT_5:
+            raise ValueError("a CONNECT before MQTT 5 cannot carry a password without a user name")
+        flags |= _PASSWORD_FLAG
+        body += encode_binary(password)
+    body = body[:flags_at] + bytes([flags]) + body[flags_at + 1 :]
+    return packet(PacketType.CONNECT, 0, body)
+
+
+def with_dup(raw: bytes | memoryview) -> bytes:
+    """A QoS 1/2 PUBLISH with the DUP flag set (3.1.1 section 3.3.1.1), for a retransmission."""
+    data = bytes(raw)
+    if data[0] >> 4 != PacketType.PUBLISH or not data[0] & 0x06:
+        raise ValueError("only a QoS 1 or 2 PUBLISH carries a DUP flag")
+    return bytes([data[0] | _DUP_FLAG]) + data[1:]
+
+
+def publish_with_topic(publish: Publish, topic: str) -> bytes:
+    """An MQTT 5 PUBLISH that names its topic only by Topic Alias, with `topic` written
+    in; the alias property and everything else unchanged, so the receiver (re)learns
+    the alias from it (5.0 section 3.3.2.3.4)."""
+    raw = bytes(publish.raw)
+    start = publish.body_offset
+    old_length = int.from_bytes(raw[start : start + 2], "big")
+    body = encode_string(topic) + raw[start + 2 + old_length :]
+    return bytes([raw[0]]) + encode_varint(len(body)) + body

@@ -34,6 +34,15 @@ direction reads its next bytes only after the previous packet was written to
 the other side, so a slow hub slows the device and buffers stay bounded by
 one packet plus one read.
 
+Credentials held by the gateway (`credentials:` in the config): for a device
+with an entry, the CONNECT goes upstream with a gateway-issued SAS token as
+password (or over a TLS connection with the device's client certificate), after
+the device proved itself locally; the token is renewed before expiry by moving
+the session to a new upstream connection, unseen by the device. The rules are
+in `gateway.net.mqtt_credentials` and `gateway.net.mqtt_renewal`; this module
+only calls them. A refused local authentication is answered with CONNACK 4
+(password) or 5 (address), the gateway's own answers besides the ones above.
+
 The CONNECT password is never logged; nor are payloads.
 """
 
@@ -42,21 +51,29 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from gateway.mqtt import encode
-from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode
+from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode, PacketType
 from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge, UnsupportedProtocolVersion
-from gateway.mqtt.packets import Connack, Connect, Packet, Publish, Subscribe
+from gateway.mqtt.packets import Connack, Connect, Packet, Puback, Publish, Subscribe
 from gateway.mqtt.reader import PacketReader
 from gateway.mqtt.session import RelayState
 from gateway.mqtt.topics import TopicPolicy
+from gateway.mqtt.tracking import SessionTracker
 
+from . import mqtt_credentials, mqtt_renewal
 from .listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
+from .mqtt_credentials import MqttCredentials
+from .mqtt_renewal import RenewalMode, SessionLost, TokenRenewal, UpstreamLink
 from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
+
+if TYPE_CHECKING:
+    from gateway.auth.credentials import CredentialStore
 
 __all__ = [
     "CloseReason",
@@ -102,13 +119,24 @@ class CloseReason:
     UPSTREAM_ERROR = "upstream_error"
     SHUTDOWN = "shutdown"  # the gateway stopped
     INTERNAL_ERROR = "internal_error"  # a bug in the gateway (logged with a traceback)
+    # Credentials held by the gateway:
+    LOCAL_AUTH_FAILED = mqtt_credentials.LOCAL_AUTH_FAILED  # missing/wrong local password
+    LOCAL_ADDRESS_REFUSED = mqtt_credentials.LOCAL_ADDRESS_REFUSED  # not in allowed_addresses
+    CREDENTIAL_ERROR = mqtt_credentials.CREDENTIAL_ERROR  # the entry's key is unusable
+    TOKEN_EXPIRED = mqtt_renewal.TOKEN_EXPIRED  # renewals failed until the token expired
+    TOKEN_RENEWAL_FAILED = mqtt_renewal.RENEWAL_FAILED  # renewal lost the session
 
 
 class RelayObserver(Protocol):
     """Counting hooks; `gateway.ops.metrics.MqttRelayMetrics` implements them.
 
-    An observer may also define `on_upstream_connect_failure(connector, reason)`
-    (reason as in `TLSConnectError.reason`); it is called when present.
+    An observer may also define, and they are called when present:
+    `on_upstream_connect_failure(connector, reason)` (reason as in
+    `TLSConnectError.reason`), `on_upstream_open(connector)` and
+    `on_upstream_close(connector)` (each upstream connection, renewals' included),
+    `on_token_renewal_failure(identity)` (each failed
+    renewal attempt and an expiry), `on_token_expiry(identity, seconds)` (a
+    gateway-issued token's remaining life when issued; None once the session ended).
     """
 
     def on_packet(self, direction: str, packet_type: str, nbytes: int) -> None: ...
@@ -174,7 +202,11 @@ class _Stop(Exception):
 
 
 class _Connection:
-    """One device connection and, once routed, its upstream connection."""
+    """One device connection and, once routed, its upstream connection(s).
+
+    Normally one upstream connection (`link`); while a gateway-issued token is
+    renewed, two: see `gateway.net.mqtt_renewal`. Each has its own pump task.
+    """
 
     def __init__(
         self,
@@ -186,6 +218,8 @@ class _Connection:
         open_upstream: OpenUpstream | None,
         contexts: ClientContextCache,
         tracer: PacketTracer | None,
+        credentials: MqttCredentials | None = None,
+        renewal_mode: RenewalMode = RenewalMode.AUTO,
     ) -> None:
         self.device = device
         self.peer = peer
@@ -194,7 +228,10 @@ class _Connection:
         self.obs = observer
         self.open_upstream = open_upstream
         self.contexts = contexts
-        self.upstream: trio.abc.Stream | None = None
+        self.credentials = credentials
+        self.renewal_mode = renewal_mode
+        self.link: UpstreamLink | None = None  # the current upstream connection
+        self.links: list[UpstreamLink] = []  # every open one (two during a renewal)
         self.device_reader = PacketReader(listener_cfg.max_packet_size)
         self.state = RelayState()
         self.policy: TopicPolicy | None = None
@@ -206,6 +243,19 @@ class _Connection:
         self.stop: _Stop | None = None
         # The device read in progress; its deadline moves if the keep-alive changes.
         self._device_wait: trio.CancelScope | None = None
+        # Set only when the gateway renews a token under this session:
+        self.renewal: TokenRenewal | None = None
+        self.tracker: SessionTracker | None = None
+        self.switch_lock = trio.Lock()  # held by a renewal while it moves the session
+        self._device_send_lock: trio.Lock | None = None  # two pumps may write to the device
+        self._acked: trio.Event | None = None  # a PUBACK freed room in the tracker
+        self._connector: Any = None
+        self._profile: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def upstream(self) -> trio.abc.Stream | None:
+        return self.link.stream if self.link is not None else None
 
     # -- the whole life of the connection ---------------------------------------------------
 
@@ -229,6 +279,12 @@ class _Connection:
             if self.state.client_disconnected and stop.reason in _AFTER_DISCONNECT:
                 # The hub may close before the relay notices its own end of the DISCONNECT.
                 stop = _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
+            elif self.state.connack_code and stop.reason in _AFTER_DISCONNECT:
+                # The device may hang up on the hub's refusal before the relay notices it.
+                stop = _Stop(
+                    CloseReason.UPSTREAM_REFUSED,
+                    f"hub refused CONNECT with code {self.state.connack_code}",
+                )
             self.obs.on_close(stop.reason)
             level = logging.INFO if stop.reason in _ROUTINE else logging.WARNING
             log.log(level, "mqtt %s closed: %s (%s)", self.label, stop.reason, stop.detail)
@@ -267,22 +323,20 @@ class _Connection:
                 )
         connector = _find_connector(self.config, route.connector)
         profile = self.config.tls_profiles[connector.tls_profile] if connector.tls_profile else None
-        try:
-            if self.open_upstream is not None:
-                self.upstream = await self.open_upstream(connector, profile)
-            else:
-                self.upstream = await self._connect(connector, profile)
-        except TLSConnectError as exc:
-            hook = getattr(self.obs, "on_upstream_connect_failure", None)
-            if hook is not None:
-                hook(connector.name, exc.reason)
-            await self._refuse(connect, ConnackCode.SERVER_UNAVAILABLE)
-            raise _Stop(
-                CloseReason.UPSTREAM_UNAVAILABLE,
-                f"connector {connector.name} ({exc.reason}): {exc.detail}",
-            ) from None
+        connect_raw = connect.raw
+        decision = None
+        if self.credentials is not None:
+            decision = await self.credentials.decide(connect, self.peer[0], hub, profile)
+            if decision.refuse is not None:
+                await self._refuse(connect, decision.refuse)
+                raise _Stop(decision.close_reason, decision.detail)
+            connect_raw = decision.connect_raw
+            profile = decision.profile or profile
+        self._connector, self._profile = connector, profile
+        stream = await self._open_stream(connect)
+        self.link = self._new_link(stream, 0)
         log.info(
-            "mqtt %s: hub %r -> connector %s (%s:%s), protocol level %d, keep-alive %ds",
+            "mqtt %s: hub %r -> connector %s (%s:%s), protocol level %d, keep-alive %ds%s",
             self.label,
             hub,
             connector.name,
@@ -290,9 +344,42 @@ class _Connection:
             connector.port,
             connect.protocol_level,
             connect.keep_alive,
+            _credential_note(decision),
         )
-        await self._send_upstream(connect)
+        await self._send_upstream(connect, connect_raw)
         self.last_heard = trio.current_time()
+        if decision is not None and decision.token is not None and decision.entry is not None:
+            assert self.credentials is not None
+            self.tracker = SessionTracker(connect.protocol_level)
+            self._device_send_lock = trio.Lock()
+            self.renewal = TokenRenewal(
+                self,
+                self.credentials,
+                decision.entry,
+                connect,
+                hub,
+                decision.token,
+                connack_timeout=float(connector.connect_timeout),
+                mode=self.renewal_mode,
+            )
+
+    async def _open_stream(self, connect: Connect | None) -> trio.abc.Stream:
+        """A new connection to the route's connector; refuses the device if `connect` is
+        given (the first connection), else raises TLSConnectError (a renewal)."""
+        connector, profile = self._connector, self._profile
+        try:
+            if self.open_upstream is not None:
+                return await self.open_upstream(connector, profile)
+            return await self._connect(connector, profile)
+        except TLSConnectError as exc:
+            self._hook("on_upstream_connect_failure", connector.name, exc.reason)
+            if connect is None:
+                raise
+            await self._refuse(connect, ConnackCode.SERVER_UNAVAILABLE)
+            raise _Stop(
+                CloseReason.UPSTREAM_UNAVAILABLE,
+                f"connector {connector.name} ({exc.reason}): {exc.detail}",
+            ) from None
 
     async def _connect(self, connector: Any, profile: Any) -> trio.abc.Stream:
         if profile is None and not getattr(connector, "allow_plaintext", False):
@@ -305,6 +392,28 @@ class _Connection:
             server_hostname=server_name_for(connector, profile) if context else None,
             timeout=float(connector.connect_timeout),
         )
+
+    def _new_link(self, stream: trio.abc.Stream, generation: int) -> UpstreamLink:
+        reader = PacketReader(
+            max(UPSTREAM_MAX_PACKET_SIZE, self.listener_cfg.max_packet_size),
+            protocol_level=self.state.protocol_level,
+        )
+        link = UpstreamLink(stream, reader, generation)
+        self.links.append(link)
+        self._hook("on_upstream_open", self._connector.name)
+        return link
+
+    async def _close_link_stream(self, link: UpstreamLink) -> None:
+        await _close_stream(link.stream)
+        if link in self.links:
+            self.links.remove(link)
+            self._hook("on_upstream_close", self._connector.name)
+
+    def _hook(self, name: str, *args: Any) -> None:
+        """Call an optional observer hook (see RelayObserver)."""
+        hook = getattr(self.obs, name, None)
+        if hook is not None:
+            hook(*args)
 
     async def _refuse(self, connect: Connect, code: ConnackCode) -> None:
         """Answer the device with the gateway's own CONNACK refusal (best effort)."""
@@ -322,17 +431,25 @@ class _Connection:
     # -- step 4: the relay ---------------------------------------------------------------
 
     async def _relay(self) -> None:
+        assert self.link is not None
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._run_guarded, self._pump_device)
+            self.start_pump(self.link)
+            if self.renewal is not None:
+                nursery.start_soon(self._run_guarded, self.renewal.run)
 
-            async def pump(direction: Callable[[], Awaitable[None]]) -> None:
-                try:
-                    await direction()
-                except _Stop as stop:
-                    self.stop = self.stop or stop
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(pump, self._pump_device)
-            nursery.start_soon(pump, self._pump_upstream)
+    async def _run_guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one task of the relay; a _Stop from it ends the whole connection."""
+        assert self._nursery is not None
+        try:
+            await fn(*args)
+            return
+        except _Stop as stop:
+            self.stop = self.stop or stop
+        except SessionLost as lost:
+            self.stop = self.stop or _Stop(lost.reason, lost.detail)
+        self._nursery.cancel_scope.cancel()
 
     async def _pump_device(self) -> None:
         while True:
@@ -343,22 +460,60 @@ class _Connection:
                 raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
             if self.policy is not None:
                 self._check_policy(packet)
-            await self._send_upstream(packet)
+            if self.tracker is None:
+                await self._send_upstream(packet)
+            else:
+                await self._send_upstream_tracked(packet, self.tracker)
             self.last_heard = trio.current_time()
             if self.state.client_disconnected:
                 # The device is done (3.1.1 section 3.14.4): close both, the hub drops the Will.
                 raise _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
 
-    async def _pump_upstream(self) -> None:
-        assert self.upstream is not None
-        reader = PacketReader(
-            max(UPSTREAM_MAX_PACKET_SIZE, self.listener_cfg.max_packet_size),
-            protocol_level=self.state.protocol_level,
-        )
+    async def _send_upstream_tracked(self, packet: Packet, tracker: SessionTracker) -> None:
+        """Send under the renewal's lock, so a packet goes to exactly one upstream
+        connection and the tracker knows which."""
+        if isinstance(packet, Publish) and packet.qos == 1:
+            while tracker.full:
+                # Bounded retransmission store: wait for the hub's PUBACKs.
+                self._acked = trio.Event()
+                await self._acked.wait()
+        async with self.switch_lock:
+            raw = tracker.client_packet(packet)
+            if raw is not None:
+                await self._send_upstream(packet, raw)
+
+    def start_pump(self, link: UpstreamLink) -> None:
+        """Relay what `link` receives from the hub, in a task of the relay's nursery."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_guarded, self._pump_upstream, link)
+
+    async def _pump_upstream(self, link: UpstreamLink) -> None:
+        try:
+            await self._pump_link(link)
+        except _Stop as stop:
+            if stop.reason == CloseReason.DEVICE_ERROR or self._is_current(link):
+                raise
+            # A retired connection (or a renewal's new one that failed) ending is expected.
+            log.debug("mqtt %s: hub connection %d ended: %s", self.label, link.generation, stop)
+        finally:
+            link.ended.set()
+            link.connack_received.set()  # a renewal waiting for this CONNACK gives up
+
+    def _is_current(self, link: UpstreamLink) -> bool:
+        return link is self.link and not link.retired
+
+    async def _pump_link(self, link: UpstreamLink) -> None:
+        reader = link.reader
+        tracker = self.tracker
         while True:
             try:
                 packet = reader.next_packet()
                 if packet is not None:
+                    if link.awaiting_connack:
+                        self._connack_for_renewal(link, packet)
+                        continue
+                    if link.retired and packet.type is PacketType.DISCONNECT:
+                        continue  # MQTT 5 "session taken over" belongs to the old connection
                     self.state.server_packet(packet)
             except MQTTProtocolError as exc:
                 raise _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason) from None
@@ -367,7 +522,10 @@ class _Connection:
                 self._device_wait.deadline = self.state.keep_alive_deadline(self.last_heard)
             if packet is None:
                 try:
-                    data = await self.upstream.receive_some(RECEIVE_SIZE)
+                    if tracker is None:
+                        data = await link.stream.receive_some(RECEIVE_SIZE)
+                    else:
+                        data = await link.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     if _is_ragged_eof(exc):
                         # Closed without a TLS close_notify: still just a close; MQTT's
@@ -376,11 +534,21 @@ class _Connection:
                             CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader)
                         ) from None
                     raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+                if data is None:
+                    return  # a renewal retired this connection and stopped reading it
                 if not data:
                     raise _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
                 reader.feed(data)
                 continue
-            await self._send_device(packet)
+            if tracker is not None:
+                if not tracker.server_packet(packet, link.generation):
+                    continue
+                if isinstance(packet, Puback) and self._acked is not None:
+                    self._acked.set()
+                async with self._device_send_lock:  # type: ignore[union-attr]
+                    await self._send_device(packet)
+            else:
+                await self._send_device(packet)
             if isinstance(packet, Connack) and packet.return_code:
                 # The hub refused the device; the session is over once the device has the answer.
                 raise _Stop(
@@ -388,9 +556,43 @@ class _Connection:
                     f"hub refused CONNECT with code {packet.return_code}",
                 )
 
+    def _connack_for_renewal(self, link: UpstreamLink, packet: Packet) -> None:
+        """The first packet on a renewal's new connection: its CONNACK, not for the device."""
+        if not isinstance(packet, Connack):
+            raise MQTTProtocolError(f"server's first packet is {packet.type.name}, not CONNACK")
+        link.awaiting_connack = False
+        link.connack_code = packet.return_code
+        link.connack_received.set()
+        if packet.return_code:
+            raise _Stop(CloseReason.UPSTREAM_REFUSED, f"renewal CONNECT refused ({packet.return_code})")
+
     def _upstream_eof_detail(self, reader: PacketReader) -> str:
         partial = f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
         return f"hub closed the connection{partial}"
+
+    # -- what a token renewal uses (mqtt_renewal.RelayHost) ----------------------------------
+
+    async def open_link(self, generation: int) -> UpstreamLink:
+        return self._new_link(await self._open_stream(None), generation)
+
+    async def send_on(self, link: UpstreamLink, data: bytes) -> bool:
+        """Send the gateway's own bytes on `link`; False if the connection is broken."""
+        try:
+            await link.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def switch_to(self, link: UpstreamLink) -> None:
+        self.link = link
+
+    async def close_link(self, link: UpstreamLink) -> None:
+        link.stop_reading()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await link.ended.wait()
+        await self._close_link_stream(link)
+
+    # -- device side ------------------------------------------------------------------------
 
     async def _next_device_packet(self) -> Packet:
         """The device's next packet; raises _Stop on EOF, errors and keep-alive expiry."""
@@ -459,10 +661,14 @@ class _Connection:
                         f"SUBSCRIBE to {topic_filter!r} refused: not in the route's allowed_topics",
                     )
 
-    async def _send_upstream(self, packet: Packet) -> None:
-        assert self.upstream is not None
+
+    async def _send_upstream(self, packet: Packet, raw: bytes | None = None) -> None:
+        """Relay `packet` to the current upstream connection (as `raw` if the gateway
+        rewrote it: a CONNECT with credentials filled in, an MQTT 5 PUBLISH whose topic
+        alias the connection does not know)."""
+        assert self.link is not None
         try:
-            await self.upstream.send_all(packet.raw)
+            await self.link.stream.send_all(packet.raw if raw is None else raw)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
         self.obs.on_packet(IN, packet.type.name, packet.size)
@@ -480,16 +686,30 @@ class _Connection:
 
     async def _close_all(self) -> None:
         with trio.CancelScope(shield=True):
-            for stream in (self.device, self.upstream):
-                if stream is None:
-                    continue
-                with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                    try:
-                        await stream.aclose()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
-                if scope.cancelled_caught:
-                    await trio.aclose_forcefully(stream)
+            await _close_stream(self.device)
+            for link in list(self.links):
+                await self._close_link_stream(link)
+
+
+async def _close_stream(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+
+
+def _credential_note(decision: mqtt_credentials.ConnectDecision | None) -> str:
+    """What the log line about a new session says of gateway-held credentials."""
+    if decision is None or decision.entry is None:
+        return ""
+    entry = decision.entry
+    if decision.token is not None:
+        return f", token issued by the gateway ({entry.source}, {decision.token.lifetime:.0f}s)"
+    return f", client certificate held by the gateway ({entry.source})"
 
 
 # Ends that, once the device has sent DISCONNECT, are just the connection winding down.
@@ -535,13 +755,18 @@ async def relay_mqtt_connection(
     open_upstream: OpenUpstream | None = None,
     tls_contexts: ClientContextCache | None = None,
     tracer: PacketTracer | None = None,
+    credentials: MqttCredentials | None = None,
+    renewal_mode: RenewalMode = RenewalMode.AUTO,
 ) -> str:
     """Relay one device connection until either side ends it; returns the CloseReason.
 
     Closes both streams before returning. `open_upstream(connector, profile)`
     replaces the TLS connect (tests use it to put a memory stream there).
     `tracer` logs every relayed packet on the device connection's id ("<-" from
-    the device, "->" to it) when its `mqtt_enabled` is set.
+    the device, "->" to it) when its `mqtt_enabled` is set. `credentials`: the
+    listener's `MqttCredentials` (None: devices bring their own credentials);
+    `renewal_mode` how a token renewal replaces the upstream connection (see
+    `gateway.net.mqtt_renewal`).
     """
     connection = _Connection(
         device_stream,
@@ -552,6 +777,8 @@ async def relay_mqtt_connection(
         open_upstream,
         tls_contexts or _default_contexts,
         tracer,
+        credentials,
+        renewal_mode,
     )
     return await connection.run()
 
@@ -565,6 +792,9 @@ async def serve_mqtt_listener(
     listener_observer: ListenerObserver | None = None,
     stats: ListenerStats | None = None,
     tracer: PacketTracer | None = None,
+    credentials: CredentialStore | None = None,
+    clock: Callable[[], float] = time.time,
+    renewal_mode: RenewalMode = RenewalMode.AUTO,
 ) -> None:
     """Serve one `protocol: mqtt` listener until cancelled.
 
@@ -572,13 +802,26 @@ async def serve_mqtt_listener(
     `observer` gets every connection's packets and close reason,
     `listener_observer` the admissions (`gateway.ops.metrics.Metrics` fits),
     `stats` live listener counters, `tracer` the packet trace.
+    `credentials`: the store built from the config's `credentials:` section
+    (`CredentialStore.from_config`); None or an empty store: devices bring their
+    own credentials. `clock`: wall-clock Unix seconds for SAS token expiries
+    (sleeping until a renewal uses trio's clock).
     """
     settings = ListenerSettings.from_config(listener_cfg, config)
     contexts = ClientContextCache()
+    held = MqttCredentials(credentials, clock=clock) if credentials else None
 
     async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
         await relay_mqtt_connection(
-            stream, peer, listener_cfg, config, observer, tls_contexts=contexts, tracer=tracer
+            stream,
+            peer,
+            listener_cfg,
+            config,
+            observer,
+            tls_contexts=contexts,
+            tracer=tracer,
+            credentials=held,
+            renewal_mode=renewal_mode,
         )
 
     await serve_listener(
