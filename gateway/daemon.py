@@ -1,32 +1,74 @@
 """The gateway daemon: listeners, connector pools, the router, the admin endpoint.
 
 ``run(config, *, trace=())`` is what ``iot-gateway run`` calls once the
-configuration validated and logging is set up. It starts the AMQP listeners
-(link routing), the MQTT listeners (session relay), the AMQP connector pools
-(on demand by default) and the admin endpoint, logs one line per listener and
-connector, and tells systemd it is ready. On SIGTERM or SIGINT it closes the
-listeners, detaches every routed link and closes every connection cleanly,
-waits briefly for those frames to go out, and returns 0 well within 5 s.
+configuration validated and logging is set up. It builds the credential store
+(exit 2 if a credential cannot be built), starts the AMQP connector pools
+(on demand by default), the AMQP listeners (link routing), the MQTT listeners
+(session relay) and the admin endpoint, logs one line per connector and
+listener, and tells systemd it is ready once every listener is bound.
+
+Signals:
+
+- SIGTERM or SIGINT drains: the listeners turn new connections away,
+  /readyz answers 503 "draining", new attaches are refused, and in-flight
+  deliveries get up to ``gateway.drain_timeout`` to be settled; then every
+  routed link is detached with ``amqp:connection:forced`` ("gateway shutting
+  down"), every connection closed, and ``run`` returns 0. With nothing in
+  flight that takes well under 5 s. A second SIGTERM cuts the drain short.
+- SIGHUP reloads the configuration file (`gateway.ops.reload` says what a
+  reload can change); a file that fails validation is rejected with a log line
+  naming the errors and the running configuration stays.
+
+Under systemd (``NOTIFY_SOCKET``) the daemon sends READY=1, RELOADING=1 and
+READY=1 around a reload, STOPPING=1, STATUS= lines and, when WATCHDOG_USEC is
+set, WATCHDOG=1 pings.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
-from gateway.config import GatewayConfig
-from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.auth.credentials import CredentialError, CredentialStore
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.net.amqp_listener import handle_device, serve_amqp_listener
+from gateway.net.listeners import serve_listener
+from gateway.ops import sdnotify
+from gateway.ops.health import Readiness
+from gateway.ops.hooks import set_connect_failure_hook
+from gateway.ops.lifecycle import (
+    LiveConfig,
+    LiveListenerSettings,
+    detach_all,
+    in_flight,
+    status_text,
+)
+from gateway.ops.registry import Registry
+from gateway.ops.reload import ReloadPlan, plan_reload
+from gateway.ops.trace import FrameTracer
 from gateway.router.core import Router
 from gateway.router.observe import OpsObserver
+from gateway.router.routes import RouteTable
 
 log = logging.getLogger("gateway.daemon")
 
-# After SIGTERM: how long detaches and closes may take to reach the peers.
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+# After the drain: how long detaches and closes may take to reach the peers.
 SHUTDOWN_GRACE = 2.0
+# How often a drain looks at the deliveries still in flight.
+DRAIN_POLL = 0.05
+# How often systemd gets a fresh STATUS= line.
+STATUS_INTERVAL = 30.0
+# The error description devices get when their links are detached on shutdown.
+SHUTDOWN_DESCRIPTION = "gateway shutting down"
 
 
 def run(config: GatewayConfig, *, trace: Iterable[str] = ()) -> int:
@@ -34,94 +76,372 @@ def run(config: GatewayConfig, *, trace: Iterable[str] = ()) -> int:
     return trio.run(serve, config, tuple(trace))
 
 
-def _ops(config: GatewayConfig) -> tuple[Any, Any]:
-    """The metrics facade and the live registry (None where unavailable)."""
-    metrics = registry = None
-    try:
-        from gateway.ops.metrics import Metrics
-
-        metrics = Metrics(device_labels=bool(config.gateway.metrics_device_labels),
-                          gateway_id=config.gateway.id)  # fmt: skip
-    except Exception:  # the gateway relays traffic without metrics too
-        log.exception("metrics unavailable")
-    try:
-        from gateway.ops.registry import Registry
-
-        registry = Registry()
-    except Exception:
-        log.exception("live registry unavailable")
-    return metrics, registry
-
-
-def _tracer(trace: tuple[str, ...]) -> Any:
-    if not trace:
-        return None
-    try:
-        from gateway.ops.trace import FrameTracer
-    except ImportError:
-        log.warning("frame trace unavailable in this build")
-        return None
-    return FrameTracer(protocols=trace)
-
-
-def _notify(what: str, text: str) -> None:
-    try:
-        from gateway.ops import sdnotify
-    except ImportError:
-        return
-    getattr(sdnotify, what)(text)
-
-
 async def serve(config: GatewayConfig, trace: tuple[str, ...] = (), *,
-                task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
+                task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
+    """Run the gateway until told to stop; `task_status.started()` gets the `Daemon`
+    (its ``router``, ``listener_addresses``, ``admin_addresses``, ``reload()``,
+    ``request_stop()``) once every listener is bound."""
     # Install the handlers first, so a signal right after the startup lines is not lost.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        metrics, registry = _ops(config)
-        observer = OpsObserver(metrics, registry)
-        tracer = _tracer(trace)
-        router = Router(config, observer=observer, tracer=tracer)
-        if registry is not None:
-            registry.set_routes(router.routes.as_list())
-            for connector in config.connectors:
-                registry.register_connector(connector.name, protocol=connector.protocol,
-                                            target=connector.target,
-                                            on_demand=getattr(connector, "on_demand", True))  # fmt: skip
-        if trace:
-            log.info("frame trace on for %s", ",".join(trace))
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        try:
+            credentials = _credential_store(config)
+        except CredentialError as exc:
+            where = f"{config.source_path}: " if config.source_path is not None else ""
+            log.error("%scredentials: %s", where, exc)
+            return EXIT_CONFIG
+        daemon = Daemon(config, trace, credentials)
+        return await daemon.run(signals, task_status=task_status)
+
+
+def _credential_store(config: GatewayConfig) -> CredentialStore:
+    """The credential store, its warnings logged; CredentialError if it cannot be built."""
+    store = CredentialStore.from_config(config.credentials)
+    for line in store.warnings():
+        log.warning("%s", line)
+    return store
+
+
+class Daemon:
+    """One running gateway: what it serves, and its reload and drain."""
+
+    def __init__(self, config: GatewayConfig, trace: Iterable[str] = (),
+                 credentials: Any = None) -> None:  # fmt: skip
+        trace = tuple(trace)
+        self.config = config  # in force: the start-up file plus reloaded live parts
+        self.live_config = LiveConfig(config)
+        self.credentials = credentials
+        # --trace and --log-level on the command line win over the file, reloads too.
+        self.trace_override = trace if trace != tuple(config.log.trace) else None
+        self.level_override = logging.getLogger().getEffectiveLevel() != _level(config.log.level)
+        self.metrics = _metrics(config)
+        self.registry = Registry()
+        self.observer = OpsObserver(self.metrics, self.registry)
+        self.tracer = FrameTracer(protocols=trace)
+        self.router = _router(config, self.observer, self.tracer, credentials)
+        self.readiness = Readiness.from_config(self.registry, config)
+        self.listener_settings: dict[str, LiveListenerSettings] = {}
+        self.fixed_limits: set[str] = set()  # listeners whose limits need a restart to change
+        self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
+        self.admin_addresses: list[tuple[str, int]] = []
+        self.stopping = False
+        self._stop = trio.Event()
+        self._hurry = trio.Event()
+        self._reload_lock = trio.Lock()
+        self.registry.set_routes(self.router.routes.as_list())
+        for connector in config.connectors:
+            self.registry.register_connector(connector.name, protocol=connector.protocol,
+                                             target=connector.target,
+                                             on_demand=getattr(connector, "on_demand", True))  # fmt: skip
+        if credentials is not None:
+            self.registry.set_credentials(credentials.describe)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, signals: Any = None, *,
+                  task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
+        config = self.config
+        if self.metrics is not None:
+            set_connect_failure_hook(self.metrics.on_tls_handshake_failure)
+        if self.tracer.amqp_enabled or self.tracer.mqtt_enabled:
+            log.info("frame trace on for %s", ",".join(_traced(self.tracer)))
         async with trio.open_nursery() as nursery:
-            await nursery.start(router.run)
+            await nursery.start(self.router.run)
             for connector in config.connectors:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
                          connector.target,
                          f"tls {connector.tls_profile}" if connector.tls_profile else "plaintext",
                          _pool_text(connector))  # fmt: skip
             for listener in config.listeners:
-                bound = await nursery.start(_serve_listener, listener, config, router, metrics)
-                if registry is not None:
-                    registry.register_listener(listener.name, protocol=listener.protocol)
-                    registry.set_listener_bound(listener.name, bound)
+                bound = await nursery.start(self._serve_listener, listener)
+                self.listener_addresses[listener.name] = bound
+                self.registry.register_listener(listener.name, protocol=listener.protocol)
+                self.registry.set_listener_bound(listener.name, bound)
                 log.info("listener %s: %s on %s (%s)", listener.name, listener.protocol,
                          ", ".join(f"{h}:{p}" for h, p in bound),
                          f"tls {listener.tls_profile}" if listener.tls_profile
                          else "plaintext")  # fmt: skip
-            if config.admin.enabled and registry is not None:
-                await _start_admin(nursery, config, registry, metrics)
+            if config.admin.enabled:
+                await self._start_admin(nursery)
             log.info("gateway %s started", config.gateway.id)
-            _notify("ready", "running")
-            task_status.started(router)
-            async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
-                break
-            _notify("stopping", "stopping")
-            # Detach every link and close every connection; new devices are turned
-            # away meanwhile. Then the listeners and everything else stop.
-            router.shutdown()
-            with trio.move_on_after(SHUTDOWN_GRACE):
-                while router.devices or router.upstreams:
-                    await trio.sleep(0.05)
+            sdnotify.ready(f"running: {status_text(self.registry)}")
+            nursery.start_soon(sdnotify.watchdog_loop)
+            if os.environ.get("NOTIFY_SOCKET"):
+                nursery.start_soon(self._status_loop)
+            if signals is not None:
+                nursery.start_soon(self._signal_loop, signals)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._drain()
             nursery.cancel_scope.cancel()
-    log.info("gateway %s stopped", config.gateway.id)
-    return 0
+        log.info("gateway %s stopped", config.gateway.id)
+        return EXIT_OK
+
+    def request_stop(self) -> None:
+        """Begin the drain (what SIGTERM does); asked again, cut the drain short."""
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop.set()
+
+    async def _signal_loop(self, signals: Any) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if self._stop.is_set():
+                    log.info("received SIGHUP while stopping: not reloading")
+                    continue
+                log.info("received SIGHUP, reloading %s", self.config.source_path)
+                await self.reload()
+            elif self._stop.is_set():
+                log.info("received %s again: detaching now", name)
+                self.request_stop()
+            else:
+                log.info("received %s, stopping", name)
+                self.request_stop()
+
+    async def _status_loop(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            if not self.stopping:
+                sdnotify.status(f"running: {status_text(self.registry)}")
+
+    # -------------------------------------------------------------------- drain
+
+    async def _drain(self) -> None:
+        """Stop taking work, let what is in flight settle, then detach and close."""
+        self.stopping = True
+        timeout = float(self.config.gateway.drain_timeout)
+        self.readiness.draining = True
+        for settings in self.listener_settings.values():
+            settings.draining = True
+        # New attaches are refused and new AMQP connections closed from here on.
+        self.router.stopping = True
+        pending = in_flight(self.router)
+        sdnotify.stopping(f"draining: {pending} deliveries in flight")
+        log.info("draining: new connections and attaches refused; %d deliveries in flight, "
+                 "waiting up to %gs for them to settle", pending, timeout)  # fmt: skip
+        with trio.move_on_after(timeout):
+            while not self._hurry.is_set() and in_flight(self.router):
+                with trio.move_on_after(DRAIN_POLL):
+                    await self._hurry.wait()
+        left = in_flight(self.router)
+        if left:
+            log.warning("drain ended with %d deliveries unsettled; they stay unsettled for "
+                        "their senders, which resend them", left)  # fmt: skip
+        else:
+            log.info("drain complete: no deliveries in flight")
+        sdnotify.status("stopping: detaching links")
+        detach_all(self.router, SHUTDOWN_DESCRIPTION)
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            while self.router.devices or self.router.upstreams:
+                await trio.sleep(DRAIN_POLL)
+
+    # ------------------------------------------------------------------- reload
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and apply what can change live (SIGHUP)."""
+        async with self._reload_lock:
+            sdnotify.reloading("reloading configuration")
+            try:
+                return await self._reload()
+            finally:
+                sdnotify.ready(f"running: {status_text(self.registry)}")
+
+    async def _reload(self) -> bool:
+        path = self.config.source_path
+        if path is None:
+            log.warning("configuration reload: the configuration was not read from a file")
+            self._count_reload(False)
+            return False
+        try:
+            new = await trio.to_thread.run_sync(load_config, path)
+        except ConfigError as exc:
+            log.error("configuration reload rejected, the running configuration stays: %s",
+                      "; ".join(exc.errors))  # fmt: skip
+            self._count_reload(False)
+            return False
+        plan = plan_reload(self.config, new)
+        try:
+            self._apply(plan)
+        except Exception as exc:  # a reload must never take the running gateway down
+            log.error("configuration reload rejected, the running configuration stays: %s: %s",
+                      type(exc).__name__, exc)  # fmt: skip
+            self._count_reload(False)
+            return False
+        for line in plan.needs_restart:
+            log.warning("configuration reload: %s: needs restart, ignored", line)
+        for line in plan.warnings:
+            log.warning("configuration reload: %s", line)
+        if plan.applied:
+            log.info("configuration reloaded from %s: %s", path, "; ".join(plan.applied))
+        else:
+            log.info("configuration reloaded from %s: nothing to change", path)
+        self._count_reload(True)
+        return True
+
+    def _apply(self, plan: ReloadPlan) -> None:
+        """Switch to `plan.config`. Everything that can fail is built before anything changes."""
+        new = plan.config
+        old = self.config
+        routes = (RouteTable.from_config(new.link_routes)
+                  if new.link_routes is not old.link_routes else None)  # fmt: skip
+        if (new.log.level, new.log.format) != (old.log.level, old.log.format):
+            from gateway.ops.logging import setup_logging
+
+            level = new.log.level
+            if self.level_override:
+                level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+                if new.log.level != old.log.level:
+                    log.info("configuration reload: log level %s from the command line kept",
+                             level)  # fmt: skip
+            setup_logging(level, new.log.format)
+        if tuple(new.log.trace) != tuple(old.log.trace):
+            if self.trace_override is None:
+                self.tracer.configure(new.log.trace)
+            else:
+                log.info("configuration reload: trace %s from the command line kept",
+                         ",".join(self.trace_override) or "off")  # fmt: skip
+        if routes is not None:
+            self.router.routes = routes
+            self.registry.set_routes(routes.as_list())
+        for listener in new.listeners:
+            settings = self.listener_settings.get(listener.name)
+            if settings is None:
+                continue
+            if listener.name in self.fixed_limits and (
+                settings.limit != listener.max_connections
+                or settings.allowed_networks != tuple(listener.allowed_networks)
+            ):
+                plan.needs_restart.append(f"listener {listener.name} limits (this build)")
+                continue
+            settings.update_limits(listener)
+        self.live_config.current = new
+        self.config = new
+
+    def _count_reload(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.on_reload(ok)
+
+    # ---------------------------------------------------------------- listeners
+
+    async def _serve_listener(self, listener: Any, *,
+                              task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+        settings = LiveListenerSettings.from_config(listener, self.config)
+        self.listener_settings[listener.name] = settings
+        if listener.protocol == "amqp":
+            await self._serve_amqp(listener, settings, task_status)
+        else:
+            await self._serve_mqtt(listener, settings, task_status)
+
+    async def _serve_amqp(self, listener: Any, settings: LiveListenerSettings,
+                          task_status: trio.TaskStatus[Any]) -> None:  # fmt: skip
+        params = _parameters(serve_amqp_listener)
+        if "settings" in params or params != _AMQP_SERVE_PARAMETERS:
+            kwargs = self._listener_kwargs(listener, params, settings)
+            await serve_amqp_listener(listener, self.config, self.router, observer=self.metrics,
+                                      task_status=task_status, **kwargs)  # fmt: skip
+            return
+
+        # What serve_amqp_listener does, with limits a reload or drain can change.
+        async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+            await handle_device(stream, peer, listener, self.router)
+
+        await serve_listener(settings, handler, observer=self.metrics,  # type: ignore[arg-type]
+                             task_status=task_status)  # fmt: skip
+
+    async def _serve_mqtt(self, listener: Any, settings: LiveListenerSettings,
+                          task_status: trio.TaskStatus[Any]) -> None:  # fmt: skip
+        from gateway.net import mqtt_relay
+
+        observer = self.metrics.mqtt_observer(listener.name) if self.metrics is not None else None
+        params = _parameters(mqtt_relay.serve_mqtt_listener)
+        if "settings" in params or params != _MQTT_SERVE_PARAMETERS:
+            kwargs = self._listener_kwargs(listener, params, settings)
+            await mqtt_relay.serve_mqtt_listener(
+                listener, self.live_config, task_status=task_status, observer=observer,
+                listener_observer=self.metrics, tracer=self.tracer, **kwargs,
+            )  # fmt: skip
+            return
+
+        # What serve_mqtt_listener does, with limits a reload or drain can change and
+        # routes read from the configuration in force.
+        from gateway.net.tls import ClientContextCache
+
+        contexts = ClientContextCache()
+
+        async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+            await mqtt_relay.relay_mqtt_connection(stream, peer, listener, self.live_config,
+                                                   observer, tls_contexts=contexts,
+                                                   tracer=self.tracer)  # fmt: skip
+
+        await serve_listener(settings, handler, observer=self.metrics,  # type: ignore[arg-type]
+                             task_status=task_status)  # fmt: skip
+
+    def _listener_kwargs(self, listener: Any, params: frozenset[str],
+                         settings: LiveListenerSettings) -> dict[str, Any]:  # fmt: skip
+        kwargs: dict[str, Any] = {}
+        if "settings" in params:
+            kwargs["settings"] = settings
+        else:
+            self.fixed_limits.add(listener.name)
+        if "credentials" in params:
+            kwargs["credentials"] = self.credentials
+        return kwargs
+
+    async def _start_admin(self, nursery: trio.Nursery) -> None:
+        from gateway.ops.admin import serve_admin
+
+        try:
+            self.admin_addresses = await nursery.start(
+                serve_admin, self.config.admin.listen, self.registry, self.metrics, self.readiness
+            )
+        except OSError as exc:
+            log.error("admin endpoint %s: %s", self.config.admin.listen, exc)
+
+
+# The listener entry points as the daemon knows them; with other parameters (a
+# newer build) the daemon calls them as they are, passing what they accept.
+_AMQP_SERVE_PARAMETERS = frozenset({"listener", "config", "router", "observer", "task_status"})
+_MQTT_SERVE_PARAMETERS = frozenset(
+    {"listener_cfg", "config", "task_status", "observer", "listener_observer", "stats", "tracer"}
+)
+
+
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _router(config: GatewayConfig, observer: Any, tracer: Any, credentials: Any) -> Router:
+    kwargs: dict[str, Any] = {"observer": observer, "tracer": tracer}
+    if credentials is not None:
+        if "credentials" in _parameters(Router):
+            kwargs["credentials"] = credentials
+        elif len(credentials):
+            log.warning("credentials: this build's AMQP router does not use gateway-held "
+                        "credentials; AMQP devices must bring their own tokens")  # fmt: skip
+    return Router(config, **kwargs)
+
+
+def _metrics(config: GatewayConfig) -> Any:
+    try:
+        from gateway.ops.metrics import Metrics
+
+        return Metrics(device_labels=bool(config.gateway.metrics_device_labels),
+                       gateway_id=config.gateway.id)  # fmt: skip
+    except Exception:  # the gateway relays traffic without metrics too
+        log.exception("metrics unavailable")
+        return None
+
+
+def _level(name: str) -> int:
+    value = logging.getLevelName(name.upper())
+    return value if isinstance(value, int) else logging.INFO
+
+
+def _traced(tracer: FrameTracer) -> list[str]:
+    return [p for p, on in (("amqp", tracer.amqp_enabled), ("mqtt", tracer.mqtt_enabled)) if on]
 
 
 def _pool_text(connector: Any) -> str:
@@ -131,32 +451,3 @@ def _pool_text(connector: Any) -> str:
     mode = "on demand" if getattr(connector, "on_demand", True) else "always on"
     return (f", pool {pool.max_connections} x {pool.max_devices_per_connection} devices, "
             f"{mode}")  # fmt: skip
-
-
-async def _serve_listener(listener: Any, config: GatewayConfig, router: Router, metrics: Any, *,
-                          task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    if listener.protocol == "amqp":
-        await serve_amqp_listener(listener, config, router, observer=metrics,
-                                  task_status=task_status)  # fmt: skip
-        return
-    from gateway.net.mqtt_relay import serve_mqtt_listener
-
-    observer = metrics.mqtt_observer(listener.name) if metrics is not None else None
-    tracer = router.tracer if router.tracer is not None and router.tracer.mqtt_enabled else None
-    await serve_mqtt_listener(listener, config, task_status=task_status, observer=observer,
-                              listener_observer=metrics, tracer=tracer)  # fmt: skip
-
-
-async def _start_admin(nursery: trio.Nursery, config: GatewayConfig, registry: Any,
-                       metrics: Any) -> None:  # fmt: skip
-    try:
-        from gateway.ops.admin import serve_admin
-        from gateway.ops.health import Readiness
-    except ImportError:
-        log.warning("admin endpoint unavailable in this build")
-        return
-    readiness = Readiness.from_config(registry, config)
-    try:
-        await nursery.start(serve_admin, config.admin.listen, registry, metrics, readiness)
-    except OSError as exc:
-        log.error("admin endpoint %s: %s", config.admin.listen, exc)

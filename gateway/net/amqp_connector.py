@@ -22,6 +22,7 @@ import trio
 
 from gateway.amqp import Connection, ConnectionError, RemoteClose, RemoteOpen, SaslClient
 from gateway.amqp.events import Event
+from gateway.ops.hooks import report_connect_failure
 
 from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
 
@@ -223,13 +224,17 @@ async def open_connector_stream(connector: Any, profile: Any) -> trio.abc.Stream
         server_hostname = server_name_for(connector, profile)
     elif not getattr(connector, "allow_plaintext", False):
         raise TLSConnectError("error", f"connector {connector.name!r} has no tls_profile")
-    return await open_upstream_stream(
-        connector.host,
-        int(connector.port),
-        ssl_context=ssl_context,
-        server_hostname=server_hostname,
-        timeout=float(connector.connect_timeout),
-    )
+    try:
+        return await open_upstream_stream(
+            connector.host,
+            int(connector.port),
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeout=float(connector.connect_timeout),
+        )
+    except TLSConnectError as exc:
+        report_connect_failure(connector.name, exc.reason)  # ops: TLS failures by reason
+        raise
 
 
 def client_engine_for(connector: Any, profile: Any, container_id: str) -> Connection:

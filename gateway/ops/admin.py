@@ -6,7 +6,8 @@ connection, GET and HEAD only:
     /metrics          Prometheus text (or OpenMetrics when the scraper asks)
     /healthz          200 "ok" while the event loop runs
     /readyz           200 "ready" or 503 with the reason from the readiness check
-    /api/connections  /api/links  /api/routes  /api/connectors  /api/listeners   (JSON)
+    /api/connections  /api/links  /api/routes  /api/connectors  /api/listeners
+    /api/credentials  (JSON; identities the gateway holds credentials for, no secrets)
 
 A misbehaving client cannot hurt the gateway: request heads and bodies are
 bounded, a client that does not finish its request head in time or stops
@@ -79,6 +80,7 @@ class _AdminServer:
             "/api/routes": registry.routes,
             "/api/connectors": registry.connectors,
             "/api/listeners": registry.listeners,
+            "/api/credentials": registry.credentials,
         }
         self.routes: dict[str, Handler] = {
             "/metrics": self._metrics,

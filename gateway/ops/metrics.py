@@ -19,6 +19,7 @@ and MQTT packets alike.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -214,8 +215,9 @@ class Metrics:
         self._dispositions = _Children(
             Counter(
                 "iotgw_dispositions",
-                "Delivery outcomes relayed, by outcome",
-                ["outcome"],
+                "Delivery outcomes relayed (the receiver's disposition), by outcome and "
+                "direction of the message",
+                ["outcome", "direction"],
                 registry=r,
             )
         )
@@ -267,14 +269,15 @@ class Metrics:
             "Seconds until the soonest gateway-held SAS token expires",
             registry=r,
         )
-        # NaN until a token exists: "0 seconds left" would page someone.
-        self._token_expiry.set(float("nan"))
+        # Expiry deadlines (monotonic seconds) by holder: a device or module identity,
+        # or None for the AMQP router's soonest. Scrapes see the time left now.
+        self._token_deadlines: dict[str | None, float] = {}
+        self._token_expiry.set_function(self._soonest_token_expiry)
         self._renewal_failures = Counter(
             "iotgw_token_renewal_failures",
             "SAS token renewals that failed",
             registry=r,
         )
-        self._token_expiry_by_device: dict[str, float] = {}
 
         # Lifecycle.
         self._reloads = _Children(
@@ -388,9 +391,15 @@ class Metrics:
         self._traffic[key] = pair
         return pair
 
-    def on_disposition(self, outcome: str) -> None:
-        """outcome: accepted | rejected | released | modified | received | settled."""
-        self._dispositions.get(outcome).inc()
+    def on_disposition(self, outcome: str, direction: str) -> None:
+        """A receiver's disposition relayed to the sender.
+
+        outcome: accepted | rejected | released | modified | received | settled
+        (settled without an outcome); direction: of the message, ``in`` = the
+        hub's outcome of a device message, ``out`` = the device's outcome of a
+        cloud-to-device message.
+        """
+        self._dispositions.get(outcome, direction).inc()
 
     def on_attach_refused(self, reason: str) -> None:
         """reason: the AMQP error condition, e.g. amqp:not-found."""
@@ -419,15 +428,28 @@ class Metrics:
 
     # -- credentials ---------------------------------------------------------------
 
-    def set_token_expiry(self, seconds: float, device: str | None = None) -> None:
-        """Seconds until a gateway-held token expires; the gauge shows the soonest."""
-        if device is None:
-            self._token_expiry.set(seconds)
+    def set_token_expiry(self, seconds: float | None, device: str | None = None) -> None:
+        """Seconds from now until a gateway-held token expires (None: no token any more).
+
+        ``device`` is the identity the token is for; None stands for the AMQP
+        router's soonest expiry. The gauge shows the soonest of all, counting
+        down between reports; NaN while the gateway holds no token ("0 seconds
+        left" would page someone).
+        """
+        if seconds is None:
+            self._token_deadlines.pop(device, None)
+            if device is not None and self._device_token_expiry is not None:
+                self._device_token_expiry.forget(lambda key: key[0] == device)
             return
-        self._token_expiry_by_device[device] = seconds
-        self._token_expiry.set(min(self._token_expiry_by_device.values()))
-        if self._device_token_expiry is not None:
-            self._device_token_expiry.get(device).set(seconds)
+        deadline = time.monotonic() + seconds
+        self._token_deadlines[device] = deadline
+        if device is not None and self._device_token_expiry is not None:
+            self._device_token_expiry.get(device).set_function(lambda: deadline - time.monotonic())
+
+    def _soonest_token_expiry(self) -> float:
+        if not self._token_deadlines:
+            return float("nan")
+        return min(self._token_deadlines.values()) - time.monotonic()
 
     def on_token_renewal_failure(self, device: str | None = None) -> None:
         self._renewal_failures.inc()
@@ -439,9 +461,7 @@ class Metrics:
 
     def forget_device(self, device: str) -> None:
         """Drop a departed device's per-device series (and its token expiry)."""
-        if self._token_expiry_by_device.pop(device, None) is not None:
-            remaining = self._token_expiry_by_device.values()
-            self._token_expiry.set(min(remaining) if remaining else float("nan"))
+        self._token_deadlines.pop(device, None)
         for children in (self._device_messages, self._device_bytes, self._device_token_expiry):
             if children is not None:
                 children.forget(lambda key: key[0] == device)
@@ -476,6 +496,22 @@ class MqttRelayMetrics:
         """TCP/TLS connect to the connector failed (reason as the TLS layer classifies it)."""
         self._metrics.on_tls_handshake_failure(connector, reason)
 
+    def on_token_renewal_failure(self, device: str) -> None:
+        """A gateway-issued token could not be renewed (each attempt, and at expiry)."""
+        self._metrics.on_token_renewal_failure(device)
+
+    def on_token_expiry(self, device: str, seconds: float | None) -> None:
+        """A gateway-issued token's remaining life when issued; None once the session ended."""
+        self._metrics.set_token_expiry(seconds, device)
+
+    def on_upstream_open(self, connector: str) -> None:
+        """A device's own upstream (TLS) connection to ``connector`` is established."""
+        self._metrics.on_upstream_state(connector, "open", None)
+
+    def on_upstream_close(self, connector: str) -> None:
+        """That upstream connection is gone (after ``on_upstream_open`` only)."""
+        self._metrics.on_upstream_state(connector, None, "open")
+
 
 # MQTT relay close reasons that are protocol errors, and on which side.
 _MQTT_PROTOCOL_ERRORS = {
@@ -505,7 +541,7 @@ class NullMetrics:
     def on_message(
         self, route: str, direction: str, nbytes: int, device: str | None = None
     ) -> None: ...
-    def on_disposition(self, outcome: str) -> None: ...
+    def on_disposition(self, outcome: str, direction: str) -> None: ...
     def on_attach_refused(self, reason: str) -> None: ...
     def on_protocol_error(
         self, kind: str, side: str = "device", protocol: str = "amqp"
@@ -519,7 +555,7 @@ class NullMetrics:
     def mqtt_observer(self, listener: str = "", route: str = "mqtt") -> MqttRelayMetrics:
         return MqttRelayMetrics(self, listener, route)
 
-    def set_token_expiry(self, seconds: float, device: str | None = None) -> None: ...
+    def set_token_expiry(self, seconds: float | None, device: str | None = None) -> None: ...
     def on_token_renewal_failure(self, device: str | None = None) -> None: ...
     def on_reload(self, ok: bool) -> None: ...
     def forget_device(self, device: str) -> None: ...

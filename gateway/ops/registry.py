@@ -13,7 +13,7 @@ redaction helper as a second line of defence.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,6 +162,7 @@ class Registry:
         self._connectors: dict[str, ConnectorInfo] = {}
         self._listeners: dict[str, ListenerInfo] = {}
         self._routes: list[dict[str, Any]] = []
+        self._credentials: Callable[[], list[dict[str, Any]]] | None = None
 
     # -- connections -----------------------------------------------------
 
@@ -258,6 +259,13 @@ class Registry:
         """Replace the route table snapshot (called at start and on reload)."""
         self._routes = [dict(r) for r in routes]
 
+    # -- credentials -----------------------------------------------------
+
+    def set_credentials(self, describe: Callable[[], list[dict[str, Any]]] | None) -> None:
+        """Where /api/credentials comes from: the credential store's ``describe``
+        (identities, kinds, local auth: never a key, token or password)."""
+        self._credentials = describe
+
     # -- snapshots (plain JSON-able data) --------------------------------
 
     def connections(self) -> list[dict[str, Any]]:
@@ -276,6 +284,14 @@ class Registry:
 
     def connectors(self) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self._connectors.values()]
+
+    def credentials(self) -> list[dict[str, Any]]:
+        if self._credentials is None:
+            return []
+        return [
+            {k: _scrub(v) if isinstance(v, str) else v for k, v in row.items()}
+            for row in self._credentials()
+        ]
 
     def listeners(self) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self._listeners.values()]

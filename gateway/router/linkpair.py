@@ -24,6 +24,7 @@ from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
 from gateway.amqp.performatives import Attach, Error, Flow
 from gateway.amqp.types import Symbol
 
+from .observe import disposition_relayed
 from .routes import Direction, RouteMatch
 
 if TYPE_CHECKING:
@@ -421,6 +422,7 @@ def relay_disposition(ev: Any) -> set[Any]:
             other.context = None
         conn = other.link.session.connection
         by_conn.setdefault(conn, []).append(other)
+        disposition_relayed(d, ev.state, ev.settled)  # ops: dispositions by outcome
     for conn, deliveries in by_conn.items():
         conn.disposition(deliveries, settled=ev.settled, state=ev.state)
         touched.add(conn)

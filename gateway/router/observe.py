@@ -3,6 +3,11 @@
 The router calls one method per event (`RouterObserver` in core.py); this
 adapter turns that into `gateway.ops.metrics.Metrics` calls and
 `gateway.ops.registry.Registry` records. Both are optional.
+
+`disposition_relayed` is called by the disposition relay in linkpair.py for
+every delivery whose disposition crossed the gateway; it counts the
+receiver's outcomes (the hub's for device messages, the device's for
+cloud-to-device messages) and ignores a sender merely settling.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ if TYPE_CHECKING:
     from .device import DeviceConn
     from .linkpair import LinkPair
     from .upstream import UpstreamConn
+
+from .identity import identity_of_address
 
 # Pool states -> registry connector states.
 _CONNECTOR_STATE = {"up": "connected", "connecting": "connecting", "backoff": "backoff",
@@ -29,7 +36,7 @@ class OpsObserver:
     def on_link_opened(self, pair: LinkPair) -> None:
         pair.observed = True
         if self.metrics is not None:
-            self.metrics.on_link_open(pair.route.route.spec, pair.direction)
+            self.metrics.on_link_open(_route(pair), pair.direction)
         if self.registry is not None:
             from gateway.ops.registry import LinkInfo
 
@@ -40,7 +47,7 @@ class OpsObserver:
                 name=str(pair.attach.name),
                 role="receiver" if pair.direction == "out" else "sender",
                 address=pair.address,
-                route=pair.route.route.spec,
+                route=_route(pair),
                 direction=pair.direction,
                 upstream_link_id=pair.upstream.id if pair.upstream is not None else None,
             ))  # fmt: skip
@@ -49,13 +56,29 @@ class OpsObserver:
         if not pair.observed:
             return
         if self.metrics is not None:
-            self.metrics.on_link_close(pair.route.route.spec, pair.direction)
+            self.metrics.on_link_close(_route(pair), pair.direction)
         if self.registry is not None:
             self.registry.remove_link(f"{pair.device.id}/{id(pair.dev_link):x}")
 
     def on_message(self, pair: LinkPair, nbytes: int) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            if metrics.device_labels:
+                metrics.on_message(_route(pair), pair.direction, nbytes,
+                                   device=_device_of(pair.address))  # fmt: skip
+            else:
+                metrics.on_message(_route(pair), pair.direction, nbytes)
+        if self.registry is not None:
+            conn = self.registry.connection(pair.device.id)
+            if conn is not None:
+                if pair.direction == "in":
+                    conn.count_in(nbytes)
+                else:
+                    conn.count_out(nbytes)
+
+    def on_disposition(self, pair: LinkPair, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.on_message(pair.route.route.spec, pair.direction, nbytes)
+            self.metrics.on_disposition(outcome, pair.direction)
 
     def on_attach_refused(self, reason: str) -> None:
         if self.metrics is not None:
@@ -100,3 +123,57 @@ class OpsObserver:
     def on_reconnect(self, connector: str) -> None:
         if self.metrics is not None:
             self.metrics.on_reconnect(connector)
+
+    # ---- gateway-held tokens -----------------------------------------------------
+
+    def on_token_expiry(self, seconds: float | None) -> None:
+        """The soonest expiry of the tokens the router holds for devices (None: none)."""
+        if self.metrics is not None:
+            self.metrics.set_token_expiry(seconds)
+
+    def on_token_renewal_failure(self, identity: str) -> None:
+        if self.metrics is not None:
+            self.metrics.on_token_renewal_failure(identity)
+
+
+# ---- the disposition relay's hook ---------------------------------------------------------
+
+_OUTCOMES = {"Accepted": "accepted", "Rejected": "rejected", "Released": "released",
+             "Modified": "modified", "Received": "received"}  # fmt: skip
+
+
+def outcome_name(state: Any, settled: bool) -> str:
+    """A fixed label for a delivery state: accepted, rejected, ..., or settled (no state)."""
+    if state is None:
+        return "settled" if settled else "none"
+    return _OUTCOMES.get(type(state).__name__, "other")
+
+
+def disposition_relayed(delivery: Any, state: Any, settled: bool) -> None:
+    """`delivery` (ours, on the link that received the disposition) had its peer's
+    disposition relayed to the other hop. Counted when the peer is the receiver,
+    i.e. our link is the sender, and the link belongs to a routed pair."""
+    link = delivery.link
+    if not link.is_sender:
+        return
+    pair = link.context
+    device = getattr(pair, "device", None)
+    direction = getattr(pair, "direction", None)
+    if device is None or direction is None:
+        return  # a CBS link: put-token replies are not message outcomes
+    hook = getattr(device.router.observer, "on_disposition", None)
+    if hook is not None:
+        hook(pair, outcome_name(state, settled))
+
+
+def _route(pair: Any) -> str:
+    """The route as configured: its prefix or pattern (`$cbs`, `devices/`)."""
+    route = pair.route.route
+    return route.prefix if route.prefix is not None else route.pattern
+
+
+def _device_of(address: str) -> str | None:
+    identity = identity_of_address(address)
+    if identity is None or len(identity) < 2:
+        return None
+    return "/".join(identity[1::2])  # "d1" or "d1/m1"

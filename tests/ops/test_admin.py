@@ -67,7 +67,7 @@ async def test_metrics_endpoint_counts(admin: AdminFixture) -> None:
     m.on_device_connect("amqp", "amqp")
     for _ in range(7):
         m.on_message("devices/", "in", 100)
-    m.on_disposition("accepted")
+    m.on_disposition("accepted", "in")
     status, headers, body = await aget(admin.url + "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,7 +43,8 @@ def test_counts_after_a_known_sequence() -> None:
         m.on_message("devices/", "in", 1024)
     m.on_message("devices/", "out", 10)
     for outcome in ("accepted",) * 9 + ("rejected",):
-        m.on_disposition(outcome)
+        m.on_disposition(outcome, "in")
+    m.on_disposition("released", "out")
     m.on_attach_refused("amqp:not-found")
     m.on_protocol_error("amqp:decode-error", side="device")
     m.observe_relay_latency(0.00002)
@@ -73,8 +75,9 @@ def test_counts_after_a_known_sequence() -> None:
     assert value(m, "iotgw_messages_total", route="devices/", direction="in") == 10
     assert value(m, "iotgw_message_bytes_total", route="devices/", direction="in") == 10240
     assert value(m, "iotgw_messages_total", route="devices/", direction="out") == 1
-    assert value(m, "iotgw_dispositions_total", outcome="accepted") == 9
-    assert value(m, "iotgw_dispositions_total", outcome="rejected") == 1
+    assert value(m, "iotgw_dispositions_total", outcome="accepted", direction="in") == 9
+    assert value(m, "iotgw_dispositions_total", outcome="rejected", direction="in") == 1
+    assert value(m, "iotgw_dispositions_total", outcome="released", direction="out") == 1
     assert value(m, "iotgw_attach_refusals_total", reason="amqp:not-found") == 1
     assert (
         value(
@@ -106,7 +109,7 @@ def test_no_device_ids_in_labels_by_default() -> None:
     m.on_message("devices/", "in", 10, device="secret-device-7")
     m.set_token_expiry(1800, device="secret-device-7")
     assert "secret-device-7" not in generate_latest(m.registry).decode()
-    assert value(m, "iotgw_token_expiry_seconds") == 1800
+    assert value(m, "iotgw_token_expiry_seconds") == pytest.approx(1800, abs=1)
 
 
 def test_device_labels_when_enabled_and_forget() -> None:
@@ -117,10 +120,14 @@ def test_device_labels_when_enabled_and_forget() -> None:
     m.set_token_expiry(300, device="dev2")
     assert value(m, "iotgw_device_messages_total", device="dev1", direction="in") == 2
     assert value(m, "iotgw_device_message_bytes_total", device="dev1", direction="in") == 15
-    assert value(m, "iotgw_device_token_expiry_seconds", device="dev2") == 300
-    assert value(m, "iotgw_token_expiry_seconds") == 300  # the soonest
+    assert value(m, "iotgw_device_token_expiry_seconds", device="dev2") == pytest.approx(300, abs=1)
+    assert value(m, "iotgw_token_expiry_seconds") == pytest.approx(300, abs=1)  # the soonest
+    m.set_token_expiry(600)  # the AMQP router's soonest
+    assert value(m, "iotgw_token_expiry_seconds") == pytest.approx(300, abs=1)
     m.forget_device("dev2")
-    assert value(m, "iotgw_token_expiry_seconds") == 900
+    assert value(m, "iotgw_token_expiry_seconds") == pytest.approx(600, abs=1)
+    m.set_token_expiry(None)
+    assert value(m, "iotgw_token_expiry_seconds") == pytest.approx(900, abs=1)
     m.forget_device("dev1")
     assert "dev1" not in generate_latest(m.registry).decode()
     assert math.isnan(value(m, "iotgw_token_expiry_seconds"))
@@ -186,6 +193,11 @@ def test_mqtt_observer_adapter() -> None:
         )
         == 1
     )
+    obs.on_upstream_open("iothub-mqtt")
+    obs.on_upstream_open("iothub-mqtt")
+    obs.on_upstream_close("iothub-mqtt")
+    assert value(m, "iotgw_upstream_connections", connector="iothub-mqtt", state="open") == 1
+    assert value(m, "iotgw_upstream_connections_opened_total", connector="iothub-mqtt") == 2
 
 
 def test_null_metrics_has_the_same_interface() -> None:
