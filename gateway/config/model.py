@@ -170,7 +170,10 @@ class ReconnectSettings(Section):
 class PoolSettings(Section):
     max_connections: int = Field(4, ge=1, le=1000)
     max_devices_per_connection: int = Field(
-        200, ge=1, le=1000, description="1 = one TLS connection per device, $cbs routed verbatim"
+        200,
+        ge=1,
+        le=1000,
+        description="1 = one TLS connection per device (with cbs: auto, $cbs routed verbatim)",
     )
 
 
@@ -200,6 +203,35 @@ class AmqpConnector(ConnectorBase):
         None, description="AMQP open hostname (default: tls profile server_name, else host)"
     )
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    cbs: Literal["auto", "proxy", "route"] = Field(
+        "auto",
+        description="$cbs handling: proxy = served by the gateway, put-tokens forwarded over "
+        "one gateway CBS link pair per hub connection; route = link-routed verbatim (needs "
+        "pool.max_devices_per_connection: 1); auto = route when that is 1, else proxy",
+    )
+
+    @property
+    def cbs_proxied(self) -> bool:
+        """True when the gateway serves `$cbs` itself (see ``cbs``)."""
+        if self.cbs == "auto":
+            return self.pool.max_devices_per_connection > 1
+        return self.cbs == "proxy"
+
+    @model_validator(mode="after")
+    def _cbs_mode(self) -> AmqpConnector:
+        if self.cbs == "route" and self.pool.max_devices_per_connection != 1:
+            raise errors_at(
+                "AmqpConnector",
+                [
+                    (
+                        ("cbs",),
+                        "cbs: route needs pool.max_devices_per_connection: 1 (devices sharing "
+                        "a hub connection cannot each route their own CBS links; use proxy "
+                        "or auto)",
+                    )
+                ],
+            )
+        return self
 
     @model_validator(mode="after")
     def _sasl_credentials(self) -> AmqpConnector:

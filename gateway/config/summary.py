@@ -101,6 +101,7 @@ def render_summary(config: GatewayConfig) -> str:
                     f"sasl {connector.sasl}, hostname {connector.hostname}, pool "
                     f"{connector.pool.max_connections}x"
                     f"{connector.pool.max_devices_per_connection}"
+                    + (", $cbs proxied" if connector.cbs_proxied else ", $cbs routed")
                     + (", on demand" if connector.on_demand else "")
                 )
             else:

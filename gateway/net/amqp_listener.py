@@ -4,14 +4,25 @@ Binding, `allowed_networks`, `max_connections` and device-side TLS come from
 `gateway.net.listeners`. Per connection: the AMQP header, SASL (if any) and
 open must complete within the listener's ``handshake_timeout``; after that
 the engine's idle timeouts apply both ways.
+
+When the router holds device credentials, a device's SASL PLAIN login may be
+a local password that must be checked with scrypt. That is too slow for the
+event loop, and the engine judges the sasl-init synchronously, so
+`SaslPlainGate` holds the sasl-init back until the router's check has run in
+a worker thread; the engine then finds the answer ready.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from gateway.amqp import AMQPError
+from gateway.amqp.framing import SASL_HEADER, FrameReader
+from gateway.amqp.performatives import SaslInit
 
 from .amqp_connector import EngineDriver
 from .listeners import ListenerSettings, serve_listener
@@ -21,11 +32,115 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.net.amqp")
 
+# A sasl-init larger than this is passed on unchecked (the engine refuses it).
+MAX_SASL_INIT = 65536
+
+PlainCheck = Callable[[str, str], Awaitable[None]]
+
+
+class SaslPlainGate(trio.abc.Stream):
+    """A device stream that holds the device's sasl-init back until
+    ``check(username, password)`` has run for a PLAIN login.
+
+    The bytes pass on unchanged: the protocol header at once (the engine must
+    offer its mechanisms before the device sends its sasl-init), then the
+    sasl-init frame once complete and checked, then everything as it comes.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, check: PlainCheck) -> None:
+        self._stream = stream
+        self._check = check
+        self._held = bytearray()
+        self._header_seen = False
+        self._done = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            out = await self._release()
+            if out:
+                return out
+            if self._done:
+                return await self._stream.receive_some(max_bytes)
+            data = await self._stream.receive_some(max_bytes)
+            if not data:
+                self._done = True
+                out = bytes(self._held)
+                self._held.clear()
+                return out
+            self._held += data
+
+    def _pass_all(self) -> bytes:
+        self._done = True
+        out = bytes(self._held)
+        self._held.clear()
+        return out
+
+    async def _release(self) -> bytes:
+        """Bytes the engine may have now (b"" while waiting for more)."""
+        held = self._held
+        if self._done:
+            return self._pass_all()
+        if not held:
+            return b""
+        if not self._header_seen:
+            if held[:8] != SASL_HEADER[: len(held[:8])]:
+                return self._pass_all()  # no SASL layer (or not AMQP: the engine says so)
+            if len(held) < 8:
+                return b""
+            self._header_seen = True
+            out = bytes(held[:8])
+            del held[:8]
+            return out
+        if len(held) < 8:
+            return b""
+        size = int.from_bytes(held[:4], "big")
+        if size < 8 or size > MAX_SASL_INIT:
+            return self._pass_all()
+        if len(held) < size:
+            return b""
+        reader = FrameReader(MAX_SASL_INIT)
+        reader.feed(bytes(held[:size]))
+        try:
+            frame = reader.next_frame()
+        except AMQPError:
+            return self._pass_all()
+        perf = frame.performative if frame is not None else None
+        if type(perf) is SaslInit and str(perf.mechanism) == "PLAIN":
+            login = _plain_login(perf.initial_response)
+            if login is not None:
+                await self._check(*login)
+        return self._pass_all()
+
+
+def _plain_login(response: bytes | None) -> tuple[str, str] | None:
+    """(authcid, password) of a PLAIN initial response (RFC 4616), None if malformed."""
+    if response is None:
+        return None
+    parts = bytes(response).split(b"\x00")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        return parts[1].decode("utf-8"), parts[2].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
 
 async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener: Any,
                         router: Router) -> None:  # fmt: skip
     """Run one device connection until it ends."""
     device = router.new_device(listener, peer)
+    check = router.sasl_precheck(device)
+    if check is not None and device.engine.sasl is not None:
+        stream = SaslPlainGate(stream, check)
     driver = EngineDriver(stream, device.engine, device.handle, name=device.id,
                           tracer=router.tracer)  # fmt: skip
     device.driver = driver

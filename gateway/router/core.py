@@ -3,18 +3,24 @@
 A device connection gets one `Binding` per connector it uses: a lease on one
 upstream connection from that connector's pool, taken at its first routed
 attach or CBS request and kept until the device (or the upstream connection)
-goes. On a shared upstream connection (``max_devices_per_connection`` > 1)
-`$cbs` is served locally (see `cbs.py`) and `devices/{id}` attaches are
-admitted only for identities the binding authorised (design item 8); with
-``max_devices_per_connection: 1`` everything, `$cbs` included, is link-routed
-verbatim.
+goes. Where the connector proxies `$cbs` (``cbs: proxy``, or ``auto`` on a
+shared upstream connection) `$cbs` is served locally (see `cbs.py`) and
+`devices/{id}` attaches are admitted only for identities the binding
+authorised (design item 8); with ``cbs: route`` (``auto`` with
+``max_devices_per_connection: 1``) everything, `$cbs` included, is
+link-routed verbatim.
+
+With a credential store, an attach for an identity the device has no token
+for, and the store holds a key for, first gets a token put by the gateway
+(see `gateway_tokens.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -30,6 +36,7 @@ from gateway.net.pool import ConnectorPool, Lease, PoolUnavailable
 
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
 from .device import DeviceConn
+from .gateway_tokens import GatewayTokens, Grant, Injection
 from .identity import IdentityPath, audience_path, covers, identity_of_address, token_audience
 from .linkpair import (
     FORCED,
@@ -47,6 +54,8 @@ log = logging.getLogger("gateway.router")
 
 # How long an attach may wait for put-tokens of the same device still in flight.
 PUT_WAIT = 10.0
+# How long an attach may wait in all (its device's puts, then a token put by the gateway).
+ADMIT_WAIT = PUT_WAIT + 5.0
 # How long a closing upstream connection may wait for the hub's close.
 CLOSE_WAIT = 5.0
 
@@ -64,6 +73,9 @@ class RouterObserver(Protocol):
     def on_device_closed(self, device: DeviceConn) -> None: ...
     def on_upstream_open(self, upstream: UpstreamConn, remote: str) -> None: ...
     def on_upstream_closed(self, upstream: UpstreamConn) -> None: ...
+    # Optional, looked up with getattr (gateway-held tokens):
+    #   on_token_expiry(seconds: float | None)   soonest expiry, None when none held
+    #   on_token_renewal_failure(identity: str)
 
 
 class NullObserver:
@@ -108,6 +120,7 @@ class Binding:
         self.connector = connector
         self.pool = pool
         self.shared = pool.max_devices_per_connection > 1
+        self.proxy_cbs = router.cbs_proxied.get(connector, self.shared)
         self.lease: Lease[UpstreamConn] | None = None
         self.upstream: UpstreamConn | None = None
         self.error: PoolUnavailable | None = None
@@ -116,6 +129,9 @@ class Binding:
         self.puts_in_flight = 0
         self._puts_changed = trio.Event()
         self._invalid = False
+        # Tokens the gateway put (or is putting) for the device on this binding.
+        self.grants: dict[IdentityPath, Grant] = {}
+        self.injections: dict[IdentityPath, Injection] = {}
 
     @property
     def valid(self) -> bool:
@@ -131,6 +147,10 @@ class Binding:
         path = audience_path(audience)
         if path not in self.authorised:
             self.authorised.append(path)
+
+    def deauthorise(self, path: IdentityPath) -> None:
+        if path in self.authorised:
+            self.authorised.remove(path)
 
     def is_authorised(self, identity: IdentityPath) -> bool:
         return any(covers(a, identity) for a in self.authorised)
@@ -149,6 +169,8 @@ class Binding:
     def invalidate(self) -> None:
         """The upstream connection is gone; the next attach takes a new binding."""
         self._invalid = True
+        if self.router.tokens is not None:
+            self.router.tokens.drop_binding(self)
         self.authorised.clear()
         self._puts_changed.set()
         if self.lease is not None:
@@ -160,6 +182,8 @@ class Binding:
         """The device is gone. A dedicated upstream connection goes with it: a token
         its device put there must not serve whoever gets the connection next."""
         self._invalid = True
+        if self.router.tokens is not None:
+            self.router.tokens.drop_binding(self)
         up = self.upstream
         if up is not None:
             up.bindings.discard(self)
@@ -174,8 +198,16 @@ class Binding:
 
 
 class Router:
+    """Routes device attaches over pooled upstream connections.
+
+    ``credentials`` (a `CredentialStore`, or None: no gateway-held tokens) lets
+    the gateway put tokens for devices it holds keys for; ``clock`` is the
+    wall clock those tokens' expiry is reckoned in.
+    """
+
     def __init__(self, config: Any, *, observer: Any = None,
-                 rng: Callable[[], float] = random.random, tracer: Any = None) -> None:  # fmt: skip
+                 rng: Callable[[], float] = random.random, tracer: Any = None,
+                 credentials: Any = None, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.config = config
         self.tracer = tracer  # frame trace (gateway.ops.trace.FrameTracer), or None
         self.container_id = str(config.gateway.id)
@@ -184,9 +216,12 @@ class Router:
         self.devices: set[DeviceConn] = set()
         self.upstreams: set[UpstreamConn] = set()
         self.pools: dict[str, ConnectorPool[UpstreamConn]] = {}
+        # Connector name -> $cbs served by the gateway (True) or link-routed (False).
+        self.cbs_proxied: dict[str, bool] = {}
         for connector in config.connectors:
             if getattr(connector, "protocol", "amqp") != "amqp":
                 continue
+            self.cbs_proxied[connector.name] = _cbs_proxied(connector)
             self.pools[connector.name] = ConnectorPool(
                 connector.name,
                 self._connect_fn(connector),
@@ -201,6 +236,31 @@ class Router:
             )
         self._nursery: trio.Nursery | None = None
         self.stopping = False
+        self._clock = clock
+        self.tokens: GatewayTokens | None = None
+        if credentials is not None:
+            self.tokens = GatewayTokens(self, credentials, clock=clock)
+
+    def set_credentials(self, credentials: Any) -> None:
+        """Use a (reloaded) credential store for tokens issued from now on."""
+        if self.tokens is not None:
+            self.tokens.set_store(credentials)
+            return
+        self.tokens = GatewayTokens(self, credentials, clock=self._clock)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.tokens.run)
+
+    def sasl_authenticator(self, device: DeviceConn) -> Callable[..., bool] | None:
+        """The SASL ``authenticate`` callback for a device engine (None: accept all,
+        the gateway holds no credentials)."""
+        return self.tokens.sasl_authenticator(device) if self.tokens is not None else None
+
+    def sasl_precheck(self, device: DeviceConn) -> Callable[[str, str], Awaitable[None]] | None:
+        """What the listener runs on a device's SASL PLAIN login before the engine
+        judges it (None: nothing to check)."""
+        if self.tokens is None or not len(self.tokens.store):
+            return None
+        return self.tokens.sasl_precheck(device)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -209,6 +269,8 @@ class Router:
             self._nursery = nursery
             for pool in self.pools.values():
                 await nursery.start(pool.run)
+            if self.tokens is not None:
+                await nursery.start(self.tokens.run)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -289,7 +351,7 @@ class Router:
     async def _bind(self, b: Binding) -> None:
         device = b.device
         try:
-            lease = await b.pool.acquire(owner=device)
+            lease = await self._acquire(b.pool, device)
         except PoolUnavailable as exc:
             log.warning("device %s: connector %s unavailable: %s", device.id, b.connector,
                         exc.description)  # fmt: skip
@@ -306,9 +368,22 @@ class Router:
         lease.conn.bindings.add(b)
         if device.plain is not None and device.plain_token is not None:
             await self._put_plain_token(b)
-        if b.shared and device.tokens_for(b.connector):
+        if b.proxy_cbs and device.tokens_for(b.connector):
             await self._replay_tokens(b)
         b.ready.set()
+
+    @staticmethod
+    async def _acquire(pool: ConnectorPool[UpstreamConn], device: DeviceConn) -> Lease[UpstreamConn]:
+        """A lease on a usable connection. Right after an upstream connection is lost
+        its pool slot may not have noticed yet: wait for that, then lease again."""
+        for _ in range(3):
+            lease = await pool.acquire(owner=device)
+            if lease.conn.usable:
+                return lease
+            with trio.move_on_after(CLOSE_WAIT):
+                await lease.lost.wait()
+            lease.release()
+        return lease
 
     async def _replay_tokens(self, b: Binding) -> None:
         """The device's tokens died with its previous upstream connection, but its
@@ -383,20 +458,23 @@ class Router:
             self.observer.on_attach_refused(NOT_FOUND)
             refuse_attach(link, amqp_error(NOT_FOUND, f"connector {connector!r} is not available"))
             return
-        if pool.max_devices_per_connection > 1 and is_cbs_address(match.address):
+        if self.cbs_proxied.get(connector, False) and is_cbs_address(match.address):
             device.cbs.attach(link, attach, connector)
             return
         pair = LinkPair(device, link, attach, match, direction, connector)
         device.pairs.add(pair)
         b = self.binding_for(device, connector)
-        if b.ready.is_set() and self._admit(pair, b):
+        if b.ready.is_set() and self._admit(pair, b) is True:
             return
         assert self._nursery is not None
         self._nursery.start_soon(self._admit_later, pair, b)
 
-    def _admit(self, pair: LinkPair, b: Binding, *, wait_for_puts: bool = True) -> bool:
-        """Try to tunnel `pair` over `b`; False when it must wait for a put-token
-        of the same device still in flight (SDKs put, then attach)."""
+    def _admit(self, pair: LinkPair, b: Binding, *,
+               wait_for_puts: bool = True) -> bool | tuple[IdentityPath, Any]:  # fmt: skip
+        """Try to tunnel `pair` over `b`. True: done (tunnelled or refused). False: it
+        must wait for put-tokens of the same device still in flight (SDKs put, then
+        attach). ``(identity, entry)``: the gateway must put a token for the identity
+        first (it holds the device's key)."""
         if pair.state is not PairState.PENDING:
             return True
         if b.error is not None:
@@ -406,16 +484,15 @@ class Router:
         if not b.valid:
             pair.refuse(FORCED, "upstream connection lost")
             return True
-        if b.shared:
-            identity = identity_of_address(pair.address)
-            if identity is not None and not b.is_authorised(identity):
-                if b.puts_in_flight and wait_for_puts:
-                    return False
-                self.observer.on_attach_refused(UNAUTHORIZED)
-                who = "/".join(identity)
-                log.info("device %s: attach to %r refused: no token for %s on this connection",
-                         pair.device.id, pair.address, who)  # fmt: skip
-                pair.refuse(UNAUTHORIZED, f"no valid token for {who} was put on this connection")
+        identity = identity_of_address(pair.address)
+        if identity is not None and not b.is_authorised(identity):
+            if b.puts_in_flight and wait_for_puts:
+                return False
+            entry = self._held_entry(pair, b, identity)
+            if entry is not None:
+                return identity, entry
+            if b.proxy_cbs:
+                self._refuse_unauthorised(pair, identity)
                 return True
         assert b.upstream is not None
         pair.open_upstream(b.upstream)
@@ -423,13 +500,48 @@ class Router:
             self.observer.on_link_opened(pair)
         return True
 
+    def _held_entry(self, pair: LinkPair, b: Binding, identity: IdentityPath) -> Any:
+        """The credential the gateway would put a token with for `identity`, or None
+        (the device's own credentials apply). Where `$cbs` is link-routed the gateway
+        cannot see the device's own tokens: a device with CBS links of its own
+        manages its tokens itself."""
+        if self.tokens is None:
+            return None
+        if not b.proxy_cbs and any(
+            is_cbs_address(p.address) and p.connector == b.connector and p.state is not PairState.DONE
+            for p in pair.device.pairs
+        ):
+            return None
+        return self.tokens.entry_for(identity)
+
+    def _refuse_unauthorised(self, pair: LinkPair, identity: IdentityPath) -> None:
+        self.observer.on_attach_refused(UNAUTHORIZED)
+        who = "/".join(identity)
+        log.info("device %s: attach to %r refused: no token for %s on this connection",
+                 pair.device.id, pair.address, who)  # fmt: skip
+        pair.refuse(UNAUTHORIZED, f"no valid token for {who} was put on this connection")
+
     async def _admit_later(self, pair: LinkPair, b: Binding) -> None:
         await b.ready.wait()
-        with trio.move_on_after(PUT_WAIT):
-            while not self._admit(pair, b):
-                await b.wait_puts()
+        with trio.move_on_after(ADMIT_WAIT):
+            while True:
+                step = self._admit(pair, b)
+                if step is True:
+                    break
+                if step is False:
+                    await b.wait_puts()
+                    continue
+                identity, entry = step
+                assert self.tokens is not None
+                injection = self.tokens.injection(b, identity, entry)
+                await injection.done.wait()
+                if injection.error is not None and pair.state is PairState.PENDING:
+                    self.observer.on_attach_refused(str(injection.error.condition))
+                    pair.refuse(str(injection.error.condition), injection.error.description or "")
+                    break
         if pair.state is PairState.PENDING:
-            self._admit(pair, b, wait_for_puts=False)
+            if self._admit(pair, b, wait_for_puts=False) is not True:
+                pair.refuse(FORCED, "timed out waiting for a token to be put")
         pair.device.wake()
 
     # -------------------------------------------------------------------- CBS
@@ -471,6 +583,14 @@ class Router:
         b.put_started()
         b.upstream.cbs_pair().forward(req, pending, settled)
         device.wake()
+
+
+def _cbs_proxied(connector: Any) -> bool:
+    """Does the gateway serve `$cbs` for this connector (config ``cbs``)?"""
+    proxied = getattr(connector, "cbs_proxied", None)
+    if proxied is not None:
+        return bool(proxied)
+    return int(connector.pool.max_devices_per_connection) > 1
 
 
 __all__ = ["Binding", "NullObserver", "Router", "RouterObserver", "UNAUTHORIZED"]

@@ -1,7 +1,9 @@
 """The router's side of one device connection: its engine and its events.
 
 The gateway is the device's AMQP peer (server role, SASL ANONYMOUS/PLAIN or
-none). Sessions are answered locally; attaches go to the router core, which
+none). A PLAIN login with a local password (not a SAS token) for an identity
+the gateway holds credentials for is judged at SASL time (see
+`gateway_tokens.py`). Sessions are answered locally; attaches go to the router core, which
 routes them (or serves `$cbs` locally); everything on a routed link goes to
 its `LinkPair`.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -38,15 +41,22 @@ from .identity import PlainIdentity, parse_plain_username
 from .linkpair import FORCED, LinkPair, amqp_error, relay_disposition
 
 if TYPE_CHECKING:
+    from gateway.auth.local_auth import LocalAuthResult
+
     from .core import Binding, Router
+    from .gateway_tokens import PlainCheck
 
 log = logging.getLogger("gateway.router.device")
 
 
-def device_engine(listener: Any, container_id: str) -> Connection:
-    """A server-role engine for a device connection on `listener` (config entry)."""
+def device_engine(listener: Any, container_id: str, *,
+                  authenticate: Callable[..., bool] | None = None) -> Connection:  # fmt: skip
+    """A server-role engine for a device connection on `listener` (config entry);
+    ``authenticate`` judges SASL logins (None: every login is accepted)."""
     mechanisms = [str(m).upper() for m in (getattr(listener, "sasl", None) or [])]
-    sasl = SaslServer(mechanisms, required=False) if mechanisms else None
+    sasl = (
+        SaslServer(mechanisms, required=False, authenticate=authenticate) if mechanisms else None
+    )
     idle = float(getattr(listener, "idle_timeout", 0) or 0)
     return Connection(
         "server",
@@ -66,7 +76,12 @@ class DeviceConn:
         self.router = router
         self.listener = str(getattr(listener, "name", "amqp"))
         self.peer = peer
-        self.engine = device_engine(listener, router.container_id)
+        # Local proofs, by identity ("dev1"), checked for the gateway-held credentials.
+        self.local_auth: dict[str, LocalAuthResult] = {}
+        self.plain_check: PlainCheck | None = None
+        self.engine = device_engine(
+            listener, router.container_id, authenticate=router.sasl_authenticator(self)
+        )
         self.engine.context = self
         self.engine.open()  # our open goes out as soon as the device's header arrives
         self.driver: Any = None
@@ -187,6 +202,7 @@ class DeviceConn:
             binding.release()
         self.bindings.clear()
         self.tokens.clear()
+        self.local_auth.clear()
         self.cbs.senders.clear()
         self.cbs.receivers.clear()
         self.router.device_gone(self)
