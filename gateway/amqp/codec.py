@@ -5,6 +5,11 @@ returns the wrapper types of ``types`` so that a decoded value re-encodes as
 the same AMQP type. Encoding picks the compact forms (uint0, smalluint, list0,
 8-bit widths when they fit). Bad input raises ``DecodeError`` and nothing else:
 the peer's bytes must never crash the caller.
+
+Maps decode to a dict unless a dict would drop or refuse an entry (keys distinct
+in AMQP but equal in Python, repeated keys, list or map keys); those decode to
+``types.Map``, which keeps every entry in wire order and re-encodes to the same
+bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .types import (
     Float,
     Int,
     Long,
+    Map,
     Short,
     Symbol,
     Timestamp,
@@ -285,11 +291,11 @@ def _map(wide: bool) -> DecodeFn:
             raise DecodeError(f"offset {pos}: values nested deeper than {MAX_DEPTH} levels")
         depth += 1
         result: dict[Any, Any] = {}
+        pairs: list[tuple[Any, Any]] | None = None  # set once a dict would lose an entry
         table = _DECODERS
         for _ in range(count >> 1):
             if p >= stop:
                 raise _short(p, 1, stop, f"{what} key constructor")
-            kp = p
             fn = table[buf[p]]
             if fn is None:
                 raise DecodeError(f"offset {p}: unknown type constructor 0x{buf[p]:02x}")
@@ -300,17 +306,27 @@ def _map(wide: bool) -> DecodeFn:
             if fn is None:
                 raise DecodeError(f"offset {p}: unknown type constructor 0x{buf[p]:02x}")
             v, p = fn(buf, p + 1, stop, depth)
+            if pairs is not None:
+                pairs.append((k, v))
+                continue
+            n = len(result)
             try:
-                result[k] = v
-            except TypeError:
-                raise DecodeError(
-                    f"offset {kp}: map key of type {type(k).__name__} is not supported"
-                ) from None
+                result.setdefault(k, v)
+            except TypeError:  # an unhashable key (list, map, array)
+                pass
+            else:
+                if len(result) > n:
+                    continue
+            # A key equal to an earlier one as a Python value (UInt(1) and Long(1),
+            # "a" and Symbol("a"), a repeat) or an unhashable key: a dict cannot hold
+            # every entry, so the map becomes a Map of all its pairs.
+            pairs = list(result.items())
+            pairs.append((k, v))
         if p != stop:
             raise DecodeError(
                 f"offset {pos}: {what} size says {stop - pos} bytes, elements used {p - pos}"
             )
-        return result, stop
+        return (result if pairs is None else Map(pairs)), stop
 
     return decode
 
@@ -714,7 +730,7 @@ def _e_list(buf: bytearray, v: Any) -> None:
     _finish_compound(buf, start, len(v), 0x45, 0xC0, 0xD0)
 
 
-def _e_map(buf: bytearray, v: dict[Any, Any]) -> None:
+def _e_map(buf: bytearray, v: dict[Any, Any] | Map) -> None:
     start = len(buf)
     buf += b"\xc1\x00\x00"
     for key, value in v.items():
@@ -949,6 +965,7 @@ _ENCODERS: dict[type, EncodeFn] = {
     Char: _e_char,
     Symbol: _e_symbol,
     Array: _e_array,
+    Map: _e_map,
     Described: _e_described,
 }
 
@@ -1017,7 +1034,7 @@ def _e_fields(buf: bytearray, v: Any) -> None:
     if v is None:
         buf.append(0x40)
         return
-    if not isinstance(v, dict):
+    if not isinstance(v, dict | Map):
         raise EncodeError(f"expected a map, got {type(v).__name__}")
     start = len(buf)
     buf += b"\xc1\x00\x00"
@@ -1058,7 +1075,7 @@ TYPED_ENCODERS: dict[str, EncodeFn] = {
     "symbol": _opt(_e_symbol, "symbol", lambda v: isinstance(v, str)),
     "binary": _opt(_e_binary, "binary", _is_bytes),
     "timestamp": _opt(_e_timestamp, "timestamp", _is_int),
-    "map": _opt(_e_map, "map", lambda v: isinstance(v, dict)),
+    "map": _opt(_e_map, "map", lambda v: isinstance(v, dict | Map)),
     "fields": _e_fields,
     "symbols": _e_symbols,
     "any": _e_any,

@@ -12,6 +12,7 @@ is reported as a ``ConnectionError`` event; after that nothing more is received.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -56,15 +57,24 @@ from .sasl import SaslClient, SaslServer
 from .session import Session, SessionState
 from .types import Symbol
 
-__all__ = ["Connection", "DEFAULT_MAX_MESSAGE_SIZE"]
+__all__ = ["Connection", "DEFAULT_MAX_MESSAGE_SIZE", "TRACE_RECV", "TRACE_SEND", "Tracer"]
 
 #: Largest message reassembled on a link that does not set max-message-size.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 
-#: trace(direction "recv" | "send", channel, what, payload_bytes): ``what`` is the
-#: performative, None for an empty (keep-alive) frame, or "AMQP header" / "SASL header".
-#: Message bytes are never passed, only their length.
-Tracer = Callable[[str, int, Any, int], None]
+#: Trace directions, as proton's frame trace writes them.
+TRACE_RECV = "<-"
+TRACE_SEND = "->"
+
+#: trace(direction, channel, what, payload_len), called once per frame in and out:
+#: ``what`` is the performative (SASL frames included), None for an empty frame, or
+#: the 8 protocol header bytes (channel None then). ``payload_len`` is the length of
+#: the message bytes a transfer frame carries (0 for every other frame); the bytes
+#: themselves are never passed. Secrets are blanked first: a PLAIN sasl-init keeps
+#: authzid and user name but not the password, other SASL data become zero bytes of
+#: the same length. Sent frames are reported when ``data_to_send`` hands them over.
+#: Matches ``functools.partial(FrameTracer.amqp, conn_id)``.
+Tracer = Callable[[str, "int | None", Any, int], None]
 
 _EMPTY_FRAME = b"\x00\x00\x00\x08\x02\x00\x00\x00"
 
@@ -124,6 +134,10 @@ class Connection:
         self.desired_capabilities = desired_capabilities
         self.max_message_size = max_message_size
         self._trace = trace
+        # Frames written but not yet handed out by data_to_send (for the trace):
+        # (channel, performative, payload length); held ones wait for our open.
+        self._trace_out: list[tuple[int | None, Any, int]] = []
+        self._trace_held: list[tuple[int | None, Any, int]] = []
         #: the peer's open performative, once received
         self.remote_open: Open | None = None
         #: the peer's close error (if it closed with one)
@@ -196,6 +210,18 @@ class Connection:
         return self._phase is _DONE or (self._close_sent and self._close_rcvd)
 
     @property
+    def trace(self) -> Tracer | None:
+        """The per-frame trace hook (see ``Tracer``); may be set or cleared at any time."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Tracer | None) -> None:
+        self._trace = trace
+        if trace is None:
+            self._trace_out.clear()
+            self._trace_held.clear()
+
+    @property
     def sessions(self) -> list[Session]:
         s = dict.fromkeys(self._local_sessions.values())
         s.update(dict.fromkeys(self._remote_sessions.values()))
@@ -212,10 +238,13 @@ class Connection:
             return b""
         self._out = bytearray()
         self._tx_activity = True
-        data = bytes(out)
-        if self._trace is not None:
-            self._trace_sent(data)
-        return data
+        trace = self._trace
+        if trace is not None and self._trace_out:
+            records = self._trace_out
+            self._trace_out = []
+            for channel, what, size in records:
+                trace(TRACE_SEND, channel, what, size)
+        return bytes(out)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Process received bytes (b"" = the peer closed its end) and return events.
@@ -271,6 +300,8 @@ class Connection:
         if remote and self._open_sent and not self._close_sent:
             if now - self._last_sent >= remote / 2:
                 self._out += _EMPTY_FRAME
+                if self._trace is not None:
+                    self._trace_out.append((0, None, 0))
                 self._last_sent = now
                 self._tx_activity = False
         return self._take_events()
@@ -300,7 +331,7 @@ class Connection:
         if self.role == "client" and self._header_sent is None:
             if self.sasl is not None:
                 self._header_sent = HEADER_SASL
-                self._out += SASL_HEADER
+                self._write_header(SASL_HEADER)
                 self._phase = _HEADER
                 return
             self._send_amqp_header()
@@ -373,29 +404,16 @@ class Connection:
 
     # ------------------------------------------------------------- writing helpers
 
-    def _trace_sent(self, data: bytes) -> None:
-        # Only when tracing: decode what we wrote (whole frames and headers; a frame
-        # never starts with "AMQP", its size would be over a gigabyte).
-        trace = self._trace
-        assert trace is not None
-        pos = 0
-        end = len(data)
-        while pos < end:
-            if data[pos : pos + 4] == b"AMQP":
-                trace("send", 0, "SASL header" if data[pos + 4] == 3 else "AMQP header", 0)
-                pos += 8
-                continue
-            size = int.from_bytes(data[pos : pos + 4], "big")
-            reader = FrameReader()
-            reader.feed(data[pos : pos + size])
-            try:
-                frame = reader.next_frame()
-            except AMQPError:
-                return
-            if frame is None:
-                return
-            trace("send", frame.channel, frame.performative, frame.payload.nbytes)
-            pos += size
+    def _traced(self, channel: int | None, what: Any, payload_len: int) -> None:
+        """Note a frame written to the output (only called while tracing)."""
+        (self._trace_out if self._open_sent else self._trace_held).append(
+            (channel, what, payload_len)
+        )
+
+    def _write_header(self, header: bytes) -> None:
+        self._out += header
+        if self._trace is not None:
+            self._trace_out.append((None, header, 0))
 
     def _can_send(self) -> bool:
         return (
@@ -426,11 +444,16 @@ class Connection:
                 f"{type(performative).__name__} of {size} bytes does not fit the peer's "
                 f"max-frame-size {self._send_max_frame_size}",
             )
+        elif self._trace is not None:
+            self._traced(channel or 0, performative, 0)
 
     def _write_raw_performative(self, performative: Performative, frame_type: int = FRAME_AMQP) -> None:
         if self._dispo_sessions:
             self._flush_dispositions()
         encode_frame_into(self._out, performative, 0, b"", frame_type)
+        if self._trace is not None:
+            what = blank_sasl_secrets(performative) if frame_type == FRAME_SASL else performative
+            self._trace_out.append((0, what, 0))
 
     def _dispositions_pending(self, session: Session) -> None:
         self._dispo_sessions[session] = None
@@ -445,7 +468,7 @@ class Connection:
 
     def _send_amqp_header(self) -> None:
         self._header_sent = HEADER_AMQP
-        self._out += AMQP_HEADER
+        self._write_header(AMQP_HEADER)
         if self._open_wanted:
             self._send_open()
 
@@ -471,6 +494,9 @@ class Connection:
         if self._held:
             self._out += self._held
             self._held = bytearray()
+        if self._trace_held:
+            self._trace_out += self._trace_held
+            self._trace_held = []
 
     # -------------------------------------------------------------- failure paths
 
@@ -510,9 +536,9 @@ class Connection:
                     return b""
                 if kind is None:
                     return b""
-                del pre[:8]
                 if self._trace is not None:
-                    self._trace("recv", 0, f"{kind.upper()} header", 0)
+                    self._trace(TRACE_RECV, None, bytes(pre[:8]), 0)
+                del pre[:8]
                 self._on_header(kind)
             else:
                 if len(pre) < 8:
@@ -528,7 +554,7 @@ class Connection:
                 reader.feed(raw)
                 frame = reader.next_frame()
                 if self._trace is not None and frame is not None:
-                    self._trace("recv", frame.channel, frame.performative, 0)
+                    self._trace(TRACE_RECV, frame.channel, blank_sasl_secrets(frame.performative), 0)
                 if frame is None or frame.performative is None:
                     continue  # an empty frame is allowed anywhere
                 if frame.frame_type != FRAME_SASL:
@@ -547,7 +573,7 @@ class Connection:
         if self._header_sent is None:
             want_sasl = self.sasl is not None and not self._sasl_done
             self._header_sent = HEADER_SASL if want_sasl else HEADER_AMQP
-            self._out += SASL_HEADER if want_sasl else AMQP_HEADER
+            self._write_header(SASL_HEADER if want_sasl else AMQP_HEADER)
         self._phase = _DONE
         error = Error(Symbol(C.FRAMING_ERROR), reason)
         self.error = error
@@ -564,7 +590,7 @@ class Connection:
         if kind == HEADER_SASL:
             if isinstance(sasl, SaslServer) and not self._sasl_done:
                 self._header_sent = HEADER_SASL
-                self._out += SASL_HEADER
+                self._write_header(SASL_HEADER)
                 self._write_raw_performative(sasl.mechanisms_frame(), FRAME_SASL)
                 self._phase = _SASL
                 return
@@ -645,7 +671,7 @@ class Connection:
                 return
             perf = frame.performative
             if trace is not None:
-                trace("recv", frame.channel, perf, frame.payload.nbytes)
+                trace(TRACE_RECV, frame.channel, perf, frame.payload.nbytes)
             if perf is None:
                 continue  # keep-alive
             if frame.frame_type != FRAME_AMQP:
@@ -705,6 +731,7 @@ class Connection:
                 f"begin on channel {channel} above our channel-max {self.channel_max}",
                 C.NOT_ALLOWED,
             )
+        mapped = False
         if begin.remote_channel is not None:
             session = self._local_sessions.get(begin.remote_channel)
             if session is None or session.remote_channel is not None:
@@ -714,6 +741,7 @@ class Connection:
                 )
             if session.state is SessionState.BEGIN_SENT:
                 session.state = SessionState.MAPPED
+                mapped = True
             # else we ended it before the answer came: the peer's end will follow
         else:
             session = Session(
@@ -728,6 +756,8 @@ class Connection:
         session.remote_channel = channel
         self._remote_sessions[channel] = session
         session._on_remote_begin(begin)
+        if mapped:
+            session._on_mapped()  # flows asked for while the begin was in flight
         self._events.append(RemoteBegin(session, begin))
         if session._blocked:
             session._pump_all()
@@ -803,3 +833,29 @@ _HANDLERS = {
     Detach: Connection._on_detach,
     End: Connection._on_end,
 }
+
+
+def blank_sasl_secrets(performative: Any) -> Any:
+    """The SASL frame as the trace may show it: a PLAIN sasl-init keeps authzid and
+    user name but not the password; every other SASL response, challenge or outcome
+    data becomes zero bytes of the same length. Other frames are returned as they are."""
+    t = type(performative)
+    if t is SaslInit:
+        data = performative.initial_response
+        if not data:
+            return performative
+        if str(performative.mechanism).upper() == "PLAIN":
+            parts = bytes(data).split(b"\x00")
+            blanked = b"\x00".join((*parts[:2], b"")) if len(parts) == 3 else bytes(len(data))
+        else:
+            blanked = bytes(len(data))
+        return dataclasses.replace(performative, initial_response=blanked)
+    if t is SaslResponse and performative.response:
+        return dataclasses.replace(performative, response=bytes(len(performative.response)))
+    if t is SaslChallenge and performative.challenge:
+        return dataclasses.replace(performative, challenge=bytes(len(performative.challenge)))
+    if t is SaslOutcome and performative.additional_data:
+        return dataclasses.replace(
+            performative, additional_data=bytes(len(performative.additional_data))
+        )
+    return performative

@@ -24,6 +24,7 @@ __all__ = [
     "RemoteFlow",
     "DispositionReceived",
     "RemoteDetach",
+    "LinkError",
     "RemoteEnd",
     "RemoteClose",
     "ConnectionError",
@@ -139,6 +140,25 @@ class RemoteDetach(Event):
     link: Link
     closed: bool
     error: Error | None
+
+
+@dataclass(slots=True, eq=False)
+class LinkError(Event):
+    """We detached a link because of what the peer sent on it: a message larger than
+    the link's max-message-size or the connection's reassembly cap
+    (``amqp:link:message-size-exceeded``, spec 2.6.x). Only that link ends: its
+    session and the connection stay up.
+
+    ``error`` is what our detach carried (also ``link.local_detach_error``), ``closed``
+    whether it closed the link. The link is in DETACH_SENT; the offending delivery is
+    dropped and later frames on the link are discarded. The peer's answering detach
+    arrives later as a ``RemoteDetach``. A router relays this like the peer's own
+    detach: detach the paired link with ``error``.
+    """
+
+    link: Link
+    error: Error
+    closed: bool = True
 
 
 @dataclass(slots=True, eq=False)

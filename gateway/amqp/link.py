@@ -142,6 +142,8 @@ class Link:
         self.local_attach: Attach | None = None
         self.remote_attach: Attach | None = None
         self.remote_detach_error: Error | None = None
+        #: the error our detach carried (set by ``detach(error)`` or a LinkError)
+        self.local_detach_error: Error | None = None
         self.remote_closed = False
         self.context: Any = None
         # Largest message we accept on a receiver: our attach's max-message-size, never
@@ -251,12 +253,15 @@ class Link:
         offered_capabilities: Any = None,
         desired_capabilities: Any = None,
         properties: dict[Any, Any] | None = None,
+        extra: tuple[Any, ...] = (),
     ) -> None:
         """Answer the peer's attach (server side of a link, or a router mirroring).
 
-        Everything is sent as given; settle modes default to the peer's. To refuse,
-        answer with ``source=None, target=None`` and then ``detach(error)``. A no-op
-        when the peer detached first (the engine has answered for us then).
+        Everything is sent as given; settle modes default to the peer's. ``extra``
+        holds fields beyond the ones the spec defines, appended after them (a router
+        passes the mirrored attach's ``_extra``). To refuse, answer with
+        ``source=None, target=None`` and then ``detach(error)``. A no-op when the
+        peer detached first (the engine has answered for us then).
         """
         if self.state is LinkState.DETACHED:
             return
@@ -281,6 +286,7 @@ class Link:
                 offered_capabilities=offered_capabilities,
                 desired_capabilities=desired_capabilities,
                 properties=properties,
+                _extra=tuple(extra),
             ),
         )
 
@@ -366,7 +372,9 @@ class Link:
     ) -> None:
         """Send a link flow. Receiver: set the link credit (absolute, as the spec has it)
         and optionally drain. Sender: report ``available`` and/or ask for an echo.
-        A no-op once the link is detaching (either end)."""
+        Before the peer has answered our begin the flow is held and sent, with the
+        link's state at that time, as soon as the session is mapped. A no-op once the
+        link is detaching (either end)."""
         if self.state not in (LinkState.ATTACHED, LinkState.ATTACH_SENT):
             if self.state is LinkState.ATTACH_RCVD:
                 raise LocalProtocolError(f"flow on link {self.name!r} before answer_attach")

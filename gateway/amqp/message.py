@@ -15,7 +15,7 @@ from .codec import TYPED_ENCODERS, decode_value, encode_into, skip_value
 from .constants import DESCRIPTOR_CODES
 from .errors import DecodeError, EncodeError
 from .performatives import _EXTRA, _composite, _CompositeBase, _f
-from .types import Composite, Described, Symbol, UByte, UInt, ULong
+from .types import Composite, Described, Map, Symbol, UByte, UInt, ULong
 
 __all__ = [
     "Header",
@@ -234,7 +234,7 @@ def decode_section(raw: Buffer, start: int = 0, end: int | None = None) -> Any:
     if section_cls._kind in ("fields", "map"):
         if v is None:
             v = {}
-        elif not isinstance(v, dict):
+        elif not isinstance(v, dict | Map):
             raise DecodeError(f"offset {start}: {section_cls.__name__} section must be a map")
     elif section_cls is Data and not isinstance(v, bytes):
         raise DecodeError(f"offset {start}: data section must be binary")

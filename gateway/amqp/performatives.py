@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from .codec import TYPED_ENCODERS, encode_into
 from .constants import DESCRIPTOR_CODES
 from .errors import DecodeError, EncodeError
-from .types import Array, Composite, Described, Symbol, UByte, UInt, ULong, UShort
+from .types import Array, Composite, Described, Map, Symbol, UByte, UInt, ULong, UShort
 
 __all__ = [
     "Performative",
@@ -240,7 +240,7 @@ def _e_tag(buf: bytearray, v: Any) -> None:
 
 
 def _map_conv(v: Any, owner: str, name: str) -> Any:
-    if isinstance(v, dict):
+    if isinstance(v, dict | Map):
         return v
     raise _bad(owner, name, "a map", v)
 

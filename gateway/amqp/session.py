@@ -14,11 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import ErrorCondition as C
 from .errors import LocalProtocolError, ProtocolError
-from .events import DispositionReceived, RemoteAttach, RemoteDetach, RemoteFlow, TransferReceived
+from .events import (
+    DispositionReceived,
+    LinkError,
+    RemoteAttach,
+    RemoteDetach,
+    RemoteFlow,
+    TransferReceived,
+)
 from .flow import MAX_WINDOW, SEQ_MASK, SenderCredit, SessionWindows, WindowViolation, seq_diff
 from .framing import encode_disposition, encode_flow, encode_transfer_frame_into
 from .link import RECEIVER, SENDER, Delivery, Link, LinkState, role_of
 from .performatives import Attach, Begin, Detach, Disposition, End, Error, Flow, Transfer
+from .types import Symbol
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -80,6 +88,9 @@ class Session:
         self._in_unsettled: dict[int, Delivery] = {}
         self._blocked: dict[Link, None] = {}  # links with queued transfers, in order
         self._pending_dispositions: list[tuple[bool, int, bool, Any]] = []
+        # Flows asked for before the session was mapped (a flow's next-incoming-id
+        # needs the peer's begin): link (None: the session) -> (drain, echo, properties).
+        self._held_flows: dict[Link | None, tuple[bool, bool, Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Session channel={self.channel} remote={self.remote_channel} {self.state.value}>"
@@ -125,6 +136,7 @@ class Session:
         self.auto_flow = auto_flow
         self._map_and_begin(offered_capabilities, desired_capabilities, properties)
         self.state = SessionState.MAPPED
+        self._on_mapped()
 
     def _map_and_begin(self, *args: Any) -> None:
         self.connection._map_local_session(self)
@@ -132,7 +144,8 @@ class Session:
 
     def flow(self, incoming_window: int | None = None, *, echo: bool = False) -> None:
         """Send a session flow, first restoring our incoming window to its maximum
-        (or setting a new maximum). Needed only with ``auto_flow=False``."""
+        (or setting a new maximum). Needed only with ``auto_flow=False``. Before the
+        session is mapped the flow is held and sent once it is."""
         w = self.windows
         if incoming_window is not None:
             if not 1 <= incoming_window <= MAX_WINDOW:
@@ -160,6 +173,7 @@ class Session:
             link._queue.clear()
         self._blocked.clear()
         self._pending_dispositions.clear()
+        self._held_flows.clear()
         if self.state is SessionState.END_RCVD:
             self.state = SessionState.UNMAPPED
             conn._unmap_session(self)
@@ -182,9 +196,12 @@ class Session:
         offered_capabilities: Any = None,
         desired_capabilities: Any = None,
         properties: dict[Any, Any] | None = None,
+        extra: tuple[Any, ...] = (),
     ) -> Link:
         """Attach a link; everything is put in the attach as given (a router passes
-        the device's values through). A sender's initial-delivery-count defaults to 0."""
+        the device's values through). ``extra`` holds fields beyond the ones the spec
+        defines, appended after them (a router passes the device attach's ``_extra``).
+        A sender's initial-delivery-count defaults to 0."""
         if self.state not in (SessionState.MAPPED, SessionState.BEGIN_SENT):
             raise LocalProtocolError(f"attach on a session in state {self.state.value}")
         r = role_of(role)
@@ -213,6 +230,7 @@ class Session:
             offered_capabilities=offered_capabilities,
             desired_capabilities=desired_capabilities,
             properties=properties,
+            _extra=tuple(extra),
         )
         link.local_attach = attach
         self._links[handle] = link
@@ -234,11 +252,17 @@ class Session:
     def _release_link(self, link: Link) -> None:
         """Both ends have detached: drop the link and recycle its handle."""
         link.state = LinkState.DETACHED
-        if link.handle is not None and self._links.get(link.handle) is link:
-            del self._links[link.handle]
-            heapq.heappush(self._free_handles, link.handle)
+        handle = link.handle
+        if handle is not None:
+            owner = self._links.get(handle)
+            if owner is link:
+                del self._links[handle]
+                heapq.heappush(self._free_handles, handle)
+            elif owner is None and link.local_attach is None:
+                heapq.heappush(self._free_handles, handle)  # reserved, never answered
         self._attaching.pop((link.name, link.role), None)
         self._blocked.pop(link, None)
+        self._held_flows.pop(link, None)
         self._forget_link_deliveries(link)
 
     def _forget_link_deliveries(self, link: Link) -> None:
@@ -272,15 +296,13 @@ class Session:
         self.local_begin = begin
         self.connection._write_performative(begin, self.channel)
 
-    def _flow_frame(self, link: Link | None = None, *, drain: bool = False, echo: bool = False,
-                    properties: dict[Any, Any] | None = None) -> bytes:  # fmt: skip
+    def _flow_fields(self, link: Link | None, drain: bool, echo: bool,
+                     properties: dict[Any, Any] | None) -> tuple[Any, ...]:  # fmt: skip
+        """The flow's fields in spec order (next-incoming-id .. properties)."""
         w = self.windows
-        assert self.channel is not None
         if link is None:
-            return encode_flow(
-                self.channel, w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
-                w.outgoing_window, echo=echo, properties=properties,
-            )  # fmt: skip
+            return (w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
+                    w.outgoing_window, None, None, None, None, False, echo, properties)  # fmt: skip
         if link._sender is not None:
             s = link._sender
             delivery_count: int | None = s.delivery_count
@@ -291,28 +313,71 @@ class Session:
             assert r is not None
             delivery_count = r.delivery_count if r._started else None
             credit, available = r.credit, None
-        return encode_flow(
-            self.channel, w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
-            w.outgoing_window, link.handle, delivery_count, credit, available, drain, echo,
-            properties,
-        )  # fmt: skip
+        return (w.next_incoming_id, w.incoming_window, w.next_outgoing_id, w.outgoing_window,
+                link.handle, delivery_count, credit, available, drain, echo, properties)  # fmt: skip
+
+    def _write_flow(self, link: Link | None, drain: bool = False, echo: bool = False,
+                    properties: dict[Any, Any] | None = None) -> None:  # fmt: skip
+        conn = self.connection
+        assert self.channel is not None
+        fields = self._flow_fields(link, drain, echo, properties)
+        conn._write(encode_flow(self.channel, *fields))
+        if conn._trace is not None:
+            conn._traced(self.channel, Flow(*fields), 0)
 
     def _send_session_flow(self, echo: bool = False) -> None:
         conn = self.connection
-        if self.state is SessionState.MAPPED and conn._can_send():
-            conn._write(self._flow_frame(echo=echo))
+        if not conn._can_send():
+            return
+        if self.state is SessionState.MAPPED:
+            self._write_flow(None, echo=echo)
+        elif self.state is SessionState.BEGIN_SENT or self.state is SessionState.BEGIN_RCVD:
+            self._hold_flow(None, False, echo, None)
 
     def _send_link_flow(self, link: Link, *, drain: bool = False, echo: bool = False,
                         properties: dict[Any, Any] | None = None) -> None:  # fmt: skip
         conn = self.connection
-        if self.state is SessionState.MAPPED and conn._can_send():
-            conn._write(self._flow_frame(link, drain=drain, echo=echo, properties=properties))
+        if not conn._can_send():
+            return
+        if self.state is SessionState.MAPPED:
+            self._write_flow(link, drain, echo, properties)
+        elif self.state is SessionState.BEGIN_SENT:
+            self._hold_flow(link, drain, echo, properties)
+
+    def _hold_flow(self, link: Link | None, drain: bool, echo: bool, properties: Any) -> None:
+        # A flow carries the link's state when it is written, so held flows coalesce:
+        # only the request bits (drain, echo) and the latest properties are kept.
+        held = self._held_flows.get(link)
+        if held is not None:
+            drain = drain or held[0]
+            echo = echo or held[1]
+            if properties is None:
+                properties = held[2]
+        self._held_flows[link] = (drain, echo, properties)
+
+    def _on_mapped(self) -> None:
+        """The session is mapped both ways: send the flows held until now."""
+        held = self._held_flows
+        if not held:
+            return
+        self._held_flows = {}
+        link_flows = False
+        for link, (drain, echo, properties) in held.items():
+            if link is not None and link.state in (LinkState.ATTACHED, LinkState.ATTACH_SENT):
+                if link._receiver is not None:
+                    drain = link._receiver.drain  # the latest grant decides
+                self._send_link_flow(link, drain=drain, echo=echo, properties=properties)
+                link_flows = True
+        session_flow = held.get(None)
+        if session_flow is not None and (session_flow[1] or not link_flows):
+            self._send_session_flow(session_flow[1])
 
     def _answer_attach(self, link: Link, attach: Attach) -> None:
         if self.state is not SessionState.MAPPED:
             raise LocalProtocolError(f"answer_attach on a session in state {self.state.value}")
-        handle = self._alloc_handle()
-        link.handle = handle
+        handle = link.handle  # reserved when the peer's attach arrived
+        if handle is None:
+            handle = link.handle = self._alloc_handle()
         if link._sender is not None:
             if attach.initial_delivery_count is None:
                 attach.initial_delivery_count = 0
@@ -331,11 +396,20 @@ class Session:
 
     def _detach_link(self, link: Link, error: Error | None, closed: bool) -> None:
         conn = self.connection
-        if self.state is SessionState.MAPPED and conn._can_send() and link.handle is not None:
+        # Our attach may have gone out before the peer's begin came back (BEGIN_SENT):
+        # the detach can follow it the same way.
+        if (
+            (self.state is SessionState.MAPPED or self.state is SessionState.BEGIN_SENT)
+            and conn._can_send()
+            and link.local_attach is not None
+        ):
             conn._write_performative(Detach(link.handle, closed, error), self.channel)
+        if error is not None:
+            link.local_detach_error = error
         link._queue.clear()
         link._queued_bytes = 0
         self._blocked.pop(link, None)
+        self._held_flows.pop(link, None)
         if link.state is LinkState.DETACH_RCVD:
             self._release_link(link)
         else:
@@ -349,6 +423,9 @@ class Session:
                 conn._begin_write(), self.channel, link.handle, delivery.delivery_id, None,
                 None, None, False, b"", aborted=True,
             )  # fmt: skip
+            if conn._trace is not None:
+                self._trace_transfer(link.handle, delivery.delivery_id, None, None, None, False,
+                                     None, False, 0, aborted=True)  # fmt: skip
         if delivery.delivery_id is not None and self._out_unsettled.pop(delivery.delivery_id, None):
             link._unsettled -= 1
 
@@ -418,6 +495,9 @@ class Session:
                     conn._begin_write(), channel, handle, did, tag, d.message_format,
                     d.settled, False, payload, batchable=p.batchable,
                 )  # fmt: skip
+                if conn._trace is not None:
+                    self._trace_transfer(handle, did, tag, d.message_format, d.settled, False,
+                                         None, p.batchable, size)  # fmt: skip
                 return True
             room = max_frame - self._overhead(handle, did, tag, d, True)
             more = size > room
@@ -426,6 +506,9 @@ class Session:
                 conn._begin_write(), channel, handle, did, tag, d.message_format, d.settled,
                 more, payload[:room] if more else payload, state=state, batchable=p.batchable,
             )  # fmt: skip
+            if conn._trace is not None:
+                self._trace_transfer(handle, did, tag, d.message_format, d.settled, more, state,
+                                     p.batchable, room if more else size)  # fmt: skip
             if not more:
                 return True
             p.offset = room
@@ -441,10 +524,20 @@ class Session:
                 payload[p.offset : end] if more else payload[p.offset :],
                 batchable=p.batchable,
             )  # fmt: skip
+            if conn._trace is not None:
+                self._trace_transfer(handle, did, None, None, settled, more, None, p.batchable,
+                                     (end if more else size) - p.offset)  # fmt: skip
             if not more:
                 return True
             p.offset = end
         return False
+
+    def _trace_transfer(self, handle: int | None, did: int | None, tag: bytes | None,
+                        fmt: int | None, settled: bool | None, more: bool, state: Any,
+                        batchable: bool, size: int, *, aborted: bool = False) -> None:  # fmt: skip
+        transfer = Transfer(handle, did, tag, fmt, settled, more, None, state, False, aborted,
+                            batchable)  # fmt: skip
+        self.connection._traced(self.channel, transfer, size)
 
     def _overhead(self, handle: int | None, did: int, tag: bytes | None, d: Delivery,
                   first: bool) -> int:  # fmt: skip
@@ -497,6 +590,7 @@ class Session:
             return b""
         frames = []
         channel = self.channel
+        traced = self.connection._trace is not None
         role, first, settled, state = pending[0]
         last = first
         for r, did, s, st in pending[1:]:
@@ -507,12 +601,21 @@ class Session:
                 continue
             frames.append(encode_disposition(channel, role, first, None if last == first else last,
                                              settled, state))  # fmt: skip
+            if traced:
+                self._trace_disposition(role, first, last, settled, state)
             role, first, settled, state = r, did, s, st
             last = did
         frames.append(
             encode_disposition(channel, role, first, None if last == first else last, settled, state)
         )
+        if traced:
+            self._trace_disposition(role, first, last, settled, state)
         return b"".join(frames)
+
+    def _trace_disposition(self, role: bool, first: int, last: int, settled: bool,
+                           state: Any) -> None:  # fmt: skip
+        disposition = Disposition(role, first, None if last == first else last, settled, state)
+        self.connection._traced(self.channel, disposition, 0)
 
     # --------------------------------------------------------------- frames we receive
 
@@ -544,7 +647,18 @@ class Session:
             # The peer answered our attach.
             link.state = LinkState.ATTACHED if link.state is LinkState.ATTACH_SENT else link.state
         else:
-            link = Link(self, attach.name, our_role, handle=None, state=LinkState.ATTACH_RCVD)
+            # Reserve the handle our answer will use now, so that answer_attach cannot
+            # run out: a peer that attaches more links than the handle space it allows
+            # us (its handle-max) is refused here, not in the application's answer.
+            try:
+                ours = self._alloc_handle()
+            except LocalProtocolError:
+                raise ProtocolError(
+                    f"attach of link {attach.name!r:.80}: no handle left to answer it within "
+                    f"handle-max {min(self.handle_max, self.remote_handle_max)}",
+                    C.RESOURCE_LIMIT_EXCEEDED,
+                ) from None
+            link = Link(self, attach.name, our_role, handle=ours, state=LinkState.ATTACH_RCVD)
         link.remote_handle = handle
         link.remote_attach = attach
         self._remote_links[handle] = link
@@ -629,7 +743,8 @@ class Session:
                 self._finish_aborted(link, d)
                 return
             if payload.nbytes > link.max_message_size:
-                self._too_big(link, payload.nbytes)
+                self._too_big(link, d, payload.nbytes, t.more)
+                return
             if t.more:
                 link._partial = d
                 link._partial_buf = bytearray(payload)
@@ -664,7 +779,8 @@ class Session:
             self._finish_aborted(link, d)
             return
         if len(buf) + payload.nbytes > link.max_message_size:
-            self._too_big(link, len(buf) + payload.nbytes)
+            self._too_big(link, d, len(buf) + payload.nbytes, t.more)
+            return
         buf += payload
         if t.more:
             return
@@ -676,12 +792,22 @@ class Session:
                              d.remote_settled, link._partial_state, False, False, t.batchable)  # fmt: skip
         )
 
-    def _too_big(self, link: Link, size: int) -> None:
-        raise ProtocolError(
-            f"link {link.name!r:.80}: message of more than {size - 1} bytes exceeds the "
-            f"maximum message size {link.max_message_size}",
-            C.MESSAGE_SIZE_EXCEEDED,
+    def _too_big(self, link: Link, d: Delivery, size: int, more: bool) -> None:
+        """The peer's message outgrew what the link accepts (its max-message-size or
+        the reassembly cap): detach that link with amqp:link:message-size-exceeded
+        (spec 2.6.x) and drop the message; the session and connection stay up."""
+        error = Error(
+            Symbol(C.MESSAGE_SIZE_EXCEEDED),
+            f"message of {'more than ' if more else ''}{size} bytes exceeds the maximum "
+            f"message size {link.max_message_size} of link {link.name!r:.80}",
         )
+        if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+            link._unsettled -= 1
+        # The rest of the delivery's frames are counted and discarded (see DETACH_SENT).
+        link._partial = d if more else None
+        link._partial_buf = None
+        self._detach_link(link, error, True)
+        self.connection._events.append(LinkError(link, error, True))
 
     def _finish_aborted(self, link: Link, d: Delivery) -> None:
         d.aborted = True

@@ -7,12 +7,18 @@ here, so that a decoded value re-encodes as the same AMQP type (a uint stays a
 uint, a symbol stays a symbol). The integer wrappers subclass int and compare
 equal to plain ints; ranges are checked when encoding, not on construction,
 so decoding stays cheap.
+
+Because the wrappers compare equal to their plain values, a dict cannot hold
+every AMQP map: UInt(1) and Long(1), "a" and Symbol("a"), False and 0 are one
+dict key, and lists or maps cannot be keys at all. Decoding returns a plain
+dict when it holds every entry, and a ``Map`` (the entries as pairs, in wire
+order) when it would not, so no map entry is ever lost.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 __all__ = [
@@ -32,6 +38,8 @@ __all__ = [
     "Timestamp",
     "Symbol",
     "Array",
+    "Map",
+    "make_map",
     "Described",
     "Composite",
     "as_symbols",
@@ -236,6 +244,69 @@ class Array:
     def __repr__(self) -> str:
         d = f", descriptor={self.descriptor!r}" if self.descriptor is not None else ""
         return f"Array(0x{self.element_type:02x}, {self.items!r}{d})"
+
+
+class Map(Mapping[Any, Any]):
+    """An AMQP map that a dict cannot hold: keys equal in Python but distinct in
+    AMQP (UInt(1) and Long(1), "a" and Symbol("a")), a repeated key, or a key
+    that is not hashable (a list, map or array).
+
+    ``pairs`` holds the (key, value) entries in wire order and encodes back to
+    them exactly. It reads like a mapping: ``m[k]`` and ``m.get(k)`` return the
+    value of the first entry whose key equals ``k`` (Python equality), and
+    ``items()`` / ``keys()`` / ``values()`` / ``len()`` see every entry.
+    Equality compares the entries in order.
+    """
+
+    __slots__ = ("pairs",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, pairs: Iterable[tuple[Any, Any]] = ()) -> None:
+        self.pairs: list[tuple[Any, Any]] = [(k, v) for k, v in pairs]
+
+    def __getitem__(self, key: Any) -> Any:
+        for k, v in self.pairs:
+            try:
+                if k == key:
+                    return v
+            except TypeError:  # a key type that refuses comparison
+                continue
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (k for k, _ in self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        return list(self.pairs)
+
+    def keys(self) -> list[Any]:  # type: ignore[override]
+        return [k for k, _ in self.pairs]
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [v for _, v in self.pairs]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Map):
+            return NotImplemented
+        return self.pairs == other.pairs
+
+    def __repr__(self) -> str:
+        return f"Map({self.pairs!r})"
+
+
+def make_map(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any] | Map:
+    """A dict of ``pairs`` when it keeps every entry, else a ``Map`` of them."""
+    pairs = list(pairs)
+    result: dict[Any, Any] = {}
+    try:
+        for k, v in pairs:
+            result.setdefault(k, v)
+    except TypeError:
+        return Map(pairs)
+    return result if len(result) == len(pairs) else Map(pairs)
 
 
 class Described:

@@ -15,6 +15,7 @@ from proton import Event as PE
 from gateway.amqp import (
     Connection,
     ConnectionError,
+    LinkError,
     RemoteAttach,
     RemoteClose,
     RemoteFlow,
@@ -627,7 +628,7 @@ def test_proton_times_out_a_silent_engine():
 # ---------------------------------------------------------------- errors seen by proton
 
 
-def test_message_over_max_message_size_closes_with_condition_proton_reports():
+def test_message_over_the_reassembly_cap_detaches_only_that_link():
     peer = _proton_client(mechs="ANONYMOUS", max_frame=512)
     ours = Connection("server", "gw", sasl=SaslServer(["ANONYMOUS"]), max_message_size=4000)
     ours.open()
@@ -637,13 +638,65 @@ def test_message_over_max_message_size_closes_with_condition_proton_reports():
     snd = ssn.sender("s")
     snd.target.address = "t"
     snd.open()
-    sender = ProtonSender(snd, 2, size_for=lambda i: 3000 if i == 0 else 5000)
+    other = ssn.sender("other")
+    other.target.address = "t2"
+    other.open()
+    # 3000 bytes fit; 5000 bytes (ten 512-byte frames) do not; the 100 bytes after
+    # it are already on the wire when proton learns of the detach.
+    sizes = [3000, 5000, 100]
+    sender = ProtonSender(snd, 3, size_for=lambda i: sizes[i], presettle=lambda i: False)
     exchange(ours, peer, app, sender.on_event)
-    assert len(app.received) == 1
-    assert app.errors[0].error.condition == "amqp:link:message-size-exceeded"
-    assert peer.conn.remote_condition.name == "amqp:link:message-size-exceeded"
-    assert "4000" in peer.conn.remote_condition.description
-    assert ours.closed
+    assert [bytes(e.payload) for e in app.received] == [payload_for(0, 3000)]
+    (err,) = app.link_errors
+    assert err.error.condition == "amqp:link:message-size-exceeded"
+    assert err.link.name == "s" and err.closed
+    assert err.link.local_detach_error is err.error
+    # proton sees the link detached with our error; the connection is untouched
+    assert snd.state & proton.Endpoint.REMOTE_CLOSED
+    assert snd.remote_condition.name == "amqp:link:message-size-exceeded"
+    assert "4000" in snd.remote_condition.description
+    assert not app.errors and ours.is_open and peer.conn.remote_condition is None
+    snd.close()
+    exchange(ours, peer, app, sender.on_event)
+    assert err.link.state is LinkState.DETACHED
+    assert not err.link.session._in_unsettled  # the dropped delivery left nothing behind
+    # The session and the other link still work.
+    ProtonSender(other, 1, size_for=lambda i: 2000).pump()
+    exchange(ours, peer, app)
+    assert [bytes(e.payload) for e in app.received][1:] == [payload_for(0, 2000)]
+    _close_all(ours, peer, app, other)
+
+
+def test_message_over_the_links_max_message_size_detaches_it():
+    peer = _proton_client(mechs="ANONYMOUS")
+    ours = Connection("server", "gw", sasl=SaslServer(["ANONYMOUS"]))
+    ours.open()
+    errors = []
+
+    def on_ours(events):
+        for e in events:
+            if isinstance(e, RemoteAttach) and e.link.state is LinkState.ATTACH_RCVD:
+                e.link.answer_attach(e.attach.source, e.attach.target, max_message_size=1000)
+                e.link.flow(5)
+            elif isinstance(e, LinkError):
+                errors.append(e)
+            else:
+                EngineApp(ours)([e])
+
+    ssn = peer.conn.session()
+    ssn.open()
+    snd = ssn.sender("s")
+    snd.target.address = "t"
+    snd.open()
+    exchange(ours, peer, on_ours)
+    assert snd.remote_max_message_size == 1000
+    ProtonSender(snd, 1, size_for=lambda i: 1001).pump()  # one frame, one byte too many
+    exchange(ours, peer, on_ours)
+    (err,) = errors
+    assert err.error.condition == "amqp:link:message-size-exceeded"
+    assert snd.remote_condition.name == "amqp:link:message-size-exceeded"
+    assert "1001" in snd.remote_condition.description
+    assert ours.is_open and peer.transport.condition is None
 
 
 def test_proton_sees_our_attach_refusal_and_detach_error():

@@ -22,6 +22,7 @@ from gateway.amqp.types import (
     Float,
     Int,
     Long,
+    Map,
     Short,
     Symbol,
     Timestamp,
@@ -30,6 +31,7 @@ from gateway.amqp.types import (
     ULong,
     UShort,
     as_symbols,
+    make_map,
 )
 
 from .test_codec_strategies import typed_equal, typed_values
@@ -303,7 +305,6 @@ BAD = [
     ("f0000000050fffffff52", "claims 268435455 elements"),
     ("e0050100" + "5301" + "00", "nested described array"),
     ("e00201" + "02", "unknown array element constructor"),
-    ("c10602" + "00530c45" + "41", "map key of type Described"),  # unhashable key
 ]
 
 
@@ -354,3 +355,49 @@ def test_skip_value_checks_bounds():
         skip_value(H("a005616263"))
     with pytest.raises(DecodeError):
         skip_value(H("02"))
+
+
+# ------------------------------------------------------------------ maps a dict cannot hold
+
+
+@pytest.mark.parametrize(
+    ("hexbytes", "pairs"),
+    [
+        # uint 1 and ulong 1: one key to a dict, two to AMQP
+        ("c10704" + "5201" + "40" + "5301" + "40", [(UInt(1), None), (ULong(1), None)]),
+        # string "a" and symbol "a"
+        ("c10904" + "a10161" + "41" + "a30161" + "42", [("a", True), (Symbol("a"), False)]),
+        # false and smalllong 0, binary and decimal32 of the same 4 bytes
+        ("c10704" + "42" + "40" + "5500" + "5301", [(False, None), (Long(0), ULong(1))]),
+        ("c10e04" + "a00400000000" + "40" + "7400000000" + "40",
+         [(b"\0\0\0\0", None), (Decimal32(b"\0\0\0\0"), None)]),
+        # a repeated key
+        ("c10b04" + "a3016b" + "5201" + "a3016b" + "5202", [(Symbol("k"), UInt(1)),
+                                                       (Symbol("k"), UInt(2))]),
+        # unhashable keys: a described list, a list, a map
+        ("c10602" + "00530c45" + "41", [(Described(ULong(0x0C), []), True)]),
+        ("c10602" + "c0020140" + "41", [([None], True)]),
+    ],
+    ids=lambda x: str(x)[:24],
+)  # fmt: skip
+def test_map_entries_are_never_lost(hexbytes, pairs):
+    value = dec(H(hexbytes))
+    assert type(value) is Map
+    assert typed_equal(value, Map(pairs))
+    assert encode_value(value) == H(hexbytes)
+
+
+def test_a_map_a_dict_can_hold_decodes_to_a_dict():
+    value = dec(encode_value({Symbol("a"): UInt(1), "b": Long(1), UInt(1): None}))
+    assert type(value) is dict and list(value) == [Symbol("a"), "b", UInt(1)]
+
+
+def test_map_reads_like_a_mapping():
+    m = Map([(UInt(1), "first"), (Long(1), "second"), ([1], "list key")])
+    assert m[1] == "first" and m.get(Long(1)) == "first" and m.get(7) is None
+    assert len(m) == 3 and m.keys() == [UInt(1), Long(1), [1]]
+    assert m.values() == ["first", "second", "list key"]
+    assert Map(m.items()) == m and m != Map(m.items()[::-1])
+    assert make_map([(UInt(1), 1), (Symbol("a"), 2)]) == {UInt(1): 1, "a": 2}
+    assert type(make_map([(UInt(1), 1), (ULong(1), 2)])) is Map
+    assert type(make_map([([], 1)])) is Map

@@ -24,6 +24,7 @@ from gateway.amqp.types import (
     Float,
     Int,
     Long,
+    Map,
     Short,
     Symbol,
     Timestamp,
@@ -31,6 +32,7 @@ from gateway.amqp.types import (
     UInt,
     ULong,
     UShort,
+    make_map,
 )
 
 # ----------------------------------------------------------------------- strategies
@@ -69,8 +71,32 @@ descriptors = st.one_of(
     st.one_of(st.integers(0, 255), st.integers(0, 2**64 - 1)).map(ULong),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz:-.", min_size=1, max_size=40).map(Symbol),
 )
-# Map keys must be hashable; AMQP allows anything but real peers use scalars.
+# Keys real peers use: scalars. Any AMQP value may be a key, though; see _maps.
 map_keys = st.one_of(*(s for code, s in SCALARS.items() if code not in (0x72, 0x82)))
+
+
+@st.composite
+def twin_keys(draw: st.DrawFn) -> list[Any]:
+    """Two or more keys that are distinct AMQP values (or one value repeated) but
+    one key to a Python dict: the maps a dict cannot hold."""
+    kind = draw(st.sampled_from(["int", "text", "binary", "float", "repeat"]))
+    if kind == "int":
+        n = draw(st.integers(0, 1))
+        makers = [bool, UByte, UShort, UInt, ULong, Byte, Short, Int, Long, Timestamp, Float,
+                  float]  # fmt: skip
+    elif kind == "text":
+        n = draw(st.characters(blacklist_categories=("Cs",), max_codepoint=127))
+        makers = [str, Symbol, Char]
+    elif kind == "binary":
+        n = draw(st.binary(min_size=4, max_size=4))
+        makers = [bytes, Decimal32]
+    elif kind == "float":
+        n = draw(st.sampled_from([0.0, -0.0, 1.0, 2.0]))
+        makers = [float, Float]
+    else:
+        key = draw(map_keys)
+        return [key] * draw(st.integers(2, 3))
+    return [m(n) for m in draw(st.lists(st.sampled_from(makers), min_size=2, max_size=4))]
 
 
 @st.composite
@@ -84,9 +110,26 @@ def scalar_arrays(draw: st.DrawFn) -> Array:
 null_arrays = st.lists(st.none(), max_size=64).map(lambda items: Array(0x40, items))
 
 
+def _maps(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """dicts with scalar keys (what peers send), and maps with any keys: compound
+    ones, keys only distinct as AMQP types, repeated keys. Built with make_map,
+    the decoder's own rule, so a value is a Map exactly when decoding gives one."""
+    any_keys = st.lists(st.tuples(st.one_of(map_keys, children), children), max_size=5)
+    twins = st.tuples(twin_keys(), st.lists(children, min_size=4, max_size=4), any_keys).map(
+        lambda t: [*zip(t[0], t[1], strict=False), *t[2]]
+    )
+    return st.one_of(
+        st.dictionaries(map_keys, children, max_size=6),
+        any_keys.map(make_map),
+        st.tuples(twins, st.randoms(use_true_random=False)).map(
+            lambda t: make_map(t[1].sample(t[0], len(t[0])))
+        ),
+    )
+
+
 def _compound(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     lists = st.lists(children, max_size=8)
-    maps = st.dictionaries(map_keys, children, max_size=6)
+    maps = _maps(children)
     return st.one_of(
         lists,
         maps,
@@ -115,7 +158,7 @@ def typed_equal(a: Any, b: Any) -> bool:
         return a == b and math.copysign(1, a) == math.copysign(1, b)
     if isinstance(a, list):
         return len(a) == len(b) and all(typed_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
+    if isinstance(a, dict | Map):
         if len(a) != len(b):
             return False
         return all(
@@ -245,14 +288,14 @@ def read_proton_data(data: Data) -> Any:
     if t == Data.MAP:
         count = data.get_map()
         data.enter()
-        result = {}
+        pairs = []
         for _ in range(count // 2):
             data.next()
             key = read_proton_data(data)
             data.next()
-            result[key] = read_proton_data(data)
+            pairs.append((key, read_proton_data(data)))
         data.exit()
-        return result
+        return make_map(pairs)
     if t == Data.DESCRIBED:
         data.enter()
         data.next()
@@ -287,10 +330,48 @@ def proton_decode(encoded: bytes) -> Any:
     return read_proton_data(data)
 
 
+def put_proton_data(data: Data, v: Any) -> None:
+    """Put one of our values into a proton Data tree.
+
+    Compounds are built node by node: proton's ``put_object`` takes Python
+    dicts of its own types, where decimal32(0) == False == 0 collide as keys,
+    and cannot take a map with repeated or unhashable keys at all."""
+    t = type(v)
+    if t is list:
+        data.put_list()
+        data.enter()
+        for x in v:
+            put_proton_data(data, x)
+        data.exit()
+    elif t is dict or t is Map:
+        data.put_map()
+        data.enter()
+        for k, x in v.items():
+            put_proton_data(data, k)
+            put_proton_data(data, x)
+        data.exit()
+    elif t is Described:
+        data.put_described()
+        data.enter()
+        put_proton_data(data, v.descriptor)
+        put_proton_data(data, v.value)
+        data.exit()
+    elif t is Array:
+        data.put_array(v.descriptor is not None, _PROTON_ARRAY_TYPES[v.element_type])
+        data.enter()
+        if v.descriptor is not None:
+            put_proton_data(data, v.descriptor)
+        for x in v.items:
+            put_proton_data(data, x)
+        data.exit()
+    else:
+        data.put_object(to_proton(v))
+
+
 def proton_encode(value: Any) -> bytes:
     """Encode one of our values with proton's codec."""
     data = Data()
-    data.put_object(to_proton(value))
+    put_proton_data(data, value)
     return data.encode()
 
 
@@ -308,7 +389,7 @@ def _proton_safe(v: Any) -> bool:
         )
     if isinstance(v, list):
         return all(_proton_safe(x) for x in v)
-    if isinstance(v, dict):
+    if isinstance(v, dict | Map):
         return all(_proton_safe(k) and _proton_safe(x) for k, x in v.items())
     if isinstance(v, Array):
         return all(_proton_safe(x) for x in v.items)

@@ -17,6 +17,7 @@ from gateway.amqp import (
     Connection,
     ConnectionError,
     DispositionReceived,
+    LinkError,
     LocalProtocolError,
     RemoteAttach,
     RemoteBegin,
@@ -387,8 +388,41 @@ def test_reassembly_bounded_by_max_message_size_of_our_attach():
     conn.data_to_send()
     events = conn.receive_data(p_transfer(payload=b"x" * 600, more=True))
     assert events == []
-    events = conn.receive_data(p_transfer(delivery_id=None, tag=None, payload=b"x" * 600))
-    assert_failed(conn, events, "amqp:link:message-size-exceeded", "1000")
+    events = conn.receive_data(p_transfer(delivery_id=None, tag=None, payload=b"x" * 600, more=True))
+    # Only the link goes: detached (closed) with message-size-exceeded.
+    (err,) = events
+    assert isinstance(err, LinkError) and err.link is link and err.closed
+    assert err.error.condition == "amqp:link:message-size-exceeded"
+    assert "1000" in err.error.description and "1200" in err.error.description
+    assert link.state is LinkState.DETACH_SENT and link.local_detach_error is err.error
+    ((code, channel, fields, _),) = decode_frames(conn.data_to_send())
+    assert code == 0x16 and fields[:2] == [0, True]
+    assert str(fields[2].value[0]) == "amqp:link:message-size-exceeded"
+    # The rest of that delivery, and a delivery already in flight, are dropped.
+    events = conn.receive_data(
+        p_transfer(delivery_id=None, tag=None, payload=b"x" * 600)
+        + p_transfer(delivery_id=1, tag=b"u", payload=b"late")
+    )
+    assert events == [] and conn.data_to_send() == b""
+    events = conn.receive_data(p_detach())
+    assert [type(e) for e in events] == [RemoteDetach]
+    assert link.state is LinkState.DETACHED and not link.unsettled
+    assert conn.is_open
+    # The session goes on: a new link on the recycled handle works.
+    (attach,) = conn.receive_data(p_attach(name="again"))
+    attach.link.answer_attach(attach.link.remote_source, attach.link.remote_target)
+    attach.link.flow(1)
+    (t,) = conn.receive_data(p_transfer(delivery_id=2, payload=b"ok"))
+    assert isinstance(t, TransferReceived) and bytes(t.payload) == b"ok"
+
+
+def test_single_frame_over_max_message_size_detaches_the_link():
+    conn, session, link = server_with_link(max_message_size=100)
+    (err,) = conn.receive_data(p_transfer(payload=b"y" * 101))
+    assert isinstance(err, LinkError) and err.error.condition == "amqp:link:message-size-exceeded"
+    assert "101 bytes" in err.error.description and "100" in err.error.description
+    assert not session._in_unsettled and link.state is LinkState.DETACH_SENT
+    assert conn.is_open
 
 
 def test_eof_without_close_and_after_close():
@@ -900,11 +934,11 @@ def test_trace_reports_frames_both_ways_without_secrets():
     pipe(client, server, EngineApp(client), sapp)
     text = "\n".join(repr(x) for x in seen)
     assert "SECRET" not in text and "payload-bytes" not in text
-    kinds = [(who, d, type(w).__name__ if not isinstance(w, str) else w) for who, d, _, w, _ in seen]
-    assert ("client", "send", "SASL header") in kinds
-    assert ("server", "recv", "SaslInit") in kinds
-    assert ("server", "send", "SaslOutcome") in kinds
-    assert ("client", "send", "Transfer") in kinds
+    kinds = [(who, d, w if isinstance(w, bytes) else type(w).__name__) for who, d, _, w, _ in seen]
+    assert ("client", "->", SASL_HEADER) in kinds
+    assert ("server", "<-", "SaslInit") in kinds
+    assert ("server", "->", "SaslOutcome") in kinds
+    assert ("client", "->", "Transfer") in kinds
     transfer = next(x for x in seen if x[0] == "server" and type(x[3]).__name__ == "Transfer")
     assert transfer[4] == len(b"payload-bytes")
 

@@ -24,6 +24,7 @@ from gateway.amqp import (
     ConnectionError,
     DispositionReceived,
     Event,
+    LinkError,
     RemoteAttach,
     RemoteBegin,
     RemoteClose,
@@ -231,6 +232,7 @@ class EngineApp:
         self.dispositions: list[DispositionReceived] = []
         self.auth: SaslAuthenticated | None = None
         self.errors: list[ConnectionError] = []
+        self.link_errors: list[LinkError] = []
         self.to_settle: list[tuple[Any, Any]] = []
         self.links: list[Any] = []
         self.refill = True  # top credit up as messages arrive
@@ -274,6 +276,8 @@ class EngineApp:
                     self.conn.close()
             elif isinstance(e, ConnectionError):
                 self.errors.append(e)
+            elif isinstance(e, LinkError):
+                self.link_errors.append(e)
         if self.to_settle and self.settle_in_batches:
             self.flush_settlements()
 
