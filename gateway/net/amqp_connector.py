@@ -13,6 +13,7 @@ the host). It is what a `ConnectorPool` calls for each of its connections.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -31,53 +32,6 @@ log = logging.getLogger("gateway.net.amqp")
 EventHandler = Callable[[list[Event]], None]
 
 _READ_SIZE = 65536
-
-
-class FrameTap:
-    """Splits one direction of a connection's bytes into protocol headers and
-    frames for the frame trace (`--trace amqp`); used only while tracing."""
-
-    def __init__(self, tracer: Any, conn_id: str, direction: str) -> None:
-        self.tracer = tracer
-        self.conn_id = conn_id
-        self.direction = direction
-        self._buf = bytearray()
-        self._broken = False
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._broken or not self.tracer.amqp_enabled:
-            return
-        from gateway.amqp.errors import AMQPError
-        from gateway.amqp.framing import FrameReader
-
-        buf = self._buf
-        buf += data
-        while len(buf) >= 8:
-            if buf[:4] == b"AMQP":
-                self.tracer.amqp(self.conn_id, self.direction, None,
-                                 f"protocol header {bytes(buf[4:8]).hex()}")  # fmt: skip
-                del buf[:8]
-                continue
-            size = int.from_bytes(buf[:4], "big")
-            if size < 8:
-                self._broken = True
-                return
-            if len(buf) < size:
-                return
-            reader = FrameReader()
-            reader.feed(bytes(buf[:size]))
-            del buf[:size]
-            try:
-                frame = reader.next_frame()
-            except AMQPError:
-                self._broken = True  # the engine reports the error itself
-                return
-            if frame is None:
-                continue
-            payload = len(frame.payload) if frame.payload is not None else None
-            self.tracer.amqp(self.conn_id, self.direction, frame.channel,
-                             frame.performative if frame.performative is not None else "empty",
-                             payload or None)  # fmt: skip
 
 
 class EngineDriver:
@@ -102,10 +56,11 @@ class EngineDriver:
         self._activity = trio.Event()
         self._done = False
         self._cancel: trio.CancelScope | None = None
-        self._tap_in = self._tap_out = None
         if tracer is not None and tracer.amqp_enabled:
-            self._tap_in = FrameTap(tracer, name, "<-")
-            self._tap_out = FrameTap(tracer, name, "->")
+            # The engine reports every frame it reads and writes; nothing is
+            # decoded twice. Tracing switched on by a reload applies to new
+            # connections.
+            engine.trace = functools.partial(tracer.amqp, name)
 
     def wake(self) -> None:
         """Something was queued on the engine: write it soon."""
@@ -145,8 +100,6 @@ class EngineDriver:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
-                if self._tap_in is not None:
-                    self._tap_in.feed(data)
                 events = engine.receive_data(data)
                 engine.tick(trio.current_time())
                 self._activity.set()
@@ -166,8 +119,6 @@ class EngineDriver:
                 self._wake = trio.Event()
                 data = engine.data_to_send()
                 if data:
-                    if self._tap_out is not None:
-                        self._tap_out.feed(data)
                     await stream.send_all(data)
                     engine.tick(trio.current_time())
                     self._activity.set()

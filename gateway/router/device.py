@@ -21,6 +21,7 @@ from gateway.amqp import (
     Connection,
     ConnectionError,
     DispositionReceived,
+    LinkError,
     LinkState,
     RemoteAttach,
     RemoteBegin,
@@ -123,6 +124,8 @@ class DeviceConn:
                 self.router.device_attach(self, ev.link, ev.attach)
             elif t is RemoteDetach:
                 self._on_detach(ev)
+            elif t is LinkError:
+                self._on_link_error(ev)
             elif t is RemoteBegin:
                 if ev.session.state is SessionState.BEGIN_RCVD:
                     ev.session.answer_begin()
@@ -173,6 +176,15 @@ class DeviceConn:
             self.cbs.detached(link, ev.closed)
         elif link.state is LinkState.DETACH_RCVD:
             link.detach(None, ev.closed)
+
+    def _on_link_error(self, ev: LinkError) -> None:
+        # The engine detached this device link itself (e.g. a message over its
+        # max-message-size): the upstream twin goes with the same error.
+        ctx = ev.link.context
+        if type(ctx) is LinkPair:
+            ctx.on_dev_detach(ev.closed, ev.error)
+        elif type(ctx) is tuple:
+            self.cbs.detached(ev.link, ev.closed)
 
     def _on_end(self, ev: RemoteEnd) -> None:
         session = ev.session

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.amqp import (
     ConnectionError,
     DispositionReceived,
+    LinkError,
     LinkState,
     RemoteAttach,
     RemoteBegin,
@@ -155,6 +156,13 @@ class UpstreamConn:
                     ctx.on_detach(ev.link, ev.error)
                 elif ev.link.state is LinkState.DETACH_RCVD:
                     ev.link.detach(None, ev.closed)
+            elif t is LinkError:
+                # The engine detached this upstream link itself: tell the device side.
+                ctx = ev.link.context
+                if type(ctx) is LinkPair:
+                    ctx.on_up_detach(ev.closed, ev.error)
+                elif type(ctx) is GatewayCbs:
+                    ctx.on_detach(ev.link, ev.error)
             elif t is RemoteBegin:
                 if ev.session.state is SessionState.BEGIN_RCVD:
                     ev.session.end(amqp_error("amqp:not-allowed", "sessions are begun by the gateway"))
