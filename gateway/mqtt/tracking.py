@@ -251,7 +251,6 @@ class SessionTracker:
         raise RuntimeError("no free packet id")  # 65535 packets outstanding: cannot happen
 
 
-
 def parse_publish_alias(raw: bytes, protocol_level: int) -> int | None:
     """The Topic Alias of a stored PUBLISH (parsed again: only a retransmission needs it)."""
     reader = PacketReader(max(len(raw), 2), protocol_level=protocol_level)

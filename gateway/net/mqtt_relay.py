@@ -8,7 +8,11 @@ Per device connection:
    insensitive) wins over `hub: "*"`.
 3. Open a TLS connection to the route's connector within its `connect_timeout`.
 4. Forward the CONNECT bytes unchanged, then every packet in both directions
-   as the original bytes (`Packet.raw`), each one validated on the way.
+   as the original bytes, each one validated on the way. Every complete
+   packet of one read goes on in one write: PUBLISH, its acknowledgements and
+   pings are checked from their fixed and variable headers
+   (`gateway.mqtt.triage`), anything else, and a PUBLISH to a topic not yet
+   seen on the connection, is parsed in full first.
 
 Answers the gateway gives itself (the only packets it ever writes):
 
@@ -31,8 +35,8 @@ any abrupt loss.
 Keep-alive: a device silent for 1.5 x its keep-alive (MQTT 5: the server's
 Server Keep Alive if the CONNACK carries one) is closed. Backpressure: each
 direction reads its next bytes only after the previous packet was written to
-the other side, so a slow hub slows the device and buffers stay bounded by
-one packet plus one read.
+the other side (one write in flight per direction), so a slow hub slows the
+device and buffers stay bounded by one packet plus one read.
 
 Credentials held by the gateway (`credentials:` in the config): for a device
 with an entry, the CONNECT goes upstream with a gateway-issued SAS token as
@@ -53,6 +57,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -61,10 +66,11 @@ from gateway.mqtt import encode
 from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode, PacketType
 from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge, UnsupportedProtocolVersion
 from gateway.mqtt.packets import Connack, Connect, Packet, Puback, Publish, Subscribe
-from gateway.mqtt.reader import PacketReader
+from gateway.mqtt.reader import Buffer, PacketReader, Span, parse_span
 from gateway.mqtt.session import RelayState
 from gateway.mqtt.topics import TopicPolicy
 from gateway.mqtt.tracking import SessionTracker
+from gateway.mqtt.triage import CLIENT, SERVER, Triage
 
 from . import mqtt_credentials, mqtt_renewal
 from .listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
@@ -91,7 +97,13 @@ log = logging.getLogger("gateway.mqtt.relay")
 IN = "in"
 OUT = "out"
 
-RECEIVE_SIZE = 65536
+# Device side (plain TCP): one read takes whatever the device has pipelined.
+RECEIVE_SIZE = 262144
+# Hub side: a TLS read returns at most one record, 16 KiB of plaintext.
+TLS_RECEIVE_SIZE = 16384
+# Records already received are decrypted and batched up to this many bytes before
+# a write to the device (a hub writes one record per packet: one PUBACK each).
+TLS_BATCH_BYTES = 262144
 # Packets from the hub are bounded too, but generously: the hub, not the
 # gateway, decides what a device may receive.
 UPSTREAM_MAX_PACKET_SIZE = 2 * 1024 * 1024
@@ -141,6 +153,18 @@ class RelayObserver(Protocol):
 
     def on_packet(self, direction: str, packet_type: str, nbytes: int) -> None: ...
     def on_close(self, reason: str) -> None: ...
+
+
+class BatchObserver(RelayObserver, Protocol):
+    """An observer that counts many packets of one type at once. The relay calls
+    `on_packets` when the observer has it, instead of `on_packet` per packet."""
+
+    def on_packets(self, direction: str, packet_type: str, count: int, nbytes: int) -> None: ...
+
+
+# Packet type names by the first byte's high nibble (0 and, before MQTT 5, 15 are refused
+# by the reader before anything is counted).
+_TYPE_NAMES = ("RESERVED", *(PacketType(t).name for t in range(1, 16)))
 
 
 class _NullObserver:
@@ -252,6 +276,10 @@ class _Connection:
         self._connector: Any = None
         self._profile: Any = None
         self._nursery: trio.Nursery | None = None
+        self._counting = not isinstance(observer, _NullObserver)
+        self._on_packets: Callable[[str, str, int, int], None] | None = getattr(
+            observer, "on_packets", None
+        )
 
     @property
     def upstream(self) -> trio.abc.Stream | None:
@@ -452,6 +480,104 @@ class _Connection:
         self._nursery.cancel_scope.cancel()
 
     async def _pump_device(self) -> None:
+        if self.tracker is None:
+            await self._pump_device_batched()
+        else:
+            await self._pump_device_tracked()
+
+    async def _pump_device_batched(self) -> None:
+        """Device -> hub: every complete packet of a read, checked, in one write."""
+        reader = self.device_reader
+        triage = Triage(CLIENT, self.state.protocol_level)
+        while True:
+            try:
+                buf, spans = reader.next_spans()
+            except PacketTooLarge as exc:
+                raise _Stop(CloseReason.PACKET_TOO_LARGE, exc.reason) from None
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+            if not spans:
+                await self._read_device()
+                continue
+            count, views, stop = self._check_device_batch(buf, spans, triage)
+            if count:
+                assert self.link is not None
+                data = _joined(buf, spans, count)
+                try:
+                    await self.link.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+                self._observe(IN, "<-", spans, count, views)
+                self.last_heard = trio.current_time()
+            if stop is not None:
+                raise stop
+
+    def _check_device_batch(
+        self, buf: Buffer, spans: list[Span], triage: Triage
+    ) -> tuple[int, list[Packet] | None, _Stop | None]:
+        """How many of `spans` may be forwarded, their views if the trace wants them,
+        and why the connection ends after them (None: it goes on)."""
+        tracing = self.tracer is not None and self.tracer.mqtt_enabled
+        views: list[Packet] | None = [] if tracing else None
+        level = self.state.protocol_level
+        total = len(spans)
+        index = 0
+        while index < total:
+            if views is None:
+                index = triage.fast_prefix(buf, spans, index)
+                if index == total:
+                    break
+            try:
+                packet = parse_span(buf, spans[index], level)
+                self.state.client_packet(packet)
+            except MQTTProtocolError as exc:
+                return index, views, _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason)
+            if self.policy is not None:
+                try:
+                    self._check_policy(packet)
+                except _Stop as stop:
+                    return index, views, stop
+            if isinstance(packet, Publish):
+                triage.learn_topic(packet)
+            if views is not None:
+                views.append(packet)
+            index += 1
+            if self.state.client_disconnected:
+                # The device is done (3.1.1 section 3.14.4): close both, the hub drops the Will.
+                return index, views, _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
+        return total, views, None
+
+    def _observe(
+        self,
+        direction: str,
+        arrow: str,
+        spans: list[Span],
+        count: int,
+        views: list[Packet] | None,
+    ) -> None:
+        """Count (and trace) `count` forwarded packets."""
+        if self._counting:
+            on_packets = self._on_packets
+            if on_packets is None:
+                on_packet = self.obs.on_packet
+                for first, start, _, end in islice(spans, count):
+                    on_packet(direction, _TYPE_NAMES[first >> 4], end - start)
+            else:
+                counts = [0] * 16
+                sizes = [0] * 16
+                for first, start, _, end in islice(spans, count):
+                    kind = first >> 4
+                    counts[kind] += 1
+                    sizes[kind] += end - start
+                for kind, n in enumerate(counts):
+                    if n:
+                        on_packets(direction, _TYPE_NAMES[kind], n, sizes[kind])
+        if views and self.tracer is not None and self.tracer.mqtt_enabled:
+            for packet in views:
+                self.tracer.mqtt(self.conn_id, arrow, packet)
+
+    async def _pump_device_tracked(self) -> None:
+        """Device -> hub, packet by packet, for a session whose token the gateway renews."""
         while True:
             packet = await self._next_device_packet()
             try:
@@ -503,6 +629,114 @@ class _Connection:
         return link is self.link and not link.retired
 
     async def _pump_link(self, link: UpstreamLink) -> None:
+        if self.tracker is None:
+            await self._pump_link_batched(link)
+        else:
+            await self._pump_link_tracked(link)
+
+    async def _pump_link_batched(self, link: UpstreamLink) -> None:
+        """Hub -> device: every complete packet of a read, checked, in one write."""
+        reader = link.reader
+        stream = link.stream
+        triage = Triage(SERVER, self.state.protocol_level)
+        end: _Stop | None = None  # how the hub's side ended, once its last bytes are relayed
+        while True:
+            try:
+                buf, spans = reader.next_spans()
+            except MQTTProtocolError as exc:
+                raise _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason) from None
+            if not spans:
+                if end is not None:
+                    raise end
+                end = await self._read_upstream(stream, reader)
+                continue
+            count, views, stop = self._check_server_batch(buf, spans, triage)
+            if count:
+                data = _joined(buf, spans, count)
+                try:
+                    await self.device.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+                self._observe(OUT, "->", spans, count, views)
+            if stop is not None:
+                raise stop
+
+    def _check_server_batch(
+        self, buf: Buffer, spans: list[Span], triage: Triage
+    ) -> tuple[int, list[Packet] | None, _Stop | None]:
+        """As `_check_device_batch`, for packets from the hub."""
+        tracing = self.tracer is not None and self.tracer.mqtt_enabled
+        views: list[Packet] | None = [] if tracing else None
+        state = self.state
+        level = state.protocol_level
+        total = len(spans)
+        index = 0
+        while index < total:
+            if views is None and state.connack_code is not None:
+                index = triage.fast_prefix(buf, spans, index)
+                if index == total:
+                    break
+            try:
+                packet = parse_span(buf, spans[index], level)
+                state.server_packet(packet)
+            except MQTTProtocolError as exc:
+                return index, views, _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason)
+            if isinstance(packet, Publish):
+                triage.learn_topic(packet)
+            if views is not None:
+                views.append(packet)
+            index += 1
+            if isinstance(packet, Connack):
+                if self._device_wait is not None:
+                    # An MQTT 5 CONNACK may set the keep-alive (Server Keep Alive).
+                    self._device_wait.deadline = state.keep_alive_deadline(self.last_heard)
+                if packet.return_code:
+                    # The hub refused the device; the session is over once the device has
+                    # the answer.
+                    return (
+                        index,
+                        views,
+                        _Stop(
+                            CloseReason.UPSTREAM_REFUSED,
+                            f"hub refused CONNECT with code {packet.return_code}",
+                        ),
+                    )
+        return total, views, None
+
+    async def _read_upstream(self, stream: trio.abc.Stream, reader: PacketReader) -> _Stop | None:
+        """Feed `reader` the hub's next bytes: one read, then every TLS record already
+        received (up to TLS_BATCH_BYTES), so they go to the device in one write.
+
+        Returns how the connection ended if it ended after some bytes were fed (they
+        are relayed first); raises _Stop if it ended before any.
+        """
+        fed = False
+        while True:
+            try:
+                data = await stream.receive_some(TLS_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                end = self._upstream_broken(exc, reader)
+            else:
+                if data:
+                    reader.feed(data)
+                    fed = True
+                    if _tls_bytes_buffered(stream) and reader.buffered < TLS_BATCH_BYTES:
+                        continue
+                    return None
+                end = _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
+            if not fed:
+                raise end
+            return end
+
+    def _upstream_broken(self, exc: BaseException, reader: PacketReader) -> _Stop:
+        if _is_ragged_eof(exc):
+            # Closed without a TLS close_notify: still just a close; MQTT's own framing
+            # shows whether a packet was cut short.
+            return _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
+        return _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc))
+
+    async def _pump_link_tracked(self, link: UpstreamLink) -> None:
+        """Hub -> device, packet by packet, for a session whose token the gateway renews."""
         reader = link.reader
         tracker = self.tracker
         while True:
@@ -522,32 +756,21 @@ class _Connection:
                 self._device_wait.deadline = self.state.keep_alive_deadline(self.last_heard)
             if packet is None:
                 try:
-                    if tracker is None:
-                        data = await link.stream.receive_some(RECEIVE_SIZE)
-                    else:
-                        data = await link.receive_some(RECEIVE_SIZE)
+                    data = await link.receive_some(TLS_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    if _is_ragged_eof(exc):
-                        # Closed without a TLS close_notify: still just a close; MQTT's
-                        # own framing shows whether a packet was cut short.
-                        raise _Stop(
-                            CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader)
-                        ) from None
-                    raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+                    raise self._upstream_broken(exc, reader) from None
                 if data is None:
                     return  # a renewal retired this connection and stopped reading it
                 if not data:
                     raise _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
                 reader.feed(data)
                 continue
-            if tracker is not None:
-                if not tracker.server_packet(packet, link.generation):
-                    continue
-                if isinstance(packet, Puback) and self._acked is not None:
-                    self._acked.set()
-                async with self._device_send_lock:  # type: ignore[union-attr]
-                    await self._send_device(packet)
-            else:
+            assert tracker is not None
+            if not tracker.server_packet(packet, link.generation):
+                continue
+            if isinstance(packet, Puback) and self._acked is not None:
+                self._acked.set()
+            async with self._device_send_lock:  # type: ignore[union-attr]
                 await self._send_device(packet)
             if isinstance(packet, Connack) and packet.return_code:
                 # The hub refused the device; the session is over once the device has the answer.
@@ -564,7 +787,9 @@ class _Connection:
         link.connack_code = packet.return_code
         link.connack_received.set()
         if packet.return_code:
-            raise _Stop(CloseReason.UPSTREAM_REFUSED, f"renewal CONNECT refused ({packet.return_code})")
+            raise _Stop(
+                CloseReason.UPSTREAM_REFUSED, f"renewal CONNECT refused ({packet.return_code})"
+            )
 
     def _upstream_eof_detail(self, reader: PacketReader) -> str:
         partial = f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
@@ -609,25 +834,28 @@ class _Connection:
                 raise _Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
             if packet is not None:
                 return packet
-            deadline = self.state.keep_alive_deadline(self.last_heard)
-            with trio.CancelScope(deadline=deadline) as scope:
-                self._device_wait = scope
-                try:
-                    data = await self.device.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    if not _is_ragged_eof(exc):
-                        raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
-                    data = b""
-                if not data:
-                    partial = (
-                        f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
-                    )
-                    raise _Stop(
-                        CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}"
-                    )
-                reader.feed(data)
-            if not scope.cancelled_caught:
-                continue
+            await self._read_device()
+
+    async def _read_device(self) -> None:
+        """Feed the device reader its next bytes; raises _Stop on EOF, errors and
+        keep-alive expiry."""
+        reader = self.device_reader
+        deadline = self.state.keep_alive_deadline(self.last_heard)
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._device_wait = scope
+            try:
+                data = await self.device.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not _is_ragged_eof(exc):
+                    raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+                data = b""
+            if not data:
+                partial = (
+                    f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
+                )
+                raise _Stop(CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}")
+            reader.feed(data)
+        if scope.cancelled_caught:
             raise _Stop(
                 CloseReason.KEEPALIVE_TIMEOUT,
                 f"no packet from the device for {self.state.keep_alive_timeout:g}s "
@@ -660,7 +888,6 @@ class _Connection:
                         CloseReason.TOPIC_REFUSED,
                         f"SUBSCRIBE to {topic_filter!r} refused: not in the route's allowed_topics",
                     )
-
 
     async def _send_upstream(self, packet: Packet, raw: bytes | None = None) -> None:
         """Relay `packet` to the current upstream connection (as `raw` if the gateway
@@ -729,6 +956,29 @@ _ROUTINE = {
 }
 
 
+def _tls_bytes_buffered(stream: trio.abc.Stream) -> bool:
+    """Whether a trio.SSLStream holds received bytes not yet decrypted: the next
+    receive_some() returns without waiting on the network (or at most for the rest
+    of a record already arriving).
+
+    A trio.SSLStream read returns one TLS record, and hubs write one record per
+    packet; without this, every PUBACK would cost the device its own write. trio has
+    no public way to ask, so this peeks at the stream's incoming BIO; anything
+    else (a plain or memory stream, a trio without the attribute) reads one at a time.
+    """
+    incoming = getattr(stream, "_incoming", None)
+    return isinstance(incoming, ssl.MemoryBIO) and incoming.pending > 0
+
+
+def _joined(buf: Buffer, spans: list[Span], count: int) -> Buffer:
+    """The bytes of the first `count` spans, which lie back to back in `buf`."""
+    start = spans[0][1]
+    end = spans[count - 1][3]
+    if start == 0 and end == len(buf) and isinstance(buf, bytes):
+        return buf  # the whole read, as it came
+    return buf[start:end]
+
+
 def _only_cancellation(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_cancellation(e) for e in exc.exceptions)
@@ -795,6 +1045,7 @@ async def serve_mqtt_listener(
     credentials: CredentialStore | None = None,
     clock: Callable[[], float] = time.time,
     renewal_mode: RenewalMode = RenewalMode.AUTO,
+    settings: ListenerSettings | None = None,
 ) -> None:
     """Serve one `protocol: mqtt` listener until cancelled.
 
@@ -805,9 +1056,11 @@ async def serve_mqtt_listener(
     `credentials`: the store built from the config's `credentials:` section
     (`CredentialStore.from_config`); None or an empty store: devices bring their
     own credentials. `clock`: wall-clock Unix seconds for SAS token expiries
-    (sleeping until a renewal uses trio's clock).
+    (sleeping until a renewal uses trio's clock). `settings`: the daemon passes
+    its own live `ListenerSettings` so a reload can change limits and a drain
+    can stop admissions; by default they are built from `listener_cfg`.
     """
-    settings = ListenerSettings.from_config(listener_cfg, config)
+    settings = settings or ListenerSettings.from_config(listener_cfg, config)
     contexts = ClientContextCache()
     held = MqttCredentials(credentials, clock=clock) if credentials else None
 
