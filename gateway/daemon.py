@@ -16,8 +16,11 @@ Signals:
   down"), every connection closed, and ``run`` returns 0. With nothing in
   flight that takes well under 5 s. A second SIGTERM cuts the drain short.
 - SIGHUP reloads the configuration file (`gateway.ops.reload` says what a
-  reload can change); a file that fails validation is rejected with a log line
-  naming the errors and the running configuration stays.
+  reload can change); a file that fails validation, or a credential that
+  cannot be built, is rejected with a log line naming the errors and the
+  running configuration stays. The credential store is rebuilt on every
+  reload and handed to the router (`Router.set_credentials`) and the MQTT
+  listeners (`LiveCredentials`).
 
 Under systemd (``NOTIFY_SOCKET``) the daemon sends READY=1, RELOADING=1 and
 READY=1 around a reload, STOPPING=1, STATUS= lines and, when WATCHDOG_USEC is
@@ -26,24 +29,26 @@ set, WATCHDOG=1 pings.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import trio
 
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.net.amqp_listener import handle_device, serve_amqp_listener
-from gateway.net.listeners import serve_listener
+from gateway.net import mqtt_relay
+from gateway.net.amqp_listener import serve_amqp_listener
 from gateway.ops import sdnotify
+from gateway.ops.connections import ListenerConnections
+from gateway.ops.credentials_api import credentials_snapshot
 from gateway.ops.health import Readiness
 from gateway.ops.hooks import set_connect_failure_hook
 from gateway.ops.lifecycle import (
     LiveConfig,
+    LiveCredentials,
     LiveListenerSettings,
     detach_all,
     in_flight,
@@ -105,35 +110,39 @@ class Daemon:
     """One running gateway: what it serves, and its reload and drain."""
 
     def __init__(self, config: GatewayConfig, trace: Iterable[str] = (),
-                 credentials: Any = None) -> None:  # fmt: skip
+                 credentials: CredentialStore | None = None) -> None:  # fmt: skip
         trace = tuple(trace)
         self.config = config  # in force: the start-up file plus reloaded live parts
         self.live_config = LiveConfig(config)
-        self.credentials = credentials
+        # The store in force (None: built from the configuration); reloads replace it.
+        self.credentials = credentials if credentials is not None else _credential_store(config)
+        self.live_credentials = LiveCredentials(self.credentials)
         # --trace and --log-level on the command line win over the file, reloads too.
         self.trace_override = trace if trace != tuple(config.log.trace) else None
         self.level_override = logging.getLogger().getEffectiveLevel() != _level(config.log.level)
         self.metrics = _metrics(config)
         self.registry = Registry()
         self.observer = OpsObserver(self.metrics, self.registry)
+        self.listener_observer = ListenerConnections(self.metrics, self.registry)
         self.tracer = FrameTracer(protocols=trace)
-        self.router = _router(config, self.observer, self.tracer, credentials)
+        self.router = Router(config, observer=self.observer, tracer=self.tracer,
+                             credentials=self.credentials)  # fmt: skip
         self.readiness = Readiness.from_config(self.registry, config)
         self.listener_settings: dict[str, LiveListenerSettings] = {}
-        self.fixed_limits: set[str] = set()  # listeners whose limits need a restart to change
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
         self.stopping = False
         self._stop = trio.Event()
         self._hurry = trio.Event()
         self._reload_lock = trio.Lock()
-        self.registry.set_routes(self.router.routes.as_list())
+        self.registry.set_routes(_route_rows(self.router.routes, config.mqtt_routes))
         for connector in config.connectors:
             self.registry.register_connector(connector.name, protocol=connector.protocol,
                                              target=connector.target,
                                              on_demand=getattr(connector, "on_demand", True))  # fmt: skip
-        if credentials is not None:
-            self.registry.set_credentials(credentials.describe)
+        self.registry.set_credentials(
+            credentials_snapshot(lambda: self.credentials, lambda: self.router.tokens)
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -260,8 +269,18 @@ class Daemon:
             self._count_reload(False)
             return False
         plan = plan_reload(self.config, new)
+        store = None
+        if new.credentials is not None or self.config.credentials is not None:
+            # Key files and variables are read again: a rotated key applies too.
+            try:
+                store = await trio.to_thread.run_sync(_credential_store, new)
+            except CredentialError as exc:
+                log.error("configuration reload rejected, the running configuration stays: "
+                          "credentials: %s", exc)  # fmt: skip
+                self._count_reload(False)
+                return False
         try:
-            self._apply(plan)
+            self._apply(plan, store)
         except Exception as exc:  # a reload must never take the running gateway down
             log.error("configuration reload rejected, the running configuration stays: %s: %s",
                       type(exc).__name__, exc)  # fmt: skip
@@ -278,8 +297,9 @@ class Daemon:
         self._count_reload(True)
         return True
 
-    def _apply(self, plan: ReloadPlan) -> None:
-        """Switch to `plan.config`. Everything that can fail is built before anything changes."""
+    def _apply(self, plan: ReloadPlan, store: CredentialStore | None = None) -> None:
+        """Switch to `plan.config` (and `store`, the rebuilt credential store).
+        Everything that can fail is built before anything changes."""
         new = plan.config
         old = self.config
         routes = (RouteTable.from_config(new.link_routes)
@@ -302,18 +322,16 @@ class Daemon:
                          ",".join(self.trace_override) or "off")  # fmt: skip
         if routes is not None:
             self.router.routes = routes
-            self.registry.set_routes(routes.as_list())
+        if routes is not None or new.mqtt_routes is not old.mqtt_routes:
+            self.registry.set_routes(_route_rows(self.router.routes, new.mqtt_routes))
         for listener in new.listeners:
             settings = self.listener_settings.get(listener.name)
-            if settings is None:
-                continue
-            if listener.name in self.fixed_limits and (
-                settings.limit != listener.max_connections
-                or settings.allowed_networks != tuple(listener.allowed_networks)
-            ):
-                plan.needs_restart.append(f"listener {listener.name} limits (this build)")
-                continue
-            settings.update_limits(listener)
+            if settings is not None:
+                settings.update_limits(listener)
+        if store is not None:
+            self.credentials = store
+            self.live_credentials.current = store
+            self.router.set_credentials(store)
         self.live_config.current = new
         self.config = new
 
@@ -325,67 +343,22 @@ class Daemon:
 
     async def _serve_listener(self, listener: Any, *,
                               task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+        # Live limits: a reload changes them in place, a drain stops admissions.
         settings = LiveListenerSettings.from_config(listener, self.config)
         self.listener_settings[listener.name] = settings
         if listener.protocol == "amqp":
-            await self._serve_amqp(listener, settings, task_status)
-        else:
-            await self._serve_mqtt(listener, settings, task_status)
-
-    async def _serve_amqp(self, listener: Any, settings: LiveListenerSettings,
-                          task_status: trio.TaskStatus[Any]) -> None:  # fmt: skip
-        params = _parameters(serve_amqp_listener)
-        if "settings" in params or params != _AMQP_SERVE_PARAMETERS:
-            kwargs = self._listener_kwargs(listener, params, settings)
-            await serve_amqp_listener(listener, self.config, self.router, observer=self.metrics,
-                                      task_status=task_status, **kwargs)  # fmt: skip
+            await serve_amqp_listener(listener, self.config, self.router,
+                                      observer=self.listener_observer, task_status=task_status,
+                                      settings=settings)  # type: ignore[arg-type]  # fmt: skip
             return
-
-        # What serve_amqp_listener does, with limits a reload or drain can change.
-        async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-            await handle_device(stream, peer, listener, self.router)
-
-        await serve_listener(settings, handler, observer=self.metrics,  # type: ignore[arg-type]
-                             task_status=task_status)  # fmt: skip
-
-    async def _serve_mqtt(self, listener: Any, settings: LiveListenerSettings,
-                          task_status: trio.TaskStatus[Any]) -> None:  # fmt: skip
-        from gateway.net import mqtt_relay
-
-        observer = self.metrics.mqtt_observer(listener.name) if self.metrics is not None else None
-        params = _parameters(mqtt_relay.serve_mqtt_listener)
-        if "settings" in params or params != _MQTT_SERVE_PARAMETERS:
-            kwargs = self._listener_kwargs(listener, params, settings)
-            await mqtt_relay.serve_mqtt_listener(
-                listener, self.live_config, task_status=task_status, observer=observer,
-                listener_observer=self.metrics, tracer=self.tracer, **kwargs,
-            )  # fmt: skip
-            return
-
-        # What serve_mqtt_listener does, with limits a reload or drain can change and
-        # routes read from the configuration in force.
-        from gateway.net.tls import ClientContextCache
-
-        contexts = ClientContextCache()
-
-        async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-            await mqtt_relay.relay_mqtt_connection(stream, peer, listener, self.live_config,
-                                                   observer, tls_contexts=contexts,
-                                                   tracer=self.tracer)  # fmt: skip
-
-        await serve_listener(settings, handler, observer=self.metrics,  # type: ignore[arg-type]
-                             task_status=task_status)  # fmt: skip
-
-    def _listener_kwargs(self, listener: Any, params: frozenset[str],
-                         settings: LiveListenerSettings) -> dict[str, Any]:  # fmt: skip
-        kwargs: dict[str, Any] = {}
-        if "settings" in params:
-            kwargs["settings"] = settings
-        else:
-            self.fixed_limits.add(listener.name)
-        if "credentials" in params:
-            kwargs["credentials"] = self.credentials
-        return kwargs
+        observer = (self.metrics.mqtt_observer(listener.name, registry=self.registry)
+                    if self.metrics is not None else None)  # fmt: skip
+        # Routes are read from the configuration in force for every new connection.
+        await mqtt_relay.serve_mqtt_listener(
+            listener, self.live_config, task_status=task_status, observer=observer,
+            listener_observer=self.listener_observer, tracer=self.tracer,
+            credentials=self.live_credentials, settings=settings,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:
         from gateway.ops.admin import serve_admin
@@ -398,30 +371,15 @@ class Daemon:
             log.error("admin endpoint %s: %s", self.config.admin.listen, exc)
 
 
-# The listener entry points as the daemon knows them; with other parameters (a
-# newer build) the daemon calls them as they are, passing what they accept.
-_AMQP_SERVE_PARAMETERS = frozenset({"listener", "config", "router", "observer", "task_status"})
-_MQTT_SERVE_PARAMETERS = frozenset(
-    {"listener_cfg", "config", "task_status", "observer", "listener_observer", "stats", "tracer"}
-)
-
-
-def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
-
-
-def _router(config: GatewayConfig, observer: Any, tracer: Any, credentials: Any) -> Router:
-    kwargs: dict[str, Any] = {"observer": observer, "tracer": tracer}
-    if credentials is not None:
-        if "credentials" in _parameters(Router):
-            kwargs["credentials"] = credentials
-        elif len(credentials):
-            log.warning("credentials: this build's AMQP router does not use gateway-held "
-                        "credentials; AMQP devices must bring their own tokens")  # fmt: skip
-    return Router(config, **kwargs)
+def _route_rows(routes: RouteTable, mqtt_routes: Iterable[Any]) -> list[dict[str, Any]]:
+    """The route table for /api/routes: link routes (AMQP), then MQTT routes."""
+    rows = [{"kind": "link", **row} for row in routes.as_list()]
+    for route in mqtt_routes:
+        row: dict[str, Any] = {"kind": "mqtt", "hub": route.hub, "connector": route.connector}
+        if route.allowed_topics is not None:
+            row["allowed_topics"] = [str(t) for t in route.allowed_topics]
+        rows.append(row)
+    return rows
 
 
 def _metrics(config: GatewayConfig) -> Any:

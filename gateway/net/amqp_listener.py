@@ -23,6 +23,7 @@ import trio
 from gateway.amqp import AMQPError
 from gateway.amqp.framing import SASL_HEADER, FrameReader
 from gateway.amqp.performatives import SaslInit
+from gateway.router.linkpair import timed_handler
 
 from .amqp_connector import EngineDriver
 from .listeners import ListenerSettings, serve_listener
@@ -141,7 +142,11 @@ async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener
     check = router.sasl_precheck(device)
     if check is not None and device.engine.sasl is not None:
         stream = SaslPlainGate(stream, check)
-    driver = EngineDriver(stream, device.engine, device.handle, name=device.id,
+    handler = device.handle
+    report = getattr(router.observer, "on_relay_latency", None)  # optional observer hook
+    if report is not None:
+        handler = timed_handler(handler, report)
+    driver = EngineDriver(stream, device.engine, handler, name=device.id,
                           tracer=router.tracer)  # fmt: skip
     device.driver = driver
     if router.stopping:
@@ -172,9 +177,16 @@ async def serve_amqp_listener(
     *,
     observer: Any = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    settings: ListenerSettings | None = None,
 ) -> None:
-    """Serve one `protocol: amqp` listener until cancelled; started() gets the bound addresses."""
-    settings = ListenerSettings.from_config(listener, config)
+    """Serve one `protocol: amqp` listener until cancelled; started() gets the bound addresses.
+
+    `observer` gets the admissions (`gateway.ops.metrics.Metrics` fits).
+    `settings`: the daemon passes its own live settings so a reload can change
+    the limits and a drain can stop admissions; by default they are built from
+    `listener`.
+    """
+    settings = settings or ListenerSettings.from_config(listener, config)
 
     async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
         await handle_device(stream, peer, listener, router)

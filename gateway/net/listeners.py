@@ -45,7 +45,12 @@ _ACCEPT_BACKOFF = 0.1
 
 
 class ListenerObserver(Protocol):
-    """Hooks for metrics; `gateway.ops.metrics.Metrics` has these methods."""
+    """Hooks for metrics; `gateway.ops.metrics.Metrics` has these methods.
+
+    Optionally also ``on_connection_open(listener, protocol, peer) -> key`` and
+    ``on_connection_close(key)`` around each accepted connection (the live
+    registry, see `gateway.ops.connections.ListenerConnections`).
+    """
 
     def on_device_connect(self, listener: str, protocol: str) -> None: ...
     def on_device_disconnect(self, listener: str, protocol: str) -> None: ...
@@ -147,6 +152,8 @@ async def serve_listener(
     """Serve until cancelled. `task_status.started()` gets the bound (host, port) list."""
     obs: ListenerObserver = observer or _NullObserver()
     counters = stats if stats is not None else ListenerStats()
+    opened = getattr(obs, "on_connection_open", None)
+    closed = getattr(obs, "on_connection_close", None)
     host = settings.host or None
     listeners = await trio.open_tcp_listeners(settings.port, host=host)
     bound = [peer_address_of_listener(listener) for listener in listeners]
@@ -179,9 +186,12 @@ async def serve_listener(
                 conn = tls
             counters.accepted += 1
             obs.on_device_connect(settings.name, settings.protocol)
+            key = opened(settings.name, settings.protocol, peer) if opened is not None else None
             try:
                 await handler(conn, peer)
             finally:
+                if closed is not None:
+                    closed(key)
                 obs.on_device_disconnect(settings.name, settings.protocol)
         except Exception:
             counters.handler_errors += 1

@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -235,7 +236,8 @@ class _AdminServer:
         ]
         if status == 405:
             headers.append(("allow", "GET, HEAD"))
-        events: list[Any] = [h11.Response(status_code=status, headers=headers)]
+        response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        events: list[Any] = [response]
         if request.method.upper() != b"HEAD" and body:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -253,7 +255,8 @@ class _AdminServer:
             ("connection", "close"),
         ]
         try:
-            events = [h11.Response(status_code=status, headers=headers), h11.Data(data=body)]
+            response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+            events = [response, h11.Data(data=body)]
             sent = await self._send(conn, stream, [*events, h11.EndOfMessage()])
         except h11.LocalProtocolError:
             return
@@ -283,6 +286,14 @@ class _AdminServer:
         with trio.move_on_after(self.limits.send_timeout) as scope:
             await stream.send_all(data)
         return not scope.cancelled_caught
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (``200 OK``); some clients and proxies log or expect it."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def _json_handler(snapshot: Callable[[], Any]) -> Handler:

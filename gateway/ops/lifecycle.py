@@ -8,6 +8,9 @@ in-flight deliveries, and the final detach.
 - `LiveConfig` stands for the configuration in force: the MQTT relay reads
   its routes from it for every new connection, and a reload swaps what it
   points at.
+- `LiveCredentials` does the same for the credential store the MQTT
+  listeners use (the AMQP router takes a reloaded store with
+  ``Router.set_credentials``).
 - `in_flight(router)` counts deliveries not yet settled on any routed link
   pair (and messages queued towards either side): a drain waits for zero.
 - `detach_all(router, description)` detaches every routed link with
@@ -16,7 +19,6 @@ in-flight deliveries, and the final detach.
 
 from __future__ import annotations
 
-import inspect
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "LiveConfig",
+    "LiveCredentials",
     "LiveListenerSettings",
     "detach_all",
     "in_flight",
@@ -97,6 +100,32 @@ class LiveConfig:
         return f"LiveConfig({self.current!r})"
 
 
+class LiveCredentials:
+    """Attribute access goes to the credential store currently in force.
+
+    Always true, even while the store is empty, so a listener given one sets up
+    gateway-held credentials at start and a reload that adds entries applies to
+    its new connections too (an empty store passes every device through).
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, store: Any) -> None:
+        self.current = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current, name)
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"LiveCredentials({self.current!r})"
+
+
 def in_flight(router: Any) -> int:
     """Deliveries on routed link pairs not yet settled on both ends, plus deliveries
     queued towards either side. Zero means nothing would be lost by detaching."""
@@ -113,13 +142,6 @@ def detach_all(router: Any, description: str) -> None:
     """Detach every routed link with ``amqp:connection:forced`` and `description`,
     close every device and upstream connection, and stop the connector pools.
     The connection drivers then write the frames and finish."""
-    try:
-        takes_description = "description" in inspect.signature(router.shutdown).parameters
-    except (TypeError, ValueError):
-        takes_description = False
-    if takes_description:
-        router.shutdown(description=description)
-        return
     # Devices first, so they get this description (a device is shut down once;
     # the router's own pass then finds them done and does the rest).
     router.stopping = True

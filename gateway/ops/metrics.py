@@ -32,6 +32,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from gateway.ops.registry import connection_id
+
 __all__ = [
     "LATENCY_BUCKETS",
     "MAX_LABEL_VALUES",
@@ -293,6 +295,7 @@ class Metrics:
         self._device_messages: _Children | None = None
         self._device_bytes: _Children | None = None
         self._device_token_expiry: _Children | None = None
+        self._device_renewal_failures: _Children | None = None
         if device_labels:
             self._device_messages = _Children(
                 Counter(
@@ -316,6 +319,15 @@ class Metrics:
                 Gauge(
                     "iotgw_device_token_expiry_seconds",
                     "Seconds until the device's gateway-held SAS token expires",
+                    ["device"],
+                    registry=r,
+                ),
+                MAX_DEVICE_SERIES,
+            )
+            self._device_renewal_failures = _Children(
+                Counter(
+                    "iotgw_device_token_renewal_failures",
+                    "SAS token renewals that failed, per device or module identity",
                     ["device"],
                     registry=r,
                 ),
@@ -423,8 +435,11 @@ class Metrics:
     def on_mqtt_closed(self, reason: str) -> None:
         self._mqtt_closes.get(reason).inc()
 
-    def mqtt_observer(self, listener: str = "", route: str = "mqtt") -> MqttRelayMetrics:
-        return MqttRelayMetrics(self, listener, route)
+    def mqtt_observer(self, listener: str = "", route: str = "mqtt",
+                      registry: Any = None) -> MqttRelayMetrics:  # fmt: skip
+        """The MQTT relay's observer for one listener (``registry``: the live
+        registry for connector state and device ids, optional)."""
+        return MqttRelayMetrics(self, listener, route, registry)
 
     # -- credentials ---------------------------------------------------------------
 
@@ -452,7 +467,11 @@ class Metrics:
         return min(self._token_deadlines.values()) - time.monotonic()
 
     def on_token_renewal_failure(self, device: str | None = None) -> None:
+        """A gateway-held token for ``device`` (an identity, ``d1`` or ``d1/m1``) could
+        not be renewed. Labelled by identity only with ``metrics_device_labels``."""
         self._renewal_failures.inc()
+        if device is not None and self._device_renewal_failures is not None:
+            self._device_renewal_failures.get(device).inc()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -462,35 +481,58 @@ class Metrics:
     def forget_device(self, device: str) -> None:
         """Drop a departed device's per-device series (and its token expiry)."""
         self._token_deadlines.pop(device, None)
-        for children in (self._device_messages, self._device_bytes, self._device_token_expiry):
+        for children in (self._device_messages, self._device_bytes, self._device_token_expiry,
+                         self._device_renewal_failures):  # fmt: skip
             if children is not None:
                 children.forget(lambda key: key[0] == device)
 
 
 class MqttRelayMetrics:
-    """Adapter from the MQTT relay's observer hooks to :class:`Metrics`.
+    """Adapter from the MQTT relay's observer hooks to :class:`Metrics` (and,
+    given one, the live `gateway.ops.registry.Registry`).
 
     PUBLISH packets also count as messages on ``route`` so MQTT and AMQP
-    traffic read the same in iotgw_messages_total.
+    traffic read the same in iotgw_messages_total. Upstream opens and closes
+    keep the connector's state and connection count in the registry
+    (``connected`` while any session is relayed, ``idle`` at none).
     """
 
-    __slots__ = ("_metrics", "listener", "route")
+    __slots__ = ("_metrics", "_latency", "listener", "route", "registry")
 
-    def __init__(self, metrics: Metrics | NullMetrics, listener: str, route: str) -> None:
+    def __init__(self, metrics: Metrics | NullMetrics, listener: str, route: str,
+                 registry: Any = None) -> None:  # fmt: skip
         self._metrics = metrics
+        self._latency = metrics.relay_latency("mqtt")
         self.listener = listener
         self.route = route
+        self.registry = registry
 
     def on_packet(self, direction: str, packet_type: str, nbytes: int = 0) -> None:
         self._metrics.on_mqtt_packet(packet_type, direction)
         if packet_type == "PUBLISH":
             self._metrics.on_message(self.route, direction, nbytes)
 
+    def on_relay_latency(self, seconds: float) -> None:
+        """Time from the bytes of a packet arriving to their relay being written
+        (call once per relayed read or batch, not per packet, on the hot path)."""
+        self._latency.observe(seconds)
+
     def on_close(self, reason: str) -> None:
         self._metrics.on_mqtt_closed(reason)
         side = _MQTT_PROTOCOL_ERRORS.get(reason)
         if side is not None:
             self._metrics.on_protocol_error(reason, side=side, protocol="mqtt")
+
+    def on_device_identified(self, conn_key: Any, device_id: str) -> None:
+        """The session's CONNECT named its client (``dev`` or ``dev/mod``).
+        ``conn_key``: the device's peer ``(host, port)`` as the listener handed it
+        to the relay (or a registry connection id). Shown in /api/connections;
+        never a metric label."""
+        if self.registry is None:
+            return
+        if isinstance(conn_key, tuple):
+            conn_key = connection_id(self.listener, conn_key)
+        self.registry.identify_device(str(conn_key), device_id)
 
     def on_upstream_connect_failure(self, connector: str, reason: str) -> None:
         """TCP/TLS connect to the connector failed (reason as the TLS layer classifies it)."""
@@ -507,10 +549,14 @@ class MqttRelayMetrics:
     def on_upstream_open(self, connector: str) -> None:
         """A device's own upstream (TLS) connection to ``connector`` is established."""
         self._metrics.on_upstream_state(connector, "open", None)
+        if self.registry is not None:
+            self.registry.relay_upstream_opened(connector)
 
     def on_upstream_close(self, connector: str) -> None:
         """That upstream connection is gone (after ``on_upstream_open`` only)."""
         self._metrics.on_upstream_state(connector, None, "open")
+        if self.registry is not None:
+            self.registry.relay_upstream_closed(connector)
 
 
 # MQTT relay close reasons that are protocol errors, and on which side.
@@ -552,8 +598,9 @@ class NullMetrics:
 
     def on_mqtt_packet(self, packet_type: str, direction: str) -> None: ...
     def on_mqtt_closed(self, reason: str) -> None: ...
-    def mqtt_observer(self, listener: str = "", route: str = "mqtt") -> MqttRelayMetrics:
-        return MqttRelayMetrics(self, listener, route)
+    def mqtt_observer(self, listener: str = "", route: str = "mqtt",
+                      registry: Any = None) -> MqttRelayMetrics:  # fmt: skip
+        return MqttRelayMetrics(self, listener, route, registry)
 
     def set_token_expiry(self, seconds: float | None, device: str | None = None) -> None: ...
     def on_token_renewal_failure(self, device: str | None = None) -> None: ...

@@ -22,6 +22,7 @@ from gateway.ops.trace import redact_text as _scrub
 __all__ = [
     "CONNECTOR_STATES",
     "ConnectionInfo",
+    "connection_id",
     "ConnectorInfo",
     "LinkInfo",
     "ListenerInfo",
@@ -90,7 +91,11 @@ class LinkInfo:
     route: str = ""  # the matching route's prefix or pattern
     direction: str = ""  # "in" (towards the hub) | "out" (towards the device)
     upstream_link_id: str | None = None
+    device_id: str = ""  # the identity the address names ("d1", "d1/m1"), if any
     opened_at: float = field(default_factory=time.time)
+    # Written in place by the relay: deliveries relayed over the link (either
+    # way), and the device link's credit and unsettled count after its last
+    # transfer, flow or disposition.
     deliveries: int = 0
     unsettled: int = 0
     credit: int = 0
@@ -105,6 +110,7 @@ class LinkInfo:
             "route": self.route,
             "direction": self.direction,
             "upstream_link_id": self.upstream_link_id,
+            "device_id": self.device_id or None,
             "opened_at": self.opened_at,
             "deliveries": self.deliveries,
             "unsettled": self.unsettled,
@@ -187,6 +193,12 @@ class Registry:
     def connection(self, connection_id: str) -> ConnectionInfo | None:
         return self._connections.get(connection_id)
 
+    def identify_device(self, connection_id: str, device_id: str) -> None:
+        """The device on a connection said who it is (an MQTT CONNECT's client id)."""
+        info = self._connections.get(connection_id)
+        if info is not None and device_id:
+            info.device_ids.add(device_id)
+
     # -- links -----------------------------------------------------------
 
     def add_link(self, info: LinkInfo) -> LinkInfo:
@@ -229,6 +241,21 @@ class Registry:
         info = self._connectors.get(name)
         return info.state if info is not None else None
 
+    def relay_upstream_opened(self, name: str) -> None:
+        """A per-device upstream connection (MQTT session relay) to `name` is open.
+        The connector reads `connected` with the count while any is open."""
+        info = self._connector(name)
+        info.connections += 1
+        self.set_connector_state(name, "connected")
+
+    def relay_upstream_closed(self, name: str) -> None:
+        """That connection is gone; at zero the connector is `idle` again."""
+        info = self._connector(name)
+        if info.connections > 0:
+            info.connections -= 1
+        if info.connections == 0:
+            self.set_connector_state(name, "idle")
+
     def remove_connector(self, name: str) -> None:
         self._connectors.pop(name, None)
 
@@ -269,10 +296,28 @@ class Registry:
     # -- snapshots (plain JSON-able data) --------------------------------
 
     def connections(self) -> list[dict[str, Any]]:
+        # An upstream connection carries the links routed over it, and the devices
+        # those links name; a device connection, the devices its own links name.
+        upstream_links: dict[str, int] = {}
+        devices: dict[str, set[str]] = {}
+        for link in self._links.values():
+            upstream = link.upstream_link_id  # the upstream connection's id
+            if upstream is not None:
+                upstream_links[upstream] = upstream_links.get(upstream, 0) + 1
+            if link.device_id:
+                devices.setdefault(link.connection_id, set()).add(link.device_id)
+                if upstream is not None:
+                    devices.setdefault(upstream, set()).add(link.device_id)
         out = []
         for info in self._connections.values():
             d = info.to_dict()
-            d["links"] = len(self._links_by_connection.get(info.id, ()))
+            if info.kind == "upstream":
+                d["links"] = upstream_links.get(info.id, 0)
+            else:
+                d["links"] = len(self._links_by_connection.get(info.id, ()))
+            seen = devices.get(info.id)
+            if seen:
+                d["device_ids"] = sorted(info.device_ids | seen)
             out.append(d)
         return out
 
@@ -318,6 +363,12 @@ class Registry:
         if info is None:
             info = self._connectors[name] = ConnectorInfo(name)
         return info
+
+
+def connection_id(listener: str, peer: Any) -> str:
+    """The registry id of a device connection registered by its listener:
+    ``{listener}/{host}:{port}`` (unique while the connection is open)."""
+    return f"{listener}/{_format_address(peer)}"
 
 
 def _format_address(addr: Any) -> str:

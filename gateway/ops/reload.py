@@ -8,12 +8,17 @@ Applied live:
 - `link_routes` and `mqtt_routes`: new attaches and new MQTT connections use
   them; links and sessions already set up are left alone;
 - each listener's `max_connections` and `allowed_networks`;
-- `log` (level, format, trace) and `gateway.drain_timeout`.
+- `log` (level, format, trace) and `gateway.drain_timeout`;
+- `credentials`: the daemon builds a new store on every reload (re-reading
+  key files, the secrets file and the environment; a key that cannot be read
+  rejects the whole reload) and uses it for tokens issued and devices
+  authenticated from then on; tokens already held keep their renewal
+  schedule until their connection ends.
 
 Everything else (binds and other listener settings, listeners added or
 removed, connectors, TLS profiles, the admin endpoint, the gateway id, metric
-labels, credentials) takes a restart: such changes are listed in
-``needs_restart`` for the log and otherwise ignored.
+labels) takes a restart: such changes are listed in ``needs_restart`` for the
+log and otherwise ignored.
 
 Pure: no I/O, no logging; the daemon reports and applies the plan.
 """
@@ -28,7 +33,7 @@ __all__ = ["LISTENER_LIVE_FIELDS", "ReloadPlan", "plan_reload"]
 # Listener settings a reload changes in place; the rest need a restart.
 LISTENER_LIVE_FIELDS = ("max_connections", "allowed_networks")
 _GATEWAY_LIVE_FIELDS = ("drain_timeout",)
-_RESTART_SECTIONS = ("admin", "tls_profiles", "connectors", "credentials")
+_RESTART_SECTIONS = ("admin", "tls_profiles", "connectors")
 
 
 @dataclass
@@ -85,6 +90,12 @@ def _listeners(running: Any, new: Any, plan: ReloadPlan) -> list[Any]:
     return out
 
 
+def _entries(section: Any) -> int:
+    if section is None:
+        return 0
+    return len(getattr(section, "devices", ()) or ()) + len(getattr(section, "groups", ()) or ())
+
+
 def _show(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]" if value else "any"
@@ -133,6 +144,11 @@ def plan_reload(running: Any, new: Any) -> ReloadPlan:
     for section in _RESTART_SECTIONS:
         if _dump(getattr(running, section)) != _dump(getattr(new, section)):
             plan.needs_restart.append(section)
+
+    if _dump(running.credentials) != _dump(new.credentials):
+        plan.applied.append(f"credentials: {_entries(running.credentials)} -> "
+                            f"{_entries(new.credentials)} entries")  # fmt: skip
+        update["credentials"] = new.credentials
 
     listeners = _listeners(running, new, plan)
     if any(a is not b for a, b in zip(listeners, running.listeners, strict=True)):

@@ -14,6 +14,14 @@ for link. Instead:
 
 A reply with status 200 (or 202) authorises the request's audience for that
 device connection only (`Binding.authorise`).
+
+A hub that sets `to` on its reply addresses it to the gateway's reply link;
+the device gets its own reply-to back there (only then, only that property).
+A request no upstream connection can take (the connector's pool is full, or
+the hub cannot be reached) is rejected if the device sent it unsettled and,
+either way, answered with a CBS reply (status-code 500 or 503 and a
+status-description; correlation-id = the request's message-id), so SDKs
+waiting for a status get one.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ from gateway.amqp.message import (
     split_sections,
 )
 from gateway.amqp.performatives import Accepted, Attach, Rejected, Source, Target
+from gateway.amqp.types import Int
 
-from .linkpair import amqp_error
+from .linkpair import RESOURCE_LIMIT, amqp_error
 
 if TYPE_CHECKING:
     from .core import Binding
@@ -60,6 +69,10 @@ GATEWAY_CBS_CREDIT = 100
 MAX_PENDING = 2000
 
 _OK_STATUS = (200, 202)
+# CBS status of a request the gateway could not forward: the connector's pool is
+# full (like the hub's own 500 for too many tokens), or the hub is unreachable.
+STATUS_POOL_FULL = 500
+STATUS_UNREACHABLE = 503
 
 
 def is_cbs_address(normalised: str) -> bool:
@@ -133,10 +146,28 @@ def parse_reply(raw: bytes | memoryview) -> CbsReply:
     return CbsReply(data, props or Properties(), status_code, None if desc is None else str(desc))
 
 
-def restore_reply(reply: CbsReply, correlation_id: Any) -> bytes:
-    """The reply with only correlation-id replaced (the device's own message-id)."""
-    props = dataclasses.replace(reply.properties, correlation_id=correlation_id)
+def restore_reply(reply: CbsReply, correlation_id: Any, reply_to: Any = None,
+                  gateway_reply_to: str | None = None) -> bytes:  # fmt: skip
+    """The reply with the device's own message-id as correlation-id and, where the
+    hub addressed it to the gateway's reply link (`to` = `gateway_reply_to`), the
+    device's own reply-to as `to`. Nothing else changes."""
+    changes: dict[str, Any] = {"correlation_id": correlation_id}
+    to = reply.properties.to
+    if gateway_reply_to is not None and to is not None and str(to) == gateway_reply_to:
+        changes["to"] = reply_to
+    props = dataclasses.replace(reply.properties, **changes)
     return replace_section(reply.raw, PROPERTIES, props)
+
+
+def status_reply(correlation_id: Any, reply_to: Any, status: int, description: str) -> bytes:
+    """A CBS reply the gateway writes itself (the request never reached the hub)."""
+    return encode_message(
+        Message(
+            properties=Properties(to=reply_to, correlation_id=correlation_id),
+            application_properties={"status-code": Int(status), "status-description": description},
+            body=[AmqpValue(None)],
+        )
+    )
 
 
 def put_token_message(audience: str, token: str, message_id: str, reply_to: str) -> bytes:
@@ -165,6 +196,9 @@ class DeviceCbs:
         self.senders: list[Link] = []  # the device's request links (we receive)
         self.receivers: list[Link] = []  # the device's reply links (we send)
         self._tags = itertools.count()
+        # Requests handed to the router and not yet forwarded upstream, with their
+        # delivery: if the router cannot forward one, it is answered from here.
+        self._waiting: list[tuple[CbsRequest, Delivery, bool]] = []
 
     def attach(self, link: Link, attach: Attach, connector: str) -> None:
         link.context = ("cbs", connector)
@@ -196,19 +230,56 @@ class DeviceCbs:
         except AMQPError as exc:
             self._reject(ev, amqp_error(exc.condition, f"malformed CBS request: {exc.description}"))
             return
+        self._waiting.append((req, ev.delivery, bool(ev.settled)))
         self.device.router.forward_cbs_request(self.device, connector, req, ev.delivery, ev.settled)
         self.device.wake()
+
+    def forwarded(self, req: CbsRequest) -> None:
+        """`req` went upstream: the hub answers it."""
+        for i, entry in enumerate(self._waiting):
+            if entry[0] is req:
+                del self._waiting[i]
+                return
 
     def _reject(self, ev: Any, error: Any) -> None:
         if not ev.settled:
             ev.delivery.settle(Rejected(error))
         self.device.wake()
 
-    def fail_request(self, delivery: Delivery | None, condition: str, description: str) -> None:
-        """No upstream could take the request: reject it (the device retries)."""
+    def fail_request(self, delivery: Delivery | None, condition: str, description: str,
+                     request: CbsRequest | None = None) -> None:  # fmt: skip
+        """No upstream could take the request: reject it if unsettled (the device
+        retries) and answer it with a CBS status reply.
+
+        `delivery` is None for a request the device sent settled; `request` is
+        found among the waiting ones when not given.
+        """
         if delivery is not None and not delivery.settled and not delivery.remote_settled:
             delivery.settle(Rejected(amqp_error(condition, description)))
+        entry = self._take_waiting(delivery, request)
+        if entry is not None:
+            props = entry[0].properties
+            status = STATUS_POOL_FULL if condition == RESOURCE_LIMIT else STATUS_UNREACHABLE
+            reply = status_reply(props.message_id, props.reply_to, status, description)
+            if not self.deliver_reply(reply, props.reply_to):
+                log.info("device %s: CBS status reply dropped, no CBS receiver link",
+                         self.device.id)  # fmt: skip
         self.device.wake()
+
+    def _take_waiting(self, delivery: Delivery | None,
+                      request: CbsRequest | None) -> tuple[CbsRequest, Delivery, bool] | None:  # fmt: skip
+        """The waiting request failed: by request, else by its (unsettled) delivery,
+        else the oldest one sent settled (the router names none of those)."""
+        for i, (req, d, settled) in enumerate(self._waiting):
+            if request is not None:
+                found = req is request
+            elif delivery is not None:
+                found = d is delivery
+            else:
+                found = settled
+            if found:
+                return self._waiting.pop(i)
+        return None
 
     def deliver_reply(self, payload: bytes, reply_to: Any) -> bool:
         """Send a reply on the device's CBS receiver link (the one reply-to names,
@@ -243,6 +314,7 @@ class DeviceCbs:
                 link.detach(None, True)
         self.senders.clear()
         self.receivers.clear()
+        self._waiting.clear()
 
 
 # ---------------------------------------------------------------------- upstream side
@@ -308,6 +380,10 @@ class GatewayCbs:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def forward(self, req: CbsRequest, pending: PendingPut, settled: bool) -> Delivery:
+        if pending.to_device:
+            device_cbs = pending.binding.device.cbs
+            if device_cbs is not None:
+                device_cbs.forwarded(req)
         message_id = self.next_message_id()
         raw = rewrite_request(req, message_id, self.reply_to)
         return self._send(raw, message_id, pending, settled)
@@ -357,7 +433,8 @@ class GatewayCbs:
         if pending.to_device:
             device = pending.binding.device
             if not device.closed and device.cbs is not None:
-                payload = restore_reply(reply, pending.original_message_id)
+                payload = restore_reply(reply, pending.original_message_id,
+                                        pending.original_reply_to, self.reply_to)  # fmt: skip
                 if not device.cbs.deliver_reply(payload, pending.original_reply_to):
                     log.info("device %s: CBS reply dropped, no CBS receiver link", device.id)
         self._complete(pending, reply.status, reply.description)
@@ -386,4 +463,3 @@ class GatewayCbs:
             if link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED):
                 link.detach(None, True)
         self.fail_all()
-

@@ -13,11 +13,18 @@ granted the upstream link, less what is still queued upstream; a device
 receiver's credit is passed up less what is queued towards the device. Drain
 is relayed edge-triggered: a drain request is forwarded once, and answered
 on the requesting side when the other side has answered it.
+
+Operations: a pair reported open to the observer carries its live registry
+record in ``info`` (deliveries relayed, the device link's credit and
+unsettled count, written in place); `timed_handler` measures the relay
+latency per received chunk.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
@@ -87,6 +94,7 @@ class LinkPair:
         self._dev_drain_owed = False  # "out": the device's drain waits for its queue
         self._last_available: int | None = None
         self.observed = False  # reported open to the observer
+        self.info: Any = None  # the registry's LinkInfo while observed
         link.context = self
 
     def __repr__(self) -> str:
@@ -258,6 +266,10 @@ class LinkPair:
         if not ev.settled:
             d.context = ev.delivery
             ev.delivery.context = d
+        _relayed.count += 1
+        if self.info is not None:
+            self.info.deliveries += 1
+            self._note_link()
         self.device.router.observer.on_message(self, len(ev.payload))
         assert self.upstream is not None
         self.upstream.wake()
@@ -280,6 +292,9 @@ class LinkPair:
         if not ev.settled:
             d.context = ev.delivery
             ev.delivery.context = d
+        _relayed.count += 1
+        if self.info is not None:
+            self.info.deliveries += 1
         self.device.router.observer.on_message(self, len(ev.payload))
         self._sync_credit()
         self.device.wake()
@@ -313,6 +328,8 @@ class LinkPair:
                 self._dev_draining = False
                 self._up_drain_owed = True
             self._answer_up_drain()
+        if self.info is not None:
+            self._note_link()
 
     def on_up_flow(self, flow: Flow) -> None:
         if self.state is not PairState.ATTACHED:
@@ -346,6 +363,15 @@ class LinkPair:
                     self.dev_link.flow(available=int(flow.available))
             self._answer_dev_drain()
             self.device.wake()
+        if self.info is not None:
+            self._note_link()
+
+    def _note_link(self) -> None:
+        """Copy the device link's credit and unsettled count to the registry record."""
+        info = self.info
+        dev = self.dev_link
+        info.credit = dev.credit
+        info.unsettled = len(dev.unsettled)
 
     def _in_credit(self) -> int:
         up = self.up_link
@@ -384,6 +410,8 @@ class LinkPair:
                 up.flow(want)
             assert self.upstream is not None
             self.upstream.wake()
+        if self.info is not None:
+            self._note_link()
 
     def _answer_up_drain(self) -> None:
         up = self.up_link
@@ -426,4 +454,46 @@ def relay_disposition(ev: Any) -> set[Any]:
     for conn, deliveries in by_conn.items():
         conn.disposition(deliveries, settled=ev.settled, state=ev.state)
         touched.add(conn)
+        if ev.settled:
+            pair = deliveries[0].link.context
+            if type(pair) is LinkPair and pair.info is not None:
+                pair._note_link()  # the device link's unsettled count changed
     return touched
+
+
+# ---- relay latency ---------------------------------------------------------------------
+
+
+class _RelayCount:
+    """Transfers relayed so far (any pair); `timed_handler` reads the difference."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_relayed = _RelayCount()
+
+EventHandler = Callable[[list[Any]], None]
+LatencyReport = Callable[[float, int], None]
+
+
+def timed_handler(handler: EventHandler, report: LatencyReport) -> EventHandler:
+    """`handler` (a connection's event handler, called once per received chunk)
+    with the relay latency measured: one clock read when the chunk's events are
+    handed over, one more if transfers were relayed while handling them; then
+    ``report(seconds, transfers)``. The relayed frames are queued on the other
+    connection by then and leave in its next write."""
+    clock = time.perf_counter
+    relayed = _relayed
+
+    def handle(events: list[Any]) -> None:
+        before = relayed.count
+        started = clock()
+        handler(events)
+        n = relayed.count - before
+        if n:
+            report(clock() - started, n)
+
+    return handle

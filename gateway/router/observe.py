@@ -4,6 +4,13 @@ The router calls one method per event (`RouterObserver` in core.py); this
 adapter turns that into `gateway.ops.metrics.Metrics` calls and
 `gateway.ops.registry.Registry` records. Both are optional.
 
+It also keeps each observed link pair's registry record on the pair
+(``pair.info``) for the relay to update in place, reports the relay latency
+of device chunks (``on_relay_latency``, from `linkpair.timed_handler`), and
+the router's gateway-held tokens: ``on_token_expiry`` feeds the soonest-expiry
+gauge (shared with the MQTT relay's per-device expiries, the gauge shows the
+soonest of all) and ``on_token_renewal_failure`` the failure counter.
+
 `disposition_relayed` is called by the disposition relay in linkpair.py for
 every delivery whose disposition crossed the gateway; it counts the
 receiver's outcomes (the hub's for device messages, the device's for
@@ -41,7 +48,8 @@ class OpsObserver:
             from gateway.ops.registry import LinkInfo
 
             link = pair.dev_link
-            self.registry.add_link(LinkInfo(
+            # The relay updates this record in place (deliveries, credit, unsettled).
+            pair.info = self.registry.add_link(LinkInfo(
                 id=f"{pair.device.id}/{id(link):x}",
                 connection_id=pair.device.id,
                 name=str(pair.attach.name),
@@ -50,6 +58,7 @@ class OpsObserver:
                 route=_route(pair),
                 direction=pair.direction,
                 upstream_link_id=pair.upstream.id if pair.upstream is not None else None,
+                device_id=_device_of(pair.address) or "",
             ))  # fmt: skip
 
     def on_link_closed(self, pair: LinkPair) -> None:
@@ -59,6 +68,7 @@ class OpsObserver:
             self.metrics.on_link_close(_route(pair), pair.direction)
         if self.registry is not None:
             self.registry.remove_link(f"{pair.device.id}/{id(pair.dev_link):x}")
+        pair.info = None
 
     def on_message(self, pair: LinkPair, nbytes: int) -> None:
         metrics = self.metrics
@@ -75,6 +85,14 @@ class OpsObserver:
                     conn.count_in(nbytes)
                 else:
                     conn.count_out(nbytes)
+
+    def on_relay_latency(self, seconds: float, deliveries: int) -> None:
+        """`deliveries` transfers read in one chunk were relayed `seconds` after the
+        chunk arrived (all of them leave in the same write)."""
+        if self.metrics is not None:
+            observe = self.metrics.relay_latency("amqp").observe
+            for _ in range(deliveries):
+                observe(seconds)
 
     def on_disposition(self, pair: LinkPair, outcome: str) -> None:
         if self.metrics is not None:

@@ -182,17 +182,17 @@ async def raw_exchange(port: int, data: bytes, *, shut_write: bool = False) -> b
 
 async def test_garbage_gets_400_and_server_survives(admin: AdminFixture) -> None:
     out = await raw_exchange(admin.port, b"\x16\x03\x01\x02\x00garbage that is not http\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 400 ")
+    assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     out = await raw_exchange(
         admin.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"ok\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"ok\n")
 
 
 async def test_oversize_head_and_body_are_refused(admin: AdminFixture) -> None:
     huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"
     out = await raw_exchange(admin.port, huge)
-    assert out.startswith(b"HTTP/1.1 431 ")
+    assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
     body = b"x" * 20000
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     out = await raw_exchange(admin.port, req)
