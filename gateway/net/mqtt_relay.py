@@ -280,6 +280,12 @@ class _Connection:
         self._on_packets: Callable[[str, str, int, int], None] | None = getattr(
             observer, "on_packets", None
         )
+        # Relay latency: when the bytes of the batch being relayed were read.
+        self._on_latency: Callable[[float], None] | None = getattr(
+            observer, "on_relay_latency", None
+        )
+        self._device_read_at = 0.0
+        self._upstream_read_at = 0.0
 
     @property
     def upstream(self) -> trio.abc.Stream | None:
@@ -337,6 +343,9 @@ class _Connection:
     async def _open_upstream(self, connect: Connect) -> None:
         hub = hub_host_from_username(connect.username)
         self.label = f"{self.label} client {connect.client_id!r}"
+        identified = getattr(self.obs, "on_device_identified", None)
+        if identified is not None:
+            identified(self.peer, connect.client_id)
         route = select_route(self.config.mqtt_routes, hub)
         if route is None:
             await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
@@ -507,6 +516,8 @@ class _Connection:
                     await self.link.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
+                if self._on_latency is not None:
+                    self._on_latency(time.perf_counter() - self._device_read_at)
                 self._observe(IN, "<-", spans, count, views)
                 self.last_heard = trio.current_time()
             if stop is not None:
@@ -657,6 +668,8 @@ class _Connection:
                     await self.device.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+                if self._on_latency is not None:
+                    self._on_latency(time.perf_counter() - self._upstream_read_at)
                 self._observe(OUT, "->", spans, count, views)
             if stop is not None:
                 raise stop
@@ -718,6 +731,8 @@ class _Connection:
                 end = self._upstream_broken(exc, reader)
             else:
                 if data:
+                    if not fed:
+                        self._upstream_read_at = time.perf_counter()
                     reader.feed(data)
                     fed = True
                     if _tls_bytes_buffered(stream) and reader.buffered < TLS_BATCH_BYTES:
@@ -854,6 +869,7 @@ class _Connection:
                     f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
                 )
                 raise _Stop(CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}")
+            self._device_read_at = time.perf_counter()
             reader.feed(data)
         if scope.cancelled_caught:
             raise _Stop(

@@ -380,16 +380,17 @@ class Metrics:
         self._links_open.get(route, direction).dec()
 
     def on_message(
-        self, route: str, direction: str, nbytes: int, device: str | None = None
+        self, route: str, direction: str, nbytes: int, device: str | None = None, count: int = 1
     ) -> None:
-        """One message relayed. The hot path: a dict lookup and two increments."""
+        """`count` messages (of `nbytes` in all) relayed. The hot path: a dict
+        lookup and two increments."""
         pair = self._traffic.get((route, direction))
         if pair is None:
             pair = self._traffic_children(route, direction)
-        pair[0].inc()
+        pair[0].inc(count)
         pair[1].inc(nbytes)
         if device is not None and self._device_messages is not None:
-            self._device_messages.get(device, direction).inc()
+            self._device_messages.get(device, direction).inc(count)
             self._device_bytes.get(device, direction).inc(nbytes)  # type: ignore[union-attr]
 
     def _traffic_children(self, route: str, direction: str) -> tuple[Any, Any]:
@@ -429,8 +430,8 @@ class Metrics:
 
     # -- MQTT ----------------------------------------------------------------------
 
-    def on_mqtt_packet(self, packet_type: str, direction: str) -> None:
-        self._mqtt_packets.get(packet_type, direction).inc()
+    def on_mqtt_packet(self, packet_type: str, direction: str, count: int = 1) -> None:
+        self._mqtt_packets.get(packet_type, direction).inc(count)
 
     def on_mqtt_closed(self, reason: str) -> None:
         self._mqtt_closes.get(reason).inc()
@@ -512,6 +513,12 @@ class MqttRelayMetrics:
         if packet_type == "PUBLISH":
             self._metrics.on_message(self.route, direction, nbytes)
 
+    def on_packets(self, direction: str, packet_type: str, count: int, nbytes: int) -> None:
+        """`count` packets of one type (`nbytes` in all) relayed in one batch."""
+        self._metrics.on_mqtt_packet(packet_type, direction, count)
+        if packet_type == "PUBLISH":
+            self._metrics.on_message(self.route, direction, nbytes, count=count)
+
     def on_relay_latency(self, seconds: float) -> None:
         """Time from the bytes of a packet arriving to their relay being written
         (call once per relayed read or batch, not per packet, on the hot path)."""
@@ -585,7 +592,7 @@ class NullMetrics:
     def on_link_open(self, route: str, direction: str) -> None: ...
     def on_link_close(self, route: str, direction: str) -> None: ...
     def on_message(
-        self, route: str, direction: str, nbytes: int, device: str | None = None
+        self, route: str, direction: str, nbytes: int, device: str | None = None, count: int = 1
     ) -> None: ...
     def on_disposition(self, outcome: str, direction: str) -> None: ...
     def on_attach_refused(self, reason: str) -> None: ...
@@ -596,7 +603,7 @@ class NullMetrics:
     def relay_latency(self, protocol: str = "amqp") -> Any:
         return _NULL_CHILD
 
-    def on_mqtt_packet(self, packet_type: str, direction: str) -> None: ...
+    def on_mqtt_packet(self, packet_type: str, direction: str, count: int = 1) -> None: ...
     def on_mqtt_closed(self, reason: str) -> None: ...
     def mqtt_observer(self, listener: str = "", route: str = "mqtt",
                       registry: Any = None) -> MqttRelayMetrics:  # fmt: skip

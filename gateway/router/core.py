@@ -46,6 +46,7 @@ from .linkpair import (
     PairState,
     amqp_error,
     refuse_attach,
+    timed_handler,
 )
 from .routes import RouteTable, attach_direction_and_address
 from .upstream import UpstreamConn
@@ -325,8 +326,12 @@ class Router:
                          upstream.id, connector.host, connector.port)  # fmt: skip
                 on_up(upstream)
 
+            handler: Any = upstream.handle
+            report = getattr(self.observer, "on_relay_latency", None)
+            if report is not None:  # hub -> device relay latency, as the listener does
+                handler = timed_handler(handler, report)
             try:
-                await run_upstream(stream, engine, upstream.handle, opened, name=upstream.id,
+                await run_upstream(stream, engine, handler, opened, name=upstream.id,
                                    bind_driver=upstream.set_driver, tracer=self.tracer)  # fmt: skip
             finally:
                 driver = upstream.driver
@@ -567,7 +572,7 @@ class Router:
         if b.error is not None or not b.valid:
             cond = b.error.condition if b.error is not None else FORCED
             desc = b.error.description if b.error is not None else "upstream connection lost"
-            device.cbs.fail_request(None if settled else delivery, cond, desc)
+            device.cbs.fail_request(None if settled else delivery, cond, desc, request=req)
             return
         assert b.upstream is not None
         audience = req.audience if req.operation == PUT_TOKEN else None
