@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 from gateway.hubsim import HubSim
 from gateway.samples import amqp_device, mqtt_device
 
 RECORD_TIMEOUT = 3.0  # the hub records an outcome right after the device sent it
+
+DeviceResult = TypeVar("DeviceResult", amqp_device.Result, mqtt_device.Result)
 
 
 @dataclass
@@ -41,6 +43,21 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def _device_finished(result: DeviceResult | None, report: DeviceReport) -> TypeGuard[DeviceResult]:
+    """Notes a device that did not finish or stopped with an error; False if it did not finish."""
+    if result is None:
+        report.problems.append("the device did not finish")
+        return False
+    if result.error:
+        report.problems.append(f"device: {result.error}")
+    return True
+
+
+def _connections_line(hub: HubSim, protocol: str, how: str) -> str:
+    opened = hub.recorder.connections[protocol].opened
+    return f"TLS connections from the gateway: {opened} ({how})"
+
+
 def check_amqp(
     report: DeviceReport,
     hub: HubSim,
@@ -49,16 +66,11 @@ def check_amqp(
     c2d_message_id: str,
 ) -> None:
     """Compare the AMQP device's view with the hub's records."""
-    if result is None:
-        report.problems.append("the device did not finish")
+    if not _device_finished(result, report):
         return
-    if result.error:
-        report.problems.append(f"device: {result.error}")
     rec = hub.recorder
 
-    report.hub_lines.append(
-        f"TLS connections from the gateway: {rec.connections['amqp'].opened} (AMQP, pooled)"
-    )
+    report.hub_lines.append(_connections_line(hub, "amqp", "AMQP, pooled"))
     cbs = [c for c in rec.cbs if c.device_id == device_id]
     for decision in cbs:
         report.hub_lines.append(
@@ -118,16 +130,11 @@ def check_mqtt(
     method_result: tuple[int, bytes] | None,
 ) -> None:
     """Compare the MQTT device's view with the hub's records."""
-    if result is None:
-        report.problems.append("the device did not finish")
+    if not _device_finished(result, report):
         return
-    if result.error:
-        report.problems.append(f"device: {result.error}")
     rec = hub.recorder
 
-    report.hub_lines.append(
-        f"TLS connections from the gateway: {rec.connections['mqtt'].opened} (MQTT, one per device)"
-    )
+    report.hub_lines.append(_connections_line(hub, "mqtt", "MQTT, one per device"))
     connects = [a for a in rec.auth if a.protocol == "mqtt" and a.device_id == device_id]
     for auth in connects:
         verdict = "accepted" if auth.ok else f"refused, CONNACK {auth.code}: {auth.description}"

@@ -14,7 +14,7 @@ including invalid ones.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .constants import MAX_REMAINING_LENGTH, MQTT_3_1_1, MQTT_5, PacketType
 from .properties import PROPERTY_TYPES, PropertyType, PropertyValue
@@ -158,55 +158,60 @@ def publish(
     return packet(PacketType.PUBLISH, flags, body + payload)
 
 
-def _ack(
-    ptype: int, packet_id: int, reason_code: int | None, protocol_level: int, properties: Properties
-) -> bytes:
-    body = packet_id.to_bytes(2, "big")
-    if protocol_level == MQTT_5 and (reason_code or properties):
-        body += bytes([reason_code or 0])
-        if properties:
-            body += encode_properties(properties)
-    return packet(ptype, 2 if ptype == PacketType.PUBREL else 0, body)
+def _reason_and_properties(reason_code: int | None, properties: Properties) -> bytes:
+    """MQTT 5's optional tail: a reason code, then properties; each left out when there is
+    nothing more to say (5.0 sections 3.4.2.1, 3.14.2.1, 3.15.2.1)."""
+    if not (reason_code or properties):
+        return b""
+    tail = bytes([reason_code or 0])
+    if properties:
+        tail += encode_properties(properties)
+    return tail
 
 
-def puback(
-    packet_id: int,
-    reason_code: int | None = None,
-    *,
-    protocol_level: int = MQTT_3_1_1,
-    properties: Properties = None,
-) -> bytes:
-    return _ack(PacketType.PUBACK, packet_id, reason_code, protocol_level, properties)
+def _id_and_properties(packet_id: int, protocol_level: int, properties: Properties) -> bytes:
+    """A packet id, then (MQTT 5) a property block: how SUBSCRIBE and its kin begin."""
+    head = packet_id.to_bytes(2, "big")
+    if protocol_level == MQTT_5:
+        head += encode_properties(properties)
+    return head
 
 
-def pubrec(
-    packet_id: int,
-    reason_code: int | None = None,
-    *,
-    protocol_level: int = MQTT_3_1_1,
-    properties: Properties = None,
-) -> bytes:
-    return _ack(PacketType.PUBREC, packet_id, reason_code, protocol_level, properties)
+class AckEncoder(Protocol):
+    def __call__(
+        self,
+        packet_id: int,
+        reason_code: int | None = None,
+        *,
+        protocol_level: int = MQTT_3_1_1,
+        properties: Properties = None,
+    ) -> bytes: ...
 
 
-def pubrel(
-    packet_id: int,
-    reason_code: int | None = None,
-    *,
-    protocol_level: int = MQTT_3_1_1,
-    properties: Properties = None,
-) -> bytes:
-    return _ack(PacketType.PUBREL, packet_id, reason_code, protocol_level, properties)
+def _ack_encoder(ptype: PacketType) -> AckEncoder:
+    """The encoder of PUBACK, PUBREC, PUBREL or PUBCOMP: a packet id and (5.0) a reason code."""
+    flags = 2 if ptype == PacketType.PUBREL else 0
+
+    def encode(
+        packet_id: int,
+        reason_code: int | None = None,
+        *,
+        protocol_level: int = MQTT_3_1_1,
+        properties: Properties = None,
+    ) -> bytes:
+        body = packet_id.to_bytes(2, "big")
+        if protocol_level == MQTT_5:
+            body += _reason_and_properties(reason_code, properties)
+        return packet(ptype, flags, body)
+
+    encode.__name__ = encode.__qualname__ = ptype.name.lower()
+    return encode
 
 
-def pubcomp(
-    packet_id: int,
-    reason_code: int | None = None,
-    *,
-    protocol_level: int = MQTT_3_1_1,
-    properties: Properties = None,
-) -> bytes:
-    return _ack(PacketType.PUBCOMP, packet_id, reason_code, protocol_level, properties)
+puback = _ack_encoder(PacketType.PUBACK)
+pubrec = _ack_encoder(PacketType.PUBREC)
+pubrel = _ack_encoder(PacketType.PUBREL)
+pubcomp = _ack_encoder(PacketType.PUBCOMP)
 
 
 def subscribe(
@@ -217,9 +222,7 @@ def subscribe(
     properties: Properties = None,
 ) -> bytes:
     """`subscriptions`: (topic filter, options byte); for 3.1.1 the options byte is the QoS."""
-    body = packet_id.to_bytes(2, "big")
-    if protocol_level == MQTT_5:
-        body += encode_properties(properties)
+    body = _id_and_properties(packet_id, protocol_level, properties)
     for topic_filter, options in subscriptions:
         body += encode_string(topic_filter) + bytes([options])
     return packet(PacketType.SUBSCRIBE, 2, body)
@@ -232,9 +235,7 @@ def suback(
     protocol_level: int = MQTT_3_1_1,
     properties: Properties = None,
 ) -> bytes:
-    body = packet_id.to_bytes(2, "big")
-    if protocol_level == MQTT_5:
-        body += encode_properties(properties)
+    body = _id_and_properties(packet_id, protocol_level, properties)
     return packet(PacketType.SUBACK, 0, body + bytes(return_codes))
 
 
@@ -245,9 +246,7 @@ def unsubscribe(
     protocol_level: int = MQTT_3_1_1,
     properties: Properties = None,
 ) -> bytes:
-    body = packet_id.to_bytes(2, "big")
-    if protocol_level == MQTT_5:
-        body += encode_properties(properties)
+    body = _id_and_properties(packet_id, protocol_level, properties)
     for topic_filter in topic_filters:
         body += encode_string(topic_filter)
     return packet(PacketType.UNSUBSCRIBE, 2, body)
@@ -260,9 +259,9 @@ def unsuback(
     protocol_level: int = MQTT_3_1_1,
     properties: Properties = None,
 ) -> bytes:
-    body = packet_id.to_bytes(2, "big")
+    body = _id_and_properties(packet_id, protocol_level, properties)
     if protocol_level == MQTT_5:
-        body += encode_properties(properties) + bytes(reason_codes)
+        body += bytes(reason_codes)
     return packet(PacketType.UNSUBACK, 0, body)
 
 
@@ -281,21 +280,12 @@ def disconnect(
     properties: Properties = None,
 ) -> bytes:
     """DISCONNECT; a reason code (and properties) only for MQTT 5."""
-    body = b""
-    if protocol_level == MQTT_5 and (reason_code or properties):
-        body = bytes([reason_code or 0])
-        if properties:
-            body += encode_properties(properties)
+    body = _reason_and_properties(reason_code, properties) if protocol_level == MQTT_5 else b""
     return packet(PacketType.DISCONNECT, 0, body)
 
 
 def auth(reason_code: int = 0, *, properties: Properties = None) -> bytes:
-    body = b""
-    if reason_code or properties:
-        body = bytes([reason_code])
-        if properties:
-            body += encode_properties(properties)
-    return packet(PacketType.AUTH, 0, body)
+    return packet(PacketType.AUTH, 0, _reason_and_properties(reason_code, properties))
 
 
 # -- rewriting received packets (credentials filled in by the gateway) -------------------------

@@ -280,22 +280,24 @@ class Pingresp(Packet):
     type = PacketType.PINGRESP
 
 
-class Disconnect(_HasProperties):
+class _ReasonOnly(_HasProperties):
+    """DISCONNECT, AUTH: (5.0) a reason code and properties, nothing else."""
+
     __slots__ = ("reason_code",)
+    reason_code: int
+
+    def _fields(self) -> str:
+        return f"reason_code={self.reason_code}"
+
+
+class Disconnect(_ReasonOnly):
+    __slots__ = ()
     type = PacketType.DISCONNECT
-    reason_code: int
-
-    def _fields(self) -> str:
-        return f"reason_code={self.reason_code}"
 
 
-class Auth(_HasProperties):
-    __slots__ = ("reason_code",)
+class Auth(_ReasonOnly):
+    __slots__ = ()
     type = PacketType.AUTH
-    reason_code: int
-
-    def _fields(self) -> str:
-        return f"reason_code={self.reason_code}"
 
 
 # ---------------------------------------------------------------------------
@@ -499,7 +501,7 @@ def _make_empty_parser(cls: type[Packet]) -> Callable[[Raw, int, int, int | None
 
 
 def _make_reason_parser(
-    cls: type[Disconnect] | type[Auth],
+    cls: type[_ReasonOnly],
 ) -> Callable[[Raw, int, int, int | None], Packet]:
     what = cls.type.name
 

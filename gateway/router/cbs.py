@@ -92,9 +92,9 @@ class CbsRequest:
     audience: str | None
 
 
-def parse_request(raw: bytes | memoryview) -> CbsRequest:
-    """Read properties and application-properties; raise AMQPError if malformed."""
-    data = bytes(raw)
+def _read_sections(data: bytes) -> tuple[Properties, dict[Any, Any]]:
+    """A CBS message's properties and application-properties (each empty if absent);
+    raise AMQPError if malformed."""
     props: Properties | None = None
     app: dict[Any, Any] = {}
     for code, start, end in split_sections(data):
@@ -102,8 +102,13 @@ def parse_request(raw: bytes | memoryview) -> CbsRequest:
             props = decode_section(data, start, end)
         elif code == APPLICATION_PROPERTIES:
             app = decode_section(data, start, end).value or {}
-    if props is None:
-        props = Properties()
+    return (Properties() if props is None else props), app
+
+
+def parse_request(raw: bytes | memoryview) -> CbsRequest:
+    """Read properties and application-properties; raise AMQPError if malformed."""
+    data = bytes(raw)
+    props, app = _read_sections(data)
     operation = app.get("operation")
     name = app.get("name")
     return CbsRequest(
@@ -130,20 +135,14 @@ class CbsReply:
 
 def parse_reply(raw: bytes | memoryview) -> CbsReply:
     data = bytes(raw)
-    props: Properties | None = None
-    app: dict[Any, Any] = {}
-    for code, start, end in split_sections(data):
-        if code == PROPERTIES:
-            props = decode_section(data, start, end)
-        elif code == APPLICATION_PROPERTIES:
-            app = decode_section(data, start, end).value or {}
+    props, app = _read_sections(data)
     status = app.get("status-code")
     try:
         status_code = int(status) if status is not None else None
     except (TypeError, ValueError):
         status_code = None
     desc = app.get("status-description")
-    return CbsReply(data, props or Properties(), status_code, None if desc is None else str(desc))
+    return CbsReply(data, props, status_code, None if desc is None else str(desc))
 
 
 def restore_reply(reply: CbsReply, correlation_id: Any, reply_to: Any = None,

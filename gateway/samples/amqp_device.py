@@ -20,51 +20,26 @@ link addresses; only the TCP endpoint is the gateway's.
 
 from __future__ import annotations
 
-import argparse
-import base64
-import hashlib
-import hmac
 import json
 import sys
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote_plus
 
 from proton import Delivery, Message, SSLDomain, Timeout
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection, SendException
 
+from .common import DeviceSettings, Say, device_arguments, device_say, sas_token
+
 CBS_TOKEN_TYPE = "servicebus.windows.net:sastoken"
 CBS_REPLY_TO = "cbs"  # the address our CBS receiver listens on (as the Java and Node SDKs do)
 MAX_SEND_ATTEMPTS = 3
 
-Say = Callable[[str], None]
-
-
-def sas_token(resource_uri: str, key_b64: str, ttl_seconds: int = 3600) -> str:
-    """An IoT Hub SAS token for ``resource_uri``, signed with the device key.
-
-    sig = base64(HMAC-SHA256(key, url-encoded resource + "\\n" + expiry)).
-    """
-    expiry = int(time.time()) + ttl_seconds
-    encoded_uri = quote_plus(resource_uri)
-    signed = f"{encoded_uri}\n{expiry}".encode()
-    digest = hmac.new(base64.b64decode(key_b64), signed, hashlib.sha256).digest()
-    signature = quote_plus(base64.b64encode(digest).decode())
-    return f"SharedAccessSignature sr={encoded_uri}&sig={signature}&se={expiry}"
-
 
 @dataclass
-class Settings:
-    host: str
-    port: int
-    hub_host: str
-    device_id: str
-    key: str
-    ca_file: str | None = None  # given: TLS to host:port, verified against hub_host
+class Settings(DeviceSettings):
     messages: int = 3
     c2d_timeout: float = 10.0  # how long to wait for a command; 0 = do not wait
     timeout: float = 10.0  # every other step
@@ -276,35 +251,19 @@ def _outcome_name(state: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.samples.amqp_device",
-        description="Sample AMQP device: CBS put-token, telemetry at-least-once, one C2D command.",
+    parser = device_arguments(
+        "python -m gateway.samples.amqp_device",
+        "Sample AMQP device: CBS put-token, telemetry at-least-once, one C2D command.",
+        protocol="AMQP",
+        port=5672,
+        messages=3,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="gateway host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5672, help="gateway AMQP port (default 5672)")
-    parser.add_argument(
-        "--hub-host", required=True, help="the IoT Hub host, e.g. myhub.azure-devices.net"
-    )
-    parser.add_argument("--device-id", required=True)
-    parser.add_argument("--key", required=True, help="the device's base64 symmetric key")
-    parser.add_argument("--ca-file", help="connect with TLS, trusting this CA (no gateway)")
-    parser.add_argument("--messages", type=int, default=3, help="telemetry messages to send")
     parser.add_argument(
         "--c2d-timeout", type=float, default=10.0,
         help="seconds to wait for a cloud-to-device command (0: do not wait)",
     )  # fmt: skip
-    options = parser.parse_args(argv)
-    settings = Settings(
-        host=options.host,
-        port=options.port,
-        hub_host=options.hub_host,
-        device_id=options.device_id,
-        key=options.key,
-        ca_file=options.ca_file,
-        messages=options.messages,
-        c2d_timeout=options.c2d_timeout,
-    )
-    result = run(settings, say=lambda line: print(f"[{settings.device_id}] {line}", flush=True))
+    settings = Settings(**vars(parser.parse_args(argv)))
+    result = run(settings, say=device_say(settings.device_id))
     return 0 if result.ok else 1
 
 

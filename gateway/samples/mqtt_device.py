@@ -20,10 +20,6 @@ to a hub) and does what the Azure IoT SDKs do over MQTT:
 
 from __future__ import annotations
 
-import argparse
-import base64
-import hashlib
-import hmac
 import json
 import queue
 import sys
@@ -31,25 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, quote_plus, unquote
+from urllib.parse import quote, unquote
 
 import paho.mqtt.client as mqtt
 
+from .common import DeviceSettings, Say, device_arguments, device_say, sas_token
+
 API_VERSION = "2021-04-12"
-Say = Callable[[str], None]
-
-
-def sas_token(resource_uri: str, key_b64: str, ttl_seconds: int = 3600) -> str:
-    """An IoT Hub SAS token for ``resource_uri``, signed with the device key.
-
-    sig = base64(HMAC-SHA256(key, url-encoded resource + "\\n" + expiry)).
-    """
-    expiry = int(time.time()) + ttl_seconds
-    encoded_uri = quote_plus(resource_uri)
-    signed = f"{encoded_uri}\n{expiry}".encode()
-    digest = hmac.new(base64.b64decode(key_b64), signed, hashlib.sha256).digest()
-    signature = quote_plus(base64.b64encode(digest).decode())
-    return f"SharedAccessSignature sr={encoded_uri}&sig={signature}&se={expiry}"
 
 
 def property_bag(properties: dict[str, str]) -> str:
@@ -68,13 +52,7 @@ def split_topic(topic: str) -> tuple[list[str], dict[str, str]]:
 
 
 @dataclass
-class Settings:
-    host: str
-    port: int
-    hub_host: str
-    device_id: str
-    key: str
-    ca_file: str | None = None  # given: TLS to host:port, verified by the CA
+class Settings(DeviceSettings):
     messages: int = 2
     method_timeout: float = 10.0  # how long to wait for a direct method; 0 = do not wait
     timeout: float = 10.0  # every other step
@@ -303,36 +281,20 @@ def answer_method(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.samples.mqtt_device",
-        description="Sample MQTT device: SAS CONNECT, telemetry with a property bag, "
+    parser = device_arguments(
+        "python -m gateway.samples.mqtt_device",
+        "Sample MQTT device: SAS CONNECT, telemetry with a property bag, "
         "twin GET and reported PATCH, a direct method answered.",
+        protocol="MQTT",
+        port=1883,
+        messages=2,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="gateway host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=1883, help="gateway MQTT port (default 1883)")
-    parser.add_argument(
-        "--hub-host", required=True, help="the IoT Hub host, e.g. myhub.azure-devices.net"
-    )
-    parser.add_argument("--device-id", required=True)
-    parser.add_argument("--key", required=True, help="the device's base64 symmetric key")
-    parser.add_argument("--ca-file", help="connect with TLS, trusting this CA (no gateway)")
-    parser.add_argument("--messages", type=int, default=2, help="telemetry messages to send")
     parser.add_argument(
         "--method-timeout", type=float, default=10.0,
         help="seconds to wait for a direct method call (0: do not wait)",
     )  # fmt: skip
-    options = parser.parse_args(argv)
-    settings = Settings(
-        host=options.host,
-        port=options.port,
-        hub_host=options.hub_host,
-        device_id=options.device_id,
-        key=options.key,
-        ca_file=options.ca_file,
-        messages=options.messages,
-        method_timeout=options.method_timeout,
-    )
-    result = run(settings, say=lambda line: print(f"[{settings.device_id}] {line}", flush=True))
+    settings = Settings(**vars(parser.parse_args(argv)))
+    result = run(settings, say=device_say(settings.device_id))
     return 0 if result.ok else 1
 
 

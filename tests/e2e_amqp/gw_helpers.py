@@ -13,8 +13,8 @@ import hmac
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,20 @@ class Device:
 
     def close(self) -> None:
         self.conn.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextmanager
+def authenticated_device(url: str, device_id: str, key: str) -> Iterator[Device]:
+    """A device that has put its own SAS token on ``$cbs``; closed on leaving."""
+    with Device(url) as dev:
+        dev.authenticate(device_id, key)
+        yield dev
 
 
 def data_message(body: bytes, **props: Any) -> Message:

@@ -15,8 +15,7 @@ async def test_cbs_then_d2c(hub, keys, tmp_path) -> None:
     async with running_gateway(config) as gw:
 
         def device_run():
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 reply = dev.authenticate("dev1", keys["dev1"])
                 assert reply.properties["status-code"] == 200
                 assert reply.correlation_id == 0
@@ -25,8 +24,6 @@ async def test_cbs_then_d2c(hub, keys, tmp_path) -> None:
                 for m in msgs:
                     sender.send(m)
                 return [m.encode() for m in msgs]
-            finally:
-                dev.close()
 
         sent = await in_thread(device_run)
     got = [r.raw for r in hub.recorder.d2c]

@@ -223,13 +223,10 @@ async def test_anonymous_device_needing_a_password_refused(hub, tmp_path, caplog
     async with gateway(config) as gw:
 
         def attach() -> str:
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 with pytest.raises(LinkDetached) as info:
                     dev.conn.create_sender(EVENTS % "dev2")
                 return str(info.value)
-            finally:
-                dev.close()
 
         text = await in_thread(attach)
     assert "amqp:unauthorized-access" in text and "no password given" in text
@@ -242,15 +239,12 @@ async def test_device_from_a_disallowed_address_refused(hub, tmp_path, caplog) -
     async with gateway(config) as gw:
 
         def attach() -> str:
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 with pytest.raises(LinkDetached) as info:
                     dev.conn.create_sender(EVENTS % "dev3")
                 # The refusal is per identity: a trusted one still works on this connection.
                 dev.conn.create_sender(EVENTS % "dev1").send(data_message(b"still fine"))
                 return str(info.value)
-            finally:
-                dev.close()
 
         text = await in_thread(attach)
     assert "amqp:unauthorized-access" in text
@@ -278,13 +272,10 @@ async def test_own_cbs_put_token_is_not_replaced(hub, tmp_path) -> None:
     async with gateway(config) as gw:
 
         def run() -> None:
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 reply = dev.authenticate("dev4", KEYS["dev4"])
                 assert reply.properties["status-code"] == 200 and reply.correlation_id == 0
                 dev.conn.create_sender(EVENTS % "dev4").send(data_message(b"own token"))
-            finally:
-                dev.close()
 
         await in_thread(run)
     assert [c.status for c in gateway_put(hub, "dev4")] == [200]

@@ -11,6 +11,7 @@ from gw_helpers import (
     TIMEOUT,
     Device,
     KillableProxy,
+    authenticated_device,
     data_message,
     gateway_config,
     hub_open_links,
@@ -40,17 +41,13 @@ async def test_hub_killed_mid_stream_then_back(hub, keys, tmp_path) -> None:
         stream_started = threading.Event()
 
         def stream_until_cut():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
                 msgs = [data_message(b"%06d" % i, id=i) for i in range(3000)]
                 deliveries = [sender.link.send(m) for m in msgs]
                 stream_started.set()
                 cond = wait_detached(dev, sender)
                 return [(d.remote_state, d.settled) for d in deliveries], cond
-            finally:
-                dev.close()
 
         async def kill_when_flowing():
             await trio.to_thread.run_sync(stream_started.wait)
@@ -99,15 +96,11 @@ async def test_hub_down_then_restarted(hub, keys, tmp_path) -> None:
     async with running_gateway(config) as gw:
 
         def first():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
                 sender.send(data_message(b"before"))
                 hub.stop()
                 return wait_detached(dev, sender)
-            finally:
-                dev.close()
 
         cond = await in_thread(first)
         assert cond == "amqp:connection:forced"
@@ -192,14 +185,11 @@ async def test_links_refused_when_hub_unreachable(hub, keys, tmp_path) -> None:
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 try:
                     dev.conn.create_sender(EVENTS % "dev1")
                 except LinkDetached as exc:
                     return str(exc)
-            finally:
-                dev.close()
 
         text = await in_thread(run)
     assert "amqp:connection:forced" in text
@@ -212,9 +202,7 @@ async def test_device_links_come_back_without_redoing_cbs(hub, keys, tmp_path) -
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
                 sender.send(data_message(b"one"))
                 hub.kill_connections()
@@ -230,8 +218,6 @@ async def test_device_links_come_back_without_redoing_cbs(hub, keys, tmp_path) -
                         assert time.monotonic() < deadline
                         time.sleep(0.1)
                 sender.send(data_message(b"two"))
-            finally:
-                dev.close()
 
         await in_thread(run)
     assert [r.body for r in hub.recorder.d2c] == [b"one", b"two"]

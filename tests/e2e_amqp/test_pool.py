@@ -128,14 +128,11 @@ async def test_dedicated_connections_route_cbs_verbatim(hub, keys, tmp_path) -> 
     async with running_gateway(config) as gw:
 
         def run(device_id):
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 dev.cbs(reply_to="cbs-reply-1")
                 reply = dev.authenticate(device_id, keys[device_id])
                 dev.conn.create_sender(EVENTS % device_id).send(data_message(b"hi"))
                 return reply
-            finally:
-                dev.close()
 
         r1 = await in_thread(run, "dev1")
         r2 = await in_thread(run, "dev2")

@@ -11,6 +11,7 @@ from gw_helpers import (
     HUB_HOST,
     TIMEOUT,
     Device,
+    authenticated_device,
     data_message,
     device_uri,
     gateway_config,
@@ -34,9 +35,7 @@ async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> Non
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
                 msgs = [
                     data_message(i.to_bytes(4, "big") * (1 + i % 50), id=i, properties={"n": i})
@@ -44,8 +43,6 @@ async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> Non
                 ]
                 states = send_all(sender, dev.conn, msgs)
                 return [m.encode() for m in msgs], states
-            finally:
-                dev.close()
 
         sent, states = await in_thread(run)
     assert all(s == Delivery.ACCEPTED for s in states)
@@ -59,9 +56,7 @@ async def test_c2d_accept_reject_release(hub, keys, tmp_path) -> None:
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 rx = dev.conn.create_receiver("/devices/dev1/messages/devicebound", credit=1)
                 accepted = hub.send_c2d("dev1", b"one", {"content_type": "text/plain"}, {"k": "v"})
                 msg = rx.receive(timeout=TIMEOUT)
@@ -79,8 +74,6 @@ async def test_c2d_accept_reject_release(hub, keys, tmp_path) -> None:
                 dev.sync()
                 hub.recorder.wait_for(lambda: len(hub.recorder.dispositions) == 4)
                 return accepted, rejected, released
-            finally:
-                dev.close()
 
         accepted, rejected, released = await in_thread(run)
     outcomes = [(d.message_id, d.outcome) for d in hub.recorder.dispositions]
@@ -157,14 +150,11 @@ async def test_unrouted_address_refused_not_found(hub, keys, tmp_path) -> None:
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
+            with Device(gw.url) as dev:
                 with pytest.raises(LinkDetached) as e:
                     dev.conn.create_sender("queues/elsewhere")
                 dev.authenticate("dev1", keys["dev1"])  # the connection still works
                 return str(e.value)
-            finally:
-                dev.close()
 
         text = await in_thread(run)
     assert "amqp:not-found" in text
@@ -195,9 +185,7 @@ async def test_device_credit_never_exceeds_hub_credit(hub, keys, tmp_path) -> No
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
                 dev.conn.wait(lambda: sender.link.credit > 0, timeout=TIMEOUT)
                 seen = [sender.link.credit]
@@ -205,8 +193,6 @@ async def test_device_credit_never_exceeds_hub_credit(hub, keys, tmp_path) -> No
                     sender.send(data_message(b"x", id=i))
                     seen.append(sender.link.credit)
                 return seen
-            finally:
-                dev.close()
 
         seen = await in_thread(run)
     # hubsim grants its receivers a window of 100 and tops it up; the device
@@ -230,12 +216,8 @@ async def test_garbage_after_header_closes_only_that_device(hub, keys, tmp_path)
                     data += chunk
 
         def good():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 dev.conn.create_sender(EVENTS % "dev1").send(data_message(b"fine"))
-            finally:
-                dev.close()
 
         reply = await in_thread(garbage)
         await in_thread(good)
@@ -346,9 +328,7 @@ async def test_twin_and_methods_with_link_properties(hub, keys, tmp_path) -> Non
     async with running_gateway(config) as gw:
 
         def run():
-            dev = Device(gw.url)
-            try:
-                dev.authenticate("dev1", keys["dev1"])
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 opts = [Props(twin_props)]
                 twin_rx = dev.conn.create_receiver("/devices/dev1/twin", name="twin", options=opts)
                 twin_tx = dev.conn.create_sender("/devices/dev1/twin", name="twin", options=opts)
@@ -371,8 +351,6 @@ async def test_twin_and_methods_with_link_properties(hub, keys, tmp_path) -> Non
                 methods_tx.send(response)
                 caller.join(TIMEOUT)
                 return result
-            finally:
-                dev.close()
 
         result = await in_thread(run)
     assert result == [(200, b'"ok"')]

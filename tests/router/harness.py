@@ -168,9 +168,12 @@ class RouterHarness:
 
 
 @asynccontextmanager
-async def router_harness(monkeypatch: Any, **kw: Any):
+async def router_harness(
+    monkeypatch: Any, *, harness_class: type[RouterHarness] | None = None, **kw: Any
+):
+    """A running router whose connectors reach the harness's in-memory hubs."""
     async with trio.open_nursery() as nursery:
-        h = RouterHarness(nursery, **kw)
+        h = (harness_class or RouterHarness)(nursery, **kw)
         monkeypatch.setattr(core, "open_connector_stream", h.open_stream)
         await nursery.start(h.router.run)
         try:

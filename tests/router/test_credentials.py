@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Peer, RouterHarness  # noqa: E402
+from harness import Peer, RouterHarness, router_harness  # noqa: E402
 
 from gateway.amqp import (  # noqa: E402
     Connection,
@@ -191,16 +191,8 @@ class CredHarness(RouterHarness):
         return dev
 
 
-@asynccontextmanager
-async def harness(monkeypatch: Any, **kw: Any):
-    async with trio.open_nursery() as nursery:
-        h = CredHarness(nursery, **kw)
-        monkeypatch.setattr(core, "open_connector_stream", h.open_stream)
-        await nursery.start(h.router.run)
-        try:
-            yield h
-        finally:
-            nursery.cancel_scope.cancel()
+def harness(monkeypatch: Any, **kw: Any) -> AbstractAsyncContextManager[CredHarness]:
+    return router_harness(monkeypatch, harness_class=CredHarness, **kw)
 
 
 def attach(dev: Peer, device_id: str, *, receiver: bool = False, session: Any = None) -> Any:
