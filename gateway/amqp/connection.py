@@ -229,6 +229,11 @@ class Connection:
 
     # ------------------------------------------------------------------------ I/O
 
+    @property
+    def wants_write(self) -> bool:
+        """``data_to_send()`` would return bytes (frames or dispositions are queued)."""
+        return bool(self._out) or bool(self._dispo_sessions)
+
     def data_to_send(self) -> bytes:
         """Everything queued for the wire (may be b"")."""
         if self._dispo_sessions:

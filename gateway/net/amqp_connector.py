@@ -14,8 +14,11 @@ the host). It is what a `ConnectorPool` calls for each of its connections.
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import logging
 import math
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +35,99 @@ log = logging.getLogger("gateway.net.amqp")
 EventHandler = Callable[[list[Event]], None]
 
 _READ_SIZE = 65536
+# TLS records already received are handled together, up to this many bytes: a
+# hub writes a record per batch of dispositions and flows, and handling them
+# one by one would cost a write towards the devices per record.
+_TLS_BATCH_BYTES = 262144
+
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _tls_records_buffered(stream: Any) -> bool:
+    """True when a trio.SSLStream holds received bytes it has not decrypted yet."""
+    incoming = getattr(stream, "_incoming", None)
+    return type(incoming) is ssl.MemoryBIO and incoming.pending > 0
+
+
+class _WakeBatch:
+    """Wakes asked for while an event handler runs are checked once it returns.
+
+    Handlers call ``wake()`` liberally (after every relayed frame, on both
+    connections of a link pair); waking a writer that finds nothing to send
+    costs a task switch. So inside a dispatch the drivers are only noted, and
+    when the outermost dispatch returns (every frame the handler queued is in
+    place) the writers with something to write, or a connection to finish, are
+    rescheduled. A wake from anywhere else takes effect at once.
+    """
+
+    __slots__ = ("depth", "woken")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.woken: list[EngineDriver] = []
+
+    def flush(self) -> None:
+        woken = self.woken
+        self.woken = []
+        for driver in woken:
+            driver._wake_noted = False
+            engine = driver.engine
+            if engine.wants_write or driver._done or engine.closed:
+                driver._wake_writer()
+
+
+_batch = _WakeBatch()
+
+
+class _IdleTimers:
+    """Idle-timeout and heartbeat deadlines of every engine, one task per trio run.
+
+    A driver arms one entry at its engine's ``next_deadline``; traffic only
+    moves a deadline later, so an entry firing early just ticks the engine
+    (which does nothing yet) and is re-armed. An entry is ``[at, seq, driver]``;
+    a finished driver clears its slot so the heap does not keep it alive.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+        self._sleeping_until = math.inf
+        self._changed = trio.Event()
+
+    def arm(self, driver: EngineDriver, at: float) -> list[Any]:
+        entry = [at, next(self._seq), driver]
+        heapq.heappush(self._heap, entry)
+        if at < self._sleeping_until:
+            self._changed.set()
+        return entry
+
+    async def run(self) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                driver = entry[2]
+                if driver is not None and driver._timer is entry:
+                    driver._timer = None
+                    driver._on_deadline(now)
+            self._sleeping_until = heap[0][0] if heap else math.inf
+            self._changed = trio.Event()
+            with trio.move_on_at(self._sleeping_until):
+                await self._changed.wait()
+
+
+_TIMERS: trio.lowlevel.RunVar[_IdleTimers] = trio.lowlevel.RunVar("gateway_amqp_idle_timers")
+
+
+def _idle_timers() -> _IdleTimers:
+    try:
+        return _TIMERS.get()
+    except LookupError:
+        timers = _IdleTimers()
+        _TIMERS.set(timers)
+        trio.lowlevel.spawn_system_task(timers.run, name="amqp idle timers")
+        return timers
 
 
 class EngineDriver:
@@ -42,7 +138,18 @@ class EngineDriver:
     ``run()`` returns once the engine is closed and its last bytes are written,
     or the stream failed; ``error`` then says why (an AMQP error, or a
     transport description).
+
+    Two tasks per connection: the reader (the task calling ``run()``) and a
+    writer that sleeps until woken with something to write; one write carries
+    everything queued by then. Idle timeouts and heartbeats are kept by one
+    timer task for all connections (`_IdleTimers`).
     """
+
+    __slots__ = (
+        "stream", "engine", "handler", "name", "error", "transport_error", "_done",
+        "_cancel", "_wanted", "_wake_noted", "_parked", "_timer", "_timer_final",
+        "_failure",
+    )  # fmt: skip
 
     def __init__(self, stream: trio.abc.Stream, engine: Connection, handler: EventHandler, *,
                  name: str = "", tracer: Any = None) -> None:  # fmt: skip
@@ -52,10 +159,14 @@ class EngineDriver:
         self.name = name
         self.error: Any = None
         self.transport_error: str | None = None
-        self._wake = trio.Event()
-        self._activity = trio.Event()
         self._done = False
         self._cancel: trio.CancelScope | None = None
+        self._wanted = True  # the writer looks at the engine before it first sleeps
+        self._wake_noted = False
+        self._parked: Any = None  # the writer task while it sleeps
+        self._timer: list[Any] | None = None
+        self._timer_final = False  # armed once both opens are exchanged
+        self._failure: BaseException | None = None
         if tracer is not None and tracer.amqp_enabled:
             # The engine reports every frame it reads and writes; nothing is
             # decoded twice. Tracing switched on by a reload applies to new
@@ -64,7 +175,19 @@ class EngineDriver:
 
     def wake(self) -> None:
         """Something was queued on the engine: write it soon."""
-        self._wake.set()
+        if _batch.depth:
+            if not self._wake_noted:
+                self._wake_noted = True
+                _batch.woken.append(self)
+            return
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        self._wanted = True
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
 
     def abort(self) -> None:
         """Stop now, without flushing (the stream is closed by the caller)."""
@@ -72,60 +195,106 @@ class EngineDriver:
             self._cancel.cancel()
 
     async def run(self) -> None:
-        with trio.CancelScope() as scope:
-            self._cancel = scope
+        try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader, nursery.cancel_scope)
+                self._cancel = nursery.cancel_scope
                 nursery.start_soon(self._writer, nursery.cancel_scope)
-                nursery.start_soon(self._ticker)
-                self.wake()
+                await self._reader()
+        finally:
+            self._done = True
+            if self._timer is not None:
+                self._timer[2] = None
+                self._timer = None
+        if self._failure is not None:
+            raise self._failure
 
     def _dispatch(self, events: list[Event]) -> None:
         for ev in events:
-            if type(ev) is ConnectionError:
+            t = type(ev)
+            if t is ConnectionError:
                 self.error = ev.error
-            elif type(ev) is RemoteClose and ev.error is not None and self.error is None:
+            elif t is RemoteClose and ev.error is not None and self.error is None:
                 self.error = ev.error
-        if events:
+        batch = _batch
+        batch.depth += 1
+        try:
             self.handler(events)
-        self.wake()
+        finally:
+            batch.depth -= 1
+            if not batch.depth and batch.woken:
+                batch.flush()
+        if self.engine.wants_write or self.engine.closed:
+            self._wake_writer()
 
-    async def _reader(self, scope: trio.CancelScope) -> None:
+    async def _reader(self) -> None:
         engine = self.engine
         stream = self.stream
+        tls = isinstance(stream, trio.SSLStream)
         try:
             while not engine.closed:
                 try:
                     data = await stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                except _TRANSPORT_ERRORS as exc:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
                 events = engine.receive_data(data)
-                engine.tick(trio.current_time())
-                self._activity.set()
-                self._dispatch(events)
+                if tls and data:
+                    # Decrypt the records already here before handling anything.
+                    total = len(data)
+                    while total < _TLS_BATCH_BYTES and _tls_records_buffered(stream):
+                        try:
+                            more = await stream.receive_some(_READ_SIZE)
+                        except _TRANSPORT_ERRORS as exc:
+                            self.transport_error = f"transport failed: {exc or type(exc).__name__}"
+                            more = b""
+                        events = events + engine.receive_data(more)
+                        if not more:
+                            data = b""
+                            break
+                        total += len(more)
+                now = trio.current_time()
+                late = engine.tick(now)
+                if late:
+                    events = events + late
+                if events:
+                    self._dispatch(events)
+                elif engine.wants_write:
+                    self._wake_writer()  # e.g. our header and open answering the peer's
+                if not self._timer_final:
+                    self._arm_timer(now)
                 if not data:
                     break
         finally:
             self._done = True
-            self.wake()
+            self._wake_writer()
+
+    async def _park(self) -> None:
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def _writer(self, scope: trio.CancelScope) -> None:
         engine = self.engine
         stream = self.stream
         try:
             while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
+                self._wanted = False
                 data = engine.data_to_send()
                 if data:
                     await stream.send_all(data)
-                    engine.tick(trio.current_time())
-                    self._activity.set()
+                    late = engine.tick(trio.current_time())
+                    if late:
+                        self._dispatch(late)
                     continue
                 if self._done or engine.closed:
                     break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if not self._wanted:
+                    await self._park()
+        except _TRANSPORT_ERRORS as exc:
             if self.transport_error is None:
                 self.transport_error = f"transport failed: {exc or type(exc).__name__}"
             if not self._done:
@@ -133,15 +302,42 @@ class EngineDriver:
                 self._dispatch(engine.receive_data(b""))
         scope.cancel()
 
-    async def _ticker(self) -> None:
+    # ------------------------------------------------------------ idle timeouts
+
+    def _arm_timer(self, now: float) -> None:
+        """(Re)arm the idle timer at the engine's next deadline if that is sooner."""
         engine = self.engine
-        while True:
-            now = trio.current_time()
-            self._dispatch(engine.tick(now))  # may queue a heartbeat: always wake
-            deadline = engine.next_deadline(now)
-            self._activity = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._activity.wait()
+        if self._done or engine.closed:
+            return
+        deadline = engine.next_deadline(now)
+        if engine.is_open:
+            self._timer_final = True  # from now on deadlines only move later
+        if deadline is None:
+            return
+        # Never at or before now: an engine that finds nothing due yet (float
+        # rounding at the deadline) must not be fired again in the same pass.
+        deadline = max(deadline, now + 0.001)
+        current = self._timer
+        if current is not None:
+            if current[0] <= deadline:
+                return
+            current[2] = None
+        self._timer = _idle_timers().arm(self, deadline)
+
+    def _on_deadline(self, now: float) -> None:
+        """Called by the timer task: heartbeat or idle-timeout due (perhaps)."""
+        if self._done:
+            return
+        try:
+            events = self.engine.tick(now)
+            if events:
+                self._dispatch(events)
+            elif self.engine.wants_write:
+                self._wake_writer()  # a heartbeat
+            self._arm_timer(now)
+        except Exception as exc:  # a handler bug ends this connection, not the timer task
+            self._failure = exc
+            self.abort()
 
 
 def sasl_client_for(connector: Any) -> SaslClient:
@@ -252,4 +448,3 @@ def describe_end(driver: EngineDriver) -> str:
         desc = getattr(err, "description", None)
         return f"{cond}: {desc}" if desc else str(cond)
     return driver.transport_error or "connection closed"
-

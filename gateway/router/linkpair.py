@@ -371,7 +371,7 @@ class LinkPair:
         info = self.info
         dev = self.dev_link
         info.credit = dev.credit
-        info.unsettled = len(dev.unsettled)
+        info.unsettled = dev.unsettled_count
 
     def _in_credit(self) -> int:
         up = self.up_link
