@@ -255,22 +255,9 @@ class LinkPair:
         up = self.up_link
         if up is None or up.state is not LinkState.ATTACHED:
             return  # the link is going away; the device hears of it by detach
-        d = up.send_transfer(
-            ev.delivery_tag,
-            ev.payload,
-            message_format=ev.message_format,
-            settled=ev.settled,
-            state=ev.state,
-            batchable=ev.batchable,
-        )
-        if not ev.settled:
-            d.context = ev.delivery
-            ev.delivery.context = d
-        _relayed.count += 1
+        self._relay_transfer(ev, up)
         if self.info is not None:
-            self.info.deliveries += 1
             self._note_link()
-        self.device.router.observer.on_message(self, len(ev.payload))
         assert self.upstream is not None
         self.upstream.wake()
 
@@ -281,7 +268,14 @@ class LinkPair:
         dev = self.dev_link
         if dev.state is not LinkState.ATTACHED:
             return
-        d = dev.send_transfer(
+        self._relay_transfer(ev, dev)
+        self._sync_credit()
+        self.device.wake()
+
+    def _relay_transfer(self, ev: Any, to: Link) -> None:
+        """Send `ev`'s message on `to` unchanged (tag, format, settlement, state);
+        an unsettled delivery is tied to its twin so outcomes flow back."""
+        d = to.send_transfer(
             ev.delivery_tag,
             ev.payload,
             message_format=ev.message_format,
@@ -296,8 +290,6 @@ class LinkPair:
         if self.info is not None:
             self.info.deliveries += 1
         self.device.router.observer.on_message(self, len(ev.payload))
-        self._sync_credit()
-        self.device.wake()
 
     # ------------------------------------------------------------------ credit
 
