@@ -30,21 +30,22 @@ from .procs import BenchError, Child, free_port, raise_fd_limit, wait_for_port
 from .report import machine
 from .upstreams import Upstream
 
-FLOOR_PATHS = ("direct", "stunnel", "gateway", "floor")
+FLOOR_PATHS = ("direct", "stunnel", "gateway", "floor", "floor-sslstream")
 START_TIMEOUT = 15.0
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 @contextlib.contextmanager
-def floor_hop(bench: Bench, upstream_port: int, tag: str) -> Iterator[Hop]:
+def floor_hop(bench: Bench, upstream_port: int, tag: str, path: str) -> Iterator[Hop]:
     port = free_port()
+    tls = "sslstream" if path == "floor-sslstream" else "gateway"
     argv = [sys.executable, "-m", "bench.floor_relay", "--listen", str(port),
             "--upstream", str(upstream_port), "--ca-file", str(bench.certs.ca_file),
-            "--server-name", HUB_HOST]  # fmt: skip
-    child = Child(f"{tag}-floor", argv, bench.work)
+            "--server-name", HUB_HOST, "--tls", tls]  # fmt: skip
+    child = Child(f"{tag}-{path}", argv, bench.work)
     try:
         wait_for_port(port, child, START_TIMEOUT)
-        yield Hop("floor", port, False, child)
+        yield Hop(path, port, False, child)
     finally:
         child.stop()
 
@@ -52,7 +53,10 @@ def floor_hop(bench: Bench, upstream_port: int, tag: str) -> Iterator[Hop]:
 def run_path(bench: Bench, path: str, upstream: Upstream, tag: str, **traffic: Any) -> Any:
     port = upstream.mqtt_port
     assert port is not None
-    hop = floor_hop(bench, port, tag) if path == "floor" else bench.hop(path, "mqtt", port, tag)
+    if path.startswith("floor"):
+        hop = floor_hop(bench, port, tag, path)
+    else:
+        hop = bench.hop(path, "mqtt", port, tag)
     with hop as h:
         return bench.traffic(tag, "mqtt", h, upstream, **traffic)
 
@@ -107,7 +111,8 @@ def table(scenario: int, reports: dict[str, Any], paths: tuple[str, ...]) -> lis
                 v = _get(reports.get(p), "latency", f"{pct}_ms")
                 added[p] = None if p == "direct" or v is None or direct is None else v - direct
             rows.append((f"added {pct} vs direct (ms)", added))
-    ratios = [("gateway", "stunnel"), ("floor", "stunnel"), ("gateway", "floor")]
+    ratios = [("gateway", "stunnel"), ("floor", "stunnel"), ("floor-sslstream", "stunnel"),
+              ("gateway", "floor")]  # fmt: skip
     ratios = [(a, b) for a, b in ratios if a in paths and b in paths]
     header = ["metric", *paths, *(f"{a}/{b}" for a, b in ratios)]
     body = []
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="iot-gateway-floor-"))
-    bench = Bench(work, params, paths=tuple(p for p in paths if p != "floor"))
+    bench = Bench(work, params, paths=tuple(p for p in paths if not p.startswith("floor")))
     results: dict[str, Any] = {}
     lines: list[str] = []
     try:

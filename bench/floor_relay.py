@@ -2,7 +2,8 @@
 
     python -m bench.floor_relay --listen PORT --upstream PORT --ca-file CA --server-name HOST
 
-Per device connection: one TLS connection to the upstream (trio.SSLStream,
+Per device connection: one TLS connection to the upstream (the gateway's own
+`gateway.net.tls_stream.TLSStream`, or with `--tls sslstream` trio.SSLStream;
 chain and host name verified, as the gateway does), and two tasks copying
 whatever arrives, one read then one write at a time, in each direction
 (TLS records already received are taken together, as the gateway does). No
@@ -19,6 +20,8 @@ import ssl
 import sys
 
 import trio
+
+from gateway.net.tls_stream import open_tls_stream
 
 # As the gateway: plaintext reads as large as the device sends, TLS reads one record.
 DEVICE_RECEIVE_SIZE = 262144
@@ -55,12 +58,17 @@ async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
 
 
 async def relay(device: trio.SocketStream, host: str, port: int, context: ssl.SSLContext,
-                server_name: str, batch: bool = True) -> None:  # fmt: skip
+                server_name: str, batch: bool = True, tls: str = "gateway") -> None:  # fmt: skip
+    upstream: trio.abc.Stream
     try:
         tcp = await trio.open_tcp_stream(host, port)
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        upstream = trio.SSLStream(tcp, context, server_hostname=server_name)
-        await upstream.do_handshake()
+        if tls == "sslstream":
+            upstream = trio.SSLStream(tcp, context, server_hostname=server_name)
+            await upstream.do_handshake()
+        else:
+            upstream = await open_tls_stream(tcp, context, server_name)
+            batch = False  # its reads already return every record received
     except (OSError, trio.BrokenResourceError):
         await device.aclose()
         return
@@ -76,19 +84,20 @@ async def relay(device: trio.SocketStream, host: str, port: int, context: ssl.SS
                 nursery.cancel_scope.cancel()  # either side gone: close both
 
             nursery.start_soon(one_way, device, upstream, DEVICE_RECEIVE_SIZE, False)
-            nursery.start_soon(one_way, upstream, device, TLS_RECEIVE_SIZE, batch)
+            size = TLS_RECEIVE_SIZE if tls == "sslstream" else BATCH_BYTES
+            nursery.start_soon(one_way, upstream, device, size, batch)
     finally:
         await trio.aclose_forcefully(upstream)
         await trio.aclose_forcefully(device)
 
 
 async def serve(listen: int, upstream_port: int, ca_file: str, server_name: str,
-                batch: bool = True) -> None:  # fmt: skip
+                batch: bool = True, tls: str = "gateway") -> None:  # fmt: skip
     context = ssl.create_default_context(cafile=ca_file)
 
     async def handler(device: trio.SocketStream) -> None:
         device.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        await relay(device, "127.0.0.1", upstream_port, context, server_name, batch)
+        await relay(device, "127.0.0.1", upstream_port, context, server_name, batch, tls)
 
     await trio.serve_tcp(handler, listen, host="127.0.0.1", backlog=4096)
 
@@ -108,10 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write each TLS record read as it comes (no batching)",
     )
+    parser.add_argument(
+        "--tls",
+        choices=("gateway", "sslstream"),
+        default="gateway",
+        help="the upstream TLS stream: the gateway's TLSStream (default) or trio.SSLStream",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     try:
         trio.run(
-            serve, args.listen, args.upstream, args.ca_file, args.server_name, not args.one_record
+            serve,
+            args.listen,
+            args.upstream,
+            args.ca_file,
+            args.server_name,
+            not args.one_record,
+            args.tls,
         )
     except KeyboardInterrupt:
         pass

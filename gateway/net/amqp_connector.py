@@ -18,7 +18,6 @@ import heapq
 import itertools
 import logging
 import math
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -34,19 +33,12 @@ log = logging.getLogger("gateway.net.amqp")
 
 EventHandler = Callable[[list[Event]], None]
 
+# TLS streams (gateway.net.tls_stream) return every record already received up
+# to this many bytes, so one read hands the engine a hub's whole batch of
+# dispositions and flows.
 _READ_SIZE = 65536
-# TLS records already received are handled together, up to this many bytes: a
-# hub writes a record per batch of dispositions and flows, and handling them
-# one by one would cost a write towards the devices per record.
-_TLS_BATCH_BYTES = 262144
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-def _tls_records_buffered(stream: Any) -> bool:
-    """True when a trio.SSLStream holds received bytes it has not decrypted yet."""
-    incoming = getattr(stream, "_incoming", None)
-    return type(incoming) is ssl.MemoryBIO and incoming.pending > 0
 
 
 class _WakeBatch:
@@ -229,7 +221,6 @@ class EngineDriver:
     async def _reader(self) -> None:
         engine = self.engine
         stream = self.stream
-        tls = isinstance(stream, trio.SSLStream)
         try:
             while not engine.closed:
                 try:
@@ -238,20 +229,6 @@ class EngineDriver:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
                 events = engine.receive_data(data)
-                if tls and data:
-                    # Decrypt the records already here before handling anything.
-                    total = len(data)
-                    while total < _TLS_BATCH_BYTES and _tls_records_buffered(stream):
-                        try:
-                            more = await stream.receive_some(_READ_SIZE)
-                        except _TRANSPORT_ERRORS as exc:
-                            self.transport_error = f"transport failed: {exc or type(exc).__name__}"
-                            more = b""
-                        events = events + engine.receive_data(more)
-                        if not more:
-                            data = b""
-                            break
-                        total += len(more)
                 now = trio.current_time()
                 late = engine.tick(now)
                 if late:

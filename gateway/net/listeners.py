@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import trio
 
 from .tls import classify_tls_error, server_context
+from .tls_stream import accept_tls_stream
 
 __all__ = [
     "ConnectionHandler",
@@ -174,10 +175,9 @@ async def serve_listener(
         conn: trio.abc.Stream = stream
         try:
             if settings.ssl_context is not None:
-                tls = trio.SSLStream(stream, settings.ssl_context, server_side=True)
                 try:
                     with trio.fail_after(settings.tls_handshake_timeout):
-                        await tls.do_handshake()
+                        tls = await accept_tls_stream(stream, settings.ssl_context)
                 except (trio.TooSlowError, trio.BrokenResourceError) as exc:
                     refuse(
                         peer, "tls_handshake", f"TLS handshake failed ({classify_tls_error(exc)})"

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import trio
 
+from .tls_stream import open_tls_stream
+
 __all__ = [
     "ClientContextCache",
     "TLSConnectError",
@@ -220,8 +222,9 @@ async def open_upstream_stream(
 ) -> trio.abc.Stream:
     """TCP connect and (with a context) TLS handshake, both within `timeout` seconds.
 
-    Returns a `trio.SSLStream` (or the plain `trio.SocketStream` when
-    `ssl_context` is None: a connector with allow_plaintext). Raises
+    Returns a `TLSStream` (`gateway.net.tls_stream`: reads return every
+    record received, one task switch per call) or the plain `trio.SocketStream`
+    when `ssl_context` is None (a connector with allow_plaintext). Raises
     TLSConnectError with a classified reason on any failure.
     """
     tcp: trio.SocketStream | None = None
@@ -231,11 +234,11 @@ async def open_upstream_stream(
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             if ssl_context is None:
                 return tcp
-            tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname)
-            await tls.do_handshake()
-            return tls
+            return await open_tls_stream(tcp, ssl_context, server_hostname)
     except BaseException as exc:
         if tcp is not None:
+            # After open_tls_stream took the socket over this closes nothing;
+            # open_tls_stream closed it.
             await trio.aclose_forcefully(tcp)
         if not isinstance(
             exc, OSError | trio.TooSlowError | trio.BrokenResourceError | ssl.SSLError
