@@ -397,7 +397,75 @@ def _decode_fields(buf: bytes, pos: int, end: int, what: str) -> tuple[list[Any]
     return values, stop
 
 
+def _plain_uint(buf: bytes, p: int) -> tuple[Any, int]:
+    """A uint in one of its three encodings at ``p``, else (None, p)."""
+    c = buf[p]
+    if c == 0x52:
+        return _SMALL_UINT[buf[p + 1]], p + 2
+    if c == 0x43:
+        return _SMALL_UINT[0], p + 1
+    if c == 0x70:
+        return UInt(_U32.unpack_from(buf, p + 1)[0]), p + 5
+    return None, p
+
+
+def _decode_plain_transfer(buf: bytes, pos: int, end: int) -> Transfer | None:
+    """The first frame of a message as stacks write it: a list8 of handle,
+    delivery-id, delivery-tag (vbin8), then optionally message-format, settled
+    and more (proton leaves out trailing defaults). None for anything else (the
+    generic path decides)."""
+    count = buf[pos + 2]
+    if count < 3 or count > 6:
+        return None
+    stop = pos + 2 + buf[pos + 1]
+    if stop > end:
+        return None
+    handle, p = _plain_uint(buf, pos + 3)
+    if handle is None:
+        return None
+    did, p = _plain_uint(buf, p)
+    if did is None or buf[p] != 0xA0:
+        return None
+    n = buf[p + 1]
+    if n > 32:
+        return None
+    tag = buf[p + 2 : p + 2 + n]
+    p += 2 + n
+    fmt = settled = None
+    more = False
+    if count > 3:
+        fmt, p = _plain_uint(buf, p)
+        if fmt is None:
+            return None
+        if count > 4:
+            c = buf[p]
+            if c == 0x42:
+                settled = False
+            elif c == 0x41:
+                settled = True
+            elif c != 0x40:
+                return None
+            p += 1
+            if count > 5:
+                c = buf[p]
+                if c == 0x41:
+                    more = True
+                elif c != 0x42:
+                    return None
+                p += 1
+    if p != stop:
+        return None
+    return Transfer(handle, did, tag, fmt, settled, more, None, None, False, False, False)
+
+
 def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
+    if pos + 3 <= end and buf[pos] == 0xC0:
+        try:
+            transfer = _decode_plain_transfer(buf, pos, end)
+        except (IndexError, struct.error):
+            transfer = None
+        if transfer is not None:
+            return transfer, pos + 2 + buf[pos + 1]
     values, stop = _decode_fields(buf, pos, end, "transfer")
     count = len(values)
     if tuple(map(type, values)) in _PLAIN_TRANSFER and (
@@ -604,6 +672,38 @@ def encode_transfer_frame_into(
     out += _frame_header(11 + len(body) + n, FRAME_AMQP, channel)
     out += b"\x00\x53\x14"
     out += body
+    out += payload
+
+
+def encode_plain_transfer_into(
+    out: bytearray,
+    channel: int,
+    handle: int,
+    delivery_id: int,
+    delivery_tag: bytes,
+    message_format: int,
+    settled: bool,
+    payload: Buffer,
+) -> None:
+    """Append the one frame of a whole message with no delivery state, not
+    batchable: the relay's common case. The same bytes as
+    ``encode_transfer_frame_into(..., more=False)`` with fewer steps."""
+    n = len(delivery_tag)
+    if n > 32:
+        raise EncodeError(f"delivery tag of {n} bytes exceeds the 32-byte limit")
+    fields = b"".join((
+        _uint(handle), _uint(delivery_id), bytes((0xA0, n)), delivery_tag,
+        _uint(message_format), b"\x41" if settled else b"\x42",
+    ))  # fmt: skip
+    size = len(fields)
+    if not 0 <= channel <= 0xFFFF:
+        raise EncodeError(f"channel {channel} out of range")
+    out += _FRAME_HEADER.pack(
+        14 + size + (payload.nbytes if type(payload) is memoryview else len(payload)),
+        2, FRAME_AMQP, channel,
+    )  # fmt: skip
+    out += bytes((0x00, 0x53, 0x14, 0xC0, size + 1, 5))
+    out += fields
     out += payload
 
 

@@ -338,6 +338,14 @@ class Link:
         view = payload if type(payload) is memoryview else memoryview(payload)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
+        if (
+            not self._queue
+            and state is None
+            and not batchable
+            and self.state is LinkState.ATTACHED
+            and self.session._send_now(self, delivery, view)
+        ):
+            return delivery  # written: one frame, nothing queued before it
         pending = _Pending(delivery, view, batchable)
         self._queue.append(pending)
         self._queued_bytes += view.nbytes

@@ -23,7 +23,12 @@ from .events import (
     TransferReceived,
 )
 from .flow import MAX_WINDOW, SEQ_MASK, SenderCredit, SessionWindows, WindowViolation, seq_diff
-from .framing import encode_disposition, encode_flow, encode_transfer_frame_into
+from .framing import (
+    encode_disposition,
+    encode_flow,
+    encode_plain_transfer_into,
+    encode_transfer_frame_into,
+)
 from .link import RECEIVER, SENDER, Delivery, Link, LinkState, role_of
 from .performatives import Attach, Begin, Detach, Disposition, End, Error, Flow, Transfer
 from .types import Symbol
@@ -458,6 +463,45 @@ class Session:
             self._blocked[link] = None
         else:
             self._blocked.pop(link, None)
+
+    def _send_now(self, link: Link, d: Delivery, payload: memoryview) -> bool:
+        """Write a whole message with no delivery state in one frame right away, if
+        nothing waits before it and credit, window and frame size allow (the relay's
+        usual case); False: the caller queues it (``_pump_link`` then decides)."""
+        if self.state is not SessionState.MAPPED:
+            return False
+        conn = self.connection
+        sender = link._sender
+        w = self.windows
+        if (
+            sender is None
+            or sender.credit <= 0
+            or w.remote_incoming_window <= 0
+            or not conn._can_send()
+        ):
+            return False
+        tag = d.delivery_tag
+        size = payload.nbytes
+        if size + _TRANSFER_OVERHEAD + len(tag) > conn._send_max_frame_size:
+            return False
+        did = self.next_delivery_id
+        self.next_delivery_id = (did + 1) & SEQ_MASK
+        d.delivery_id = did
+        sender.on_delivery_sent()
+        settled = d.settled
+        if not settled:
+            self._out_unsettled[did] = d
+            link._unsettled += 1
+        w.on_transfer_sent()
+        handle = link.handle
+        encode_plain_transfer_into(
+            conn._begin_write(), self.channel, handle, did, tag,  # type: ignore[arg-type]
+            d.message_format, settled, payload,
+        )  # fmt: skip
+        if conn._trace is not None:
+            self._trace_transfer(handle, did, tag, d.message_format, settled, False, None,
+                                 False, size)  # fmt: skip
+        return True
 
     def _pump_all(self) -> None:
         if not self._blocked:

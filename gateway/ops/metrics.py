@@ -40,6 +40,7 @@ __all__ = [
     "Metrics",
     "NullMetrics",
     "MqttRelayMetrics",
+    "observe_many",
 ]
 
 # Relay latency is measured from a frame arriving to the re-encoded frame
@@ -404,15 +405,15 @@ class Metrics:
         self._traffic[key] = pair
         return pair
 
-    def on_disposition(self, outcome: str, direction: str) -> None:
-        """A receiver's disposition relayed to the sender.
+    def on_disposition(self, outcome: str, direction: str, count: int = 1) -> None:
+        """A receiver's disposition relayed to the sender (for `count` deliveries).
 
         outcome: accepted | rejected | released | modified | received | settled
         (settled without an outcome); direction: of the message, ``in`` = the
         hub's outcome of a device message, ``out`` = the device's outcome of a
         cloud-to-device message.
         """
-        self._dispositions.get(outcome, direction).inc()
+        self._dispositions.get(outcome, direction).inc(count)
 
     def on_attach_refused(self, reason: str) -> None:
         """reason: the AMQP error condition, e.g. amqp:not-found."""
@@ -421,8 +422,13 @@ class Metrics:
     def on_protocol_error(self, kind: str, side: str = "device", protocol: str = "amqp") -> None:
         self._protocol_errors.get(protocol, side, kind).inc()
 
-    def observe_relay_latency(self, seconds: float, protocol: str = "amqp") -> None:
-        self._latency.get(protocol).observe(seconds)
+    def observe_relay_latency(self, seconds: float, protocol: str = "amqp", count: int = 1) -> None:
+        """`count` relayed frames (or messages) took `seconds` each: as many observations."""
+        child = self._latency.get(protocol)
+        if count == 1:
+            child.observe(seconds)
+        elif count > 1:
+            observe_many(child, seconds, count)
 
     def relay_latency(self, protocol: str = "amqp") -> Any:
         """The histogram child for ``protocol``, for callers that observe in a loop."""
@@ -594,12 +600,14 @@ class NullMetrics:
     def on_message(
         self, route: str, direction: str, nbytes: int, device: str | None = None, count: int = 1
     ) -> None: ...
-    def on_disposition(self, outcome: str, direction: str) -> None: ...
+    def on_disposition(self, outcome: str, direction: str, count: int = 1) -> None: ...
     def on_attach_refused(self, reason: str) -> None: ...
     def on_protocol_error(
         self, kind: str, side: str = "device", protocol: str = "amqp"
     ) -> None: ...
-    def observe_relay_latency(self, seconds: float, protocol: str = "amqp") -> None: ...
+    def observe_relay_latency(
+        self, seconds: float, protocol: str = "amqp", count: int = 1
+    ) -> None: ...
     def relay_latency(self, protocol: str = "amqp") -> Any:
         return _NULL_CHILD
 
@@ -613,6 +621,26 @@ class NullMetrics:
     def on_token_renewal_failure(self, device: str | None = None) -> None: ...
     def on_reload(self, ok: bool) -> None: ...
     def forget_device(self, device: str) -> None: ...
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """``histogram.observe(amount)`` `count` times, as one update: the sum grows by
+    ``amount * count`` and amount's bucket by `count`. A relay reports one
+    latency for every transfer of a read; observing them one by one costs a
+    lock round per transfer. Falls back to the loop for a histogram child
+    whose internals are not prometheus_client's."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for _ in range(count):
+            histogram.observe(amount)
+        return
+    total.inc(amount * count)
+    for i, bound in enumerate(bounds):
+        if amount <= bound:
+            buckets[i].inc(count)
+            break
 
 
 class _NullChild:

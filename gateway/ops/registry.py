@@ -54,12 +54,14 @@ class ConnectionInfo:
     bytes_in: int = 0
     bytes_out: int = 0
 
-    def count_in(self, nbytes: int) -> None:
-        self.messages_in += 1
+    def count_in(self, nbytes: int, count: int = 1) -> None:
+        """`count` messages (`nbytes` in all) from the device."""
+        self.messages_in += count
         self.bytes_in += nbytes
 
-    def count_out(self, nbytes: int) -> None:
-        self.messages_out += 1
+    def count_out(self, nbytes: int, count: int = 1) -> None:
+        """`count` messages (`nbytes` in all) to the device."""
+        self.messages_out += count
         self.bytes_out += nbytes
 
     def to_dict(self) -> dict[str, Any]:

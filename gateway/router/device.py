@@ -39,7 +39,7 @@ from gateway.amqp.events import Event
 
 from .cbs import CbsRequest, DeviceCbs
 from .identity import PlainIdentity, parse_plain_username
-from .linkpair import FORCED, LinkPair, amqp_error, relay_disposition
+from .linkpair import FORCED, LinkPair, amqp_error, flush_relay_counts, relay_disposition
 
 if TYPE_CHECKING:
     from gateway.auth.local_auth import LocalAuthResult
@@ -140,6 +140,7 @@ class DeviceConn:
                 self.engine.close()
             elif t is ConnectionError:
                 self.lost(f"{ev.error.condition}: {ev.error.description}")
+        flush_relay_counts()  # one metrics update per pair and chunk
         self.wake()
 
     def remember_token(self, connector: str, audience: str, request: CbsRequest) -> None:

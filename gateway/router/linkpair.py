@@ -17,7 +17,10 @@ on the requesting side when the other side has answered it.
 Operations: a pair reported open to the observer carries its live registry
 record in ``info`` (deliveries relayed, the device link's credit and
 unsettled count, written in place); `timed_handler` measures the relay
-latency per received chunk.
+latency per received chunk. Messages are counted per pair as they are
+relayed and reported to the observer once per handled chunk
+(`flush_relay_counts`, called by the connections' event handlers before they
+return), so metrics and registry see every message, in one call per batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
 from gateway.amqp.performatives import Attach, Error, Flow
 from gateway.amqp.types import Symbol
 
-from .observe import disposition_relayed
+from .observe import dispositions_relayed
 from .routes import Direction, RouteMatch
 
 if TYPE_CHECKING:
@@ -95,6 +98,9 @@ class LinkPair:
         self._last_available: int | None = None
         self.observed = False  # reported open to the observer
         self.info: Any = None  # the registry's LinkInfo while observed
+        # Relayed since the last flush_relay_counts(): messages and payload bytes.
+        self._count = 0
+        self._bytes = 0
         link.context = self
 
     def __repr__(self) -> str:
@@ -240,6 +246,8 @@ class LinkPair:
     def _finish(self) -> None:
         if self.state is PairState.DONE:
             return
+        if self._count:
+            self._flush_counts()  # before the observer hears the link closed
         self.state = PairState.DONE
         self.device.pairs.discard(self)
         if self.upstream is not None:
@@ -256,8 +264,6 @@ class LinkPair:
         if up is None or up.state is not LinkState.ATTACHED:
             return  # the link is going away; the device hears of it by detach
         self._relay_transfer(ev, up)
-        if self.info is not None:
-            self._note_link()
         assert self.upstream is not None
         self.upstream.wake()
 
@@ -286,10 +292,26 @@ class LinkPair:
         if not ev.settled:
             d.context = ev.delivery
             ev.delivery.context = d
-        _relayed.count += 1
-        if self.info is not None:
-            self.info.deliveries += 1
-        self.device.router.observer.on_message(self, len(ev.payload))
+        relayed = _relayed
+        relayed.count += 1
+        n = self._count
+        if not n:
+            relayed.dirty.append(self)
+        self._count = n + 1
+        self._bytes += len(ev.payload)
+
+    def _flush_counts(self) -> None:
+        """Report the messages relayed since the last flush (metrics, registry)."""
+        n = self._count
+        if not n:
+            return
+        nbytes = self._bytes
+        self._count = self._bytes = 0
+        info = self.info
+        if info is not None:
+            info.deliveries += n
+            self._note_link()
+        self.device.router.observer.on_message(self, nbytes, n)
 
     # ------------------------------------------------------------------ credit
 
@@ -430,23 +452,48 @@ class LinkPair:
 
 
 def relay_disposition(ev: Any) -> set[Any]:
-    """Relay a disposition to the paired deliveries; returns the connections touched."""
-    touched: set[Any] = set()
+    """Relay a disposition to the paired deliveries; returns the connections touched.
+
+    One disposition event has one state and settlement for all its deliveries:
+    they are relayed as one call per connection (the engine sends ranges), and
+    outcomes are counted once per run of deliveries on the same link."""
+    settled = ev.settled
+    state = ev.state
     by_conn: dict[Any, list[Delivery]] = {}
+    out: list[Delivery] = []
+    out_link: Any = None  # the link of the deliveries `out` collects
+    count_link: Any = None  # our link whose deliveries `counted` counts
+    counted = 0
     for d in ev.deliveries:
         other = d.context
-        if other is None or not isinstance(other, Delivery):
-            continue
-        if ev.settled:
+        if type(other) is not Delivery:
+            continue  # not relayed (None once settled)
+        if settled:
             d.context = None
             other.context = None
-        conn = other.link.session.connection
-        by_conn.setdefault(conn, []).append(other)
-        disposition_relayed(d, ev.state, ev.settled)  # ops: dispositions by outcome
+        link = other.link
+        if link is not out_link:
+            out_link = link
+            conn = link.session.connection
+            got = by_conn.get(conn)
+            if got is None:
+                got = by_conn[conn] = []
+            out = got
+        out.append(other)
+        ours = d.link
+        if ours is not count_link:
+            if counted:
+                dispositions_relayed(count_link, state, settled, counted)
+            count_link = ours
+            counted = 0
+        counted += 1
+    if counted:
+        dispositions_relayed(count_link, state, settled, counted)  # ops: outcomes
+    touched: set[Any] = set()
     for conn, deliveries in by_conn.items():
-        conn.disposition(deliveries, settled=ev.settled, state=ev.state)
+        conn.disposition(deliveries, settled=settled, state=state)
         touched.add(conn)
-        if ev.settled:
+        if settled:
             pair = deliveries[0].link.context
             if type(pair) is LinkPair and pair.info is not None:
                 pair._note_link()  # the device link's unsettled count changed
@@ -457,15 +504,29 @@ def relay_disposition(ev: Any) -> set[Any]:
 
 
 class _RelayCount:
-    """Transfers relayed so far (any pair); `timed_handler` reads the difference."""
+    """Transfers relayed so far (any pair), which `timed_handler` reads the
+    difference of, and the pairs with relayed messages not yet reported."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "dirty")
 
     def __init__(self) -> None:
         self.count = 0
+        self.dirty: list[LinkPair] = []
 
 
 _relayed = _RelayCount()
+
+
+def flush_relay_counts() -> None:
+    """Report every pair's messages relayed since the last call to the observer.
+    Event handlers call it before returning, so nothing reads stale counts."""
+    relayed = _relayed
+    dirty = relayed.dirty
+    if dirty:
+        relayed.dirty = []
+        for pair in dirty:
+            pair._flush_counts()
+
 
 EventHandler = Callable[[list[Any]], None]
 LatencyReport = Callable[[float, int], None]

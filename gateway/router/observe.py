@@ -11,10 +11,16 @@ the router's gateway-held tokens: ``on_token_expiry`` feeds the soonest-expiry
 gauge (shared with the MQTT relay's per-device expiries, the gauge shows the
 soonest of all) and ``on_token_renewal_failure`` the failure counter.
 
-`disposition_relayed` is called by the disposition relay in linkpair.py for
-every delivery whose disposition crossed the gateway; it counts the
-receiver's outcomes (the hub's for device messages, the device's for
-cloud-to-device messages) and ignores a sender merely settling.
+`dispositions_relayed` is called by the disposition relay in linkpair.py for
+each run of deliveries on one link whose disposition crossed the gateway; it
+counts the receiver's outcomes (the hub's for device messages, the device's
+for cloud-to-device messages) and ignores a sender merely settling.
+
+The relay reports in batches: ``on_message`` gets the messages of a pair
+relayed while one received chunk was handled (``count`` of them, ``nbytes``
+in all), ``on_disposition`` the outcomes of one disposition, and
+``on_relay_latency`` one chunk's latency for each of its transfers; each
+becomes one metric update per batch, with the counts exact.
 """
 
 from __future__ import annotations
@@ -70,33 +76,33 @@ class OpsObserver:
             self.registry.remove_link(f"{pair.device.id}/{id(pair.dev_link):x}")
         pair.info = None
 
-    def on_message(self, pair: LinkPair, nbytes: int) -> None:
+    def on_message(self, pair: LinkPair, nbytes: int, count: int = 1) -> None:
+        """`count` messages (`nbytes` payload bytes in all) relayed on `pair`."""
         metrics = self.metrics
         if metrics is not None:
             if metrics.device_labels:
                 metrics.on_message(_route(pair), pair.direction, nbytes,
-                                   device=_device_of(pair.address))  # fmt: skip
+                                   device=_device_of(pair.address), count=count)  # fmt: skip
             else:
-                metrics.on_message(_route(pair), pair.direction, nbytes)
+                metrics.on_message(_route(pair), pair.direction, nbytes, count=count)
         if self.registry is not None:
             conn = self.registry.connection(pair.device.id)
             if conn is not None:
                 if pair.direction == "in":
-                    conn.count_in(nbytes)
+                    conn.count_in(nbytes, count)
                 else:
-                    conn.count_out(nbytes)
+                    conn.count_out(nbytes, count)
 
     def on_relay_latency(self, seconds: float, deliveries: int) -> None:
         """`deliveries` transfers read in one chunk were relayed `seconds` after the
-        chunk arrived (all of them leave in the same write)."""
+        chunk arrived (all of them leave in the same write): one observation each."""
         if self.metrics is not None:
-            observe = self.metrics.relay_latency("amqp").observe
-            for _ in range(deliveries):
-                observe(seconds)
+            self.metrics.observe_relay_latency(seconds, "amqp", count=deliveries)
 
-    def on_disposition(self, pair: LinkPair, outcome: str) -> None:
+    def on_disposition(self, pair: LinkPair, outcome: str, count: int = 1) -> None:
+        """`count` deliveries of `pair` got the receiver's `outcome`."""
         if self.metrics is not None:
-            self.metrics.on_disposition(outcome, pair.direction)
+            self.metrics.on_disposition(outcome, pair.direction, count)
 
     def on_attach_refused(self, reason: str) -> None:
         if self.metrics is not None:
@@ -167,11 +173,11 @@ def outcome_name(state: Any, settled: bool) -> str:
     return _OUTCOMES.get(type(state).__name__, "other")
 
 
-def disposition_relayed(delivery: Any, state: Any, settled: bool) -> None:
-    """`delivery` (ours, on the link that received the disposition) had its peer's
-    disposition relayed to the other hop. Counted when the peer is the receiver,
-    i.e. our link is the sender, and the link belongs to a routed pair."""
-    link = delivery.link
+def dispositions_relayed(link: Any, state: Any, settled: bool, count: int) -> None:
+    """`count` deliveries on `link` (ours, the link that received the disposition)
+    had their peer's disposition relayed to the other hop. Counted when the peer
+    is the receiver, i.e. our link is the sender, and the link belongs to a
+    routed pair."""
     if not link.is_sender:
         return
     pair = link.context
@@ -181,7 +187,15 @@ def disposition_relayed(delivery: Any, state: Any, settled: bool) -> None:
         return  # a CBS link: put-token replies are not message outcomes
     hook = getattr(device.router.observer, "on_disposition", None)
     if hook is not None:
-        hook(pair, outcome_name(state, settled))
+        if count == 1:
+            hook(pair, outcome_name(state, settled))
+        else:
+            hook(pair, outcome_name(state, settled), count)
+
+
+def disposition_relayed(delivery: Any, state: Any, settled: bool) -> None:
+    """One delivery's disposition relayed (see `dispositions_relayed`)."""
+    dispositions_relayed(delivery.link, state, settled, 1)
 
 
 def _route(pair: Any) -> str:

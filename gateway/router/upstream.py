@@ -31,7 +31,14 @@ from gateway.amqp.events import Event
 from gateway.amqp.performatives import Error
 
 from .cbs import GatewayCbs
-from .linkpair import FORCED, LinkPair, amqp_error, refuse_attach, relay_disposition
+from .linkpair import (
+    FORCED,
+    LinkPair,
+    amqp_error,
+    flush_relay_counts,
+    refuse_attach,
+    relay_disposition,
+)
 
 if TYPE_CHECKING:
     from gateway.amqp import Connection
@@ -173,6 +180,7 @@ class UpstreamConn:
                 self.engine.close()
             elif t is ConnectionError:
                 self.fail(None, f"{ev.error.condition}: {ev.error.description}")
+        flush_relay_counts()  # one metrics update per pair and chunk
         self.wake()
 
     def _on_flow(self, ev: RemoteFlow) -> None:
