@@ -64,7 +64,8 @@ class PacketReader:
 
     __slots__ = (
         "max_packet_size",
-        "protocol_level",
+        "_level",
+        "_valid",
         "_buf",
         "_pos",
         "_error",
@@ -78,7 +79,8 @@ class PacketReader:
         if max_packet_size < 2:
             raise ValueError("max_packet_size must be at least 2")
         self.max_packet_size = max_packet_size
-        self.protocol_level = protocol_level
+        self._level = protocol_level
+        self._valid = valid_first_bytes(protocol_level)
         # Unconsumed bytes are self._buf[self._pos:]. A read that arrives on an empty
         # buffer is kept as it is (no copy); a partial packet is completed in a bytearray.
         self._buf: Buffer = b""
@@ -87,6 +89,15 @@ class PacketReader:
         # Found behind complete packets by next_spans(): raised once those are taken.
         self._pending_error: MQTTProtocolError | None = None
         self.packets_read = 0
+
+    @property
+    def protocol_level(self) -> int | None:
+        return self._level
+
+    @protocol_level.setter
+    def protocol_level(self, level: int | None) -> None:
+        self._level = level
+        self._valid = valid_first_bytes(level)
 
     @property
     def buffered(self) -> int:
@@ -155,14 +166,16 @@ class PacketReader:
         if self._pending_error is not None:
             self._error, self._pending_error = self._pending_error, None
             raise self._error
-        valid = valid_first_bytes(self.protocol_level)
+        if pos >= n:
+            return buf, spans
+        valid = self._valid
         limit = self.max_packet_size
         error: MQTTProtocolError | None = None
         while pos < n and count:
             first = buf[pos]
             if not valid[first]:
                 try:
-                    check_fixed_header(first, self.protocol_level)
+                    check_fixed_header(first, self._level)
                 except MQTTProtocolError as exc:
                     error = exc
                 break
@@ -202,7 +215,7 @@ class PacketReader:
             pos = end
             count -= 1
         self._pos = pos
-        if pos >= n and n:
+        if pos >= n:
             self._buf = b""
             self._pos = 0
         self.packets_read += len(spans)

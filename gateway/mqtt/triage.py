@@ -15,6 +15,8 @@ MQTT 5 PUBLISHes always take the full parse (properties, topic aliases).
 
 from __future__ import annotations
 
+from itertools import islice
+
 from .constants import MQTT_5, PacketType
 from .packets import Publish
 from .reader import Buffer, Span
@@ -57,32 +59,36 @@ class Triage:
     for SERVER, the CONNACK seen), where every packet type it passes is legal.
     """
 
-    __slots__ = ("_kinds", "_topics")
+    __slots__ = ("_kinds", "_topics", "_last_topic")
 
     def __init__(self, side: str, protocol_level: int | None) -> None:
         self._kinds = _kinds(side, protocol_level)
         self._topics: set[bytes] = set()  # encoded topic names checked on this connection
+        # The topic of the last PUBLISH let through: compared in place, without a copy.
+        self._last_topic: bytes | None = None
 
     def fast_prefix(self, buf: Buffer, spans: list[Span], start: int = 0) -> int:
         """The index of the first span from `start` that needs a view (len(spans): none)."""
         kinds = self._kinds
-        topics = self._topics
-        if not isinstance(buf, bytes):
-            buf = bytes(buf)  # hashable slices; one copy per batch
-        for index in range(start, len(spans)):
-            first, _, body, end = spans[index]
+        last = self._last_topic
+        index = start
+        for first, _, body, end in islice(spans, start, None) if start else spans:
             kind = kinds[first]
             if kind == _PUBLISH:
-                topic_end = (
-                    body + 2 + ((buf[body] << 8) | buf[body + 1]) if end - body >= 2 else end + 1
-                )
+                if end - body < 2:
+                    return index
+                length = (buf[body] << 8) | buf[body + 1]
+                topic_end = body + 2 + length
                 if first & 0x06:  # QoS 1 or 2: a non-zero packet id follows the topic
                     if topic_end + 2 > end or not (buf[topic_end] or buf[topic_end + 1]):
                         return index
                 elif topic_end > end:
                     return index
-                if buf[body + 2 : topic_end] not in topics:
-                    return index
+                if last is None or length != len(last) or not buf.startswith(last, body + 2):
+                    topic = bytes(buf[body + 2 : topic_end])
+                    if topic not in self._topics:
+                        return index
+                    self._last_topic = last = topic
             elif kind == _ACK:
                 if end - body != 2 or not (buf[body] or buf[body + 1]):
                     return index
@@ -91,7 +97,8 @@ class Triage:
                     return index
             else:
                 return index
-        return len(spans)
+            index += 1
+        return index
 
     def learn_topic(self, packet: Publish) -> None:
         """`packet` passed the full parse and the relay's checks: its topic may go fast."""
@@ -100,4 +107,5 @@ class Triage:
         length = (raw[body] << 8) | raw[body + 1]
         if len(self._topics) >= MAX_KNOWN_TOPICS:
             self._topics.clear()
+            self._last_topic = None
         self._topics.add(bytes(raw[body + 2 : body + 2 + length]))

@@ -99,11 +99,10 @@ OUT = "out"
 
 # Device side (plain TCP): one read takes whatever the device has pipelined.
 RECEIVE_SIZE = 262144
-# Hub side: a TLS read returns at most one record, 16 KiB of plaintext.
-TLS_RECEIVE_SIZE = 16384
-# Records already received are decrypted and batched up to this many bytes before
-# a write to the device (a hub writes one record per packet: one PUBACK each).
-TLS_BATCH_BYTES = 262144
+# Hub side: a read of the TLS stream (gateway.net.tls_stream) returns every record
+# already received, up to this many bytes, so a hub's PUBACKs (one record each)
+# go to the device in one write.
+TLS_RECEIVE_SIZE = 262144
 # Packets from the hub are bounded too, but generously: the hub, not the
 # gateway, decides what a device may receive.
 UPSTREAM_MAX_PACKET_SIZE = 2 * 1024 * 1024
@@ -265,8 +264,11 @@ class _Connection:
         self.tracer = tracer
         self.label = f"{self.conn_id} {peer[0]}:{peer[1]}"
         self.stop: _Stop | None = None
-        # The device read in progress; its deadline moves if the keep-alive changes.
-        self._device_wait: trio.CancelScope | None = None
+        # Keep-alive: whether the relay waits for the device's bytes (only that wait
+        # counts towards the deadline), and the watch's sleep, whose deadline moves if
+        # the keep-alive changes.
+        self._device_reading = False
+        self._keep_alive_wait: trio.CancelScope | None = None
         # Set only when the gateway renews a token under this session:
         self.renewal: TokenRenewal | None = None
         self.tracker: SessionTracker | None = None
@@ -472,6 +474,7 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._run_guarded, self._pump_device)
+            nursery.start_soon(self._run_guarded, self._watch_keep_alive)
             self.start_pump(self.link)
             if self.renewal is not None:
                 nursery.start_soon(self._run_guarded, self.renewal.run)
@@ -487,6 +490,38 @@ class _Connection:
         except SessionLost as lost:
             self.stop = self.stop or _Stop(lost.reason, lost.detail)
         self._nursery.cancel_scope.cancel()
+
+    async def _watch_keep_alive(self) -> None:
+        """Close the connection once the device has been silent past its keep-alive.
+
+        One sleeping task rather than a deadline on every device read, which would
+        cost a cancel scope per read. Only time spent waiting for the device counts,
+        as with a deadline on the read itself: while the relay waits to write to the
+        hub the watch sleeps on, and the count restarts once the write is done.
+        """
+        waiting = True  # the device pump starts with a read
+        while True:
+            now = trio.current_time()
+            if waiting:
+                deadline = self.state.keep_alive_deadline(self.last_heard)
+                if now >= deadline:
+                    raise _Stop(
+                        CloseReason.KEEPALIVE_TIMEOUT,
+                        f"no packet from the device for {self.state.keep_alive_timeout:g}s "
+                        f"(keep-alive {self.state.keep_alive}s)",
+                    )
+            else:
+                # Writing what the device sent: last_heard moves on once that is done.
+                deadline = self.state.keep_alive_deadline(now)
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._keep_alive_wait = scope
+                await trio.sleep_forever()
+            waiting = self._device_reading
+
+    def _keep_alive_changed(self) -> None:
+        """An MQTT 5 CONNACK may set the keep-alive (Server Keep Alive)."""
+        if self._keep_alive_wait is not None:
+            self._keep_alive_wait.deadline = self.state.keep_alive_deadline(self.last_heard)
 
     async def _pump_device(self) -> None:
         if self.tracker is None:
@@ -528,16 +563,17 @@ class _Connection:
     ) -> tuple[int, list[Packet] | None, _Stop | None]:
         """How many of `spans` may be forwarded, their views if the trace wants them,
         and why the connection ends after them (None: it goes on)."""
-        tracing = self.tracer is not None and self.tracer.mqtt_enabled
-        views: list[Packet] | None = [] if tracing else None
-        level = self.state.protocol_level
         total = len(spans)
-        index = 0
+        views: list[Packet] | None = None
+        if self.tracer is None or not self.tracer.mqtt_enabled:
+            index = triage.fast_prefix(buf, spans)
+            if index == total:
+                return total, None, None
+        else:
+            views = []
+            index = 0
+        level = self.state.protocol_level
         while index < total:
-            if views is None:
-                index = triage.fast_prefix(buf, spans, index)
-                if index == total:
-                    break
             try:
                 packet = parse_span(buf, spans[index], level)
                 self.state.client_packet(packet)
@@ -556,6 +592,8 @@ class _Connection:
             if self.state.client_disconnected:
                 # The device is done (3.1.1 section 3.14.4): close both, the hub drops the Will.
                 return index, views, _Stop(CloseReason.DEVICE_DISCONNECT, "device disconnected")
+            if views is None:
+                index = triage.fast_prefix(buf, spans, index)
         return total, views, None
 
     def _observe(
@@ -574,15 +612,17 @@ class _Connection:
                 for first, start, _, end in islice(spans, count):
                     on_packet(direction, _TYPE_NAMES[first >> 4], end - start)
             else:
-                counts = [0] * 16
-                sizes = [0] * 16
-                for first, start, _, end in islice(spans, count):
-                    kind = first >> 4
-                    counts[kind] += 1
-                    sizes[kind] += end - start
-                for kind, n in enumerate(counts):
-                    if n:
-                        on_packets(direction, _TYPE_NAMES[kind], n, sizes[kind])
+                # A batch is nearly always of one type (PUBLISHes one way, their PUBACKs
+                # the other): one call, its bytes the batch's extent (spans lie back to back).
+                kind = spans[0][0] >> 4
+                for span in islice(spans, 1, count):
+                    if span[0] >> 4 != kind:
+                        _count_mixed(on_packets, direction, spans, count)
+                        break
+                else:
+                    on_packets(
+                        direction, _TYPE_NAMES[kind], count, spans[count - 1][3] - spans[0][1]
+                    )
         if views and self.tracer is not None and self.tracer.mqtt_enabled:
             for packet in views:
                 self.tracer.mqtt(self.conn_id, arrow, packet)
@@ -650,16 +690,13 @@ class _Connection:
         reader = link.reader
         stream = link.stream
         triage = Triage(SERVER, self.state.protocol_level)
-        end: _Stop | None = None  # how the hub's side ended, once its last bytes are relayed
         while True:
             try:
                 buf, spans = reader.next_spans()
             except MQTTProtocolError as exc:
                 raise _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason) from None
             if not spans:
-                if end is not None:
-                    raise end
-                end = await self._read_upstream(stream, reader)
+                await self._read_upstream(stream, reader)
                 continue
             count, views, stop = self._check_server_batch(buf, spans, triage)
             if count:
@@ -678,17 +715,18 @@ class _Connection:
         self, buf: Buffer, spans: list[Span], triage: Triage
     ) -> tuple[int, list[Packet] | None, _Stop | None]:
         """As `_check_device_batch`, for packets from the hub."""
-        tracing = self.tracer is not None and self.tracer.mqtt_enabled
-        views: list[Packet] | None = [] if tracing else None
         state = self.state
-        level = state.protocol_level
         total = len(spans)
         index = 0
+        views: list[Packet] | None = None
+        if self.tracer is not None and self.tracer.mqtt_enabled:
+            views = []
+        elif state.connack_code is not None:
+            index = triage.fast_prefix(buf, spans)
+            if index == total:
+                return total, None, None
+        level = state.protocol_level
         while index < total:
-            if views is None and state.connack_code is not None:
-                index = triage.fast_prefix(buf, spans, index)
-                if index == total:
-                    break
             try:
                 packet = parse_span(buf, spans[index], level)
                 state.server_packet(packet)
@@ -700,9 +738,7 @@ class _Connection:
                 views.append(packet)
             index += 1
             if isinstance(packet, Connack):
-                if self._device_wait is not None:
-                    # An MQTT 5 CONNACK may set the keep-alive (Server Keep Alive).
-                    self._device_wait.deadline = state.keep_alive_deadline(self.last_heard)
+                self._keep_alive_changed()
                 if packet.return_code:
                     # The hub refused the device; the session is over once the device has
                     # the answer.
@@ -714,34 +750,22 @@ class _Connection:
                             f"hub refused CONNECT with code {packet.return_code}",
                         ),
                     )
+            if views is None and state.connack_code is not None:
+                index = triage.fast_prefix(buf, spans, index)
         return total, views, None
 
-    async def _read_upstream(self, stream: trio.abc.Stream, reader: PacketReader) -> _Stop | None:
-        """Feed `reader` the hub's next bytes: one read, then every TLS record already
-        received (up to TLS_BATCH_BYTES), so they go to the device in one write.
-
-        Returns how the connection ended if it ended after some bytes were fed (they
-        are relayed first); raises _Stop if it ended before any.
-        """
-        fed = False
-        while True:
-            try:
-                data = await stream.receive_some(TLS_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                end = self._upstream_broken(exc, reader)
-            else:
-                if data:
-                    if not fed:
-                        self._upstream_read_at = time.perf_counter()
-                    reader.feed(data)
-                    fed = True
-                    if _tls_bytes_buffered(stream) and reader.buffered < TLS_BATCH_BYTES:
-                        continue
-                    return None
-                end = _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
-            if not fed:
-                raise end
-            return end
+    async def _read_upstream(self, stream: trio.abc.Stream, reader: PacketReader) -> None:
+        """Feed `reader` the hub's next bytes (every TLS record already received);
+        raises _Stop when the hub's side has ended (bytes received before the end
+        were returned by earlier reads and are relayed first)."""
+        try:
+            data = await stream.receive_some(TLS_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._upstream_broken(exc, reader) from None
+        if not data:
+            raise _Stop(CloseReason.UPSTREAM_CLOSED, self._upstream_eof_detail(reader))
+        self._upstream_read_at = time.perf_counter()
+        reader.feed(data)
 
     def _upstream_broken(self, exc: BaseException, reader: PacketReader) -> _Stop:
         if _is_ragged_eof(exc):
@@ -766,9 +790,8 @@ class _Connection:
                     self.state.server_packet(packet)
             except MQTTProtocolError as exc:
                 raise _Stop(CloseReason.UPSTREAM_PROTOCOL_ERROR, exc.reason) from None
-            if isinstance(packet, Connack) and self._device_wait is not None:
-                # An MQTT 5 CONNACK may set the keep-alive (Server Keep Alive).
-                self._device_wait.deadline = self.state.keep_alive_deadline(self.last_heard)
+            if isinstance(packet, Connack):
+                self._keep_alive_changed()
             if packet is None:
                 try:
                     data = await link.receive_some(TLS_RECEIVE_SIZE)
@@ -852,31 +875,23 @@ class _Connection:
             await self._read_device()
 
     async def _read_device(self) -> None:
-        """Feed the device reader its next bytes; raises _Stop on EOF, errors and
-        keep-alive expiry."""
+        """Feed the device reader its next bytes; raises _Stop on EOF and errors
+        (keep-alive expiry: `_watch_keep_alive`)."""
+        self._device_reading = True
+        try:
+            data = await self.device.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not _is_ragged_eof(exc):
+                raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
+            data = b""
+        finally:
+            self._device_reading = False
         reader = self.device_reader
-        deadline = self.state.keep_alive_deadline(self.last_heard)
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._device_wait = scope
-            try:
-                data = await self.device.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                if not _is_ragged_eof(exc):
-                    raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
-                data = b""
-            if not data:
-                partial = (
-                    f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
-                )
-                raise _Stop(CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}")
-            self._device_read_at = time.perf_counter()
-            reader.feed(data)
-        if scope.cancelled_caught:
-            raise _Stop(
-                CloseReason.KEEPALIVE_TIMEOUT,
-                f"no packet from the device for {self.state.keep_alive_timeout:g}s "
-                f"(keep-alive {self.state.keep_alive}s)",
-            )
+        if not data:
+            partial = f" mid-packet ({reader.buffered} bytes buffered)" if reader.buffered else ""
+            raise _Stop(CloseReason.DEVICE_CLOSED, f"device closed without DISCONNECT{partial}")
+        self._device_read_at = time.perf_counter()
+        reader.feed(data)
 
     def _check_policy(self, packet: Packet) -> None:
         assert self.policy is not None
@@ -972,20 +987,6 @@ _ROUTINE = {
 }
 
 
-def _tls_bytes_buffered(stream: trio.abc.Stream) -> bool:
-    """Whether a trio.SSLStream holds received bytes not yet decrypted: the next
-    receive_some() returns without waiting on the network (or at most for the rest
-    of a record already arriving).
-
-    A trio.SSLStream read returns one TLS record, and hubs write one record per
-    packet; without this, every PUBACK would cost the device its own write. trio has
-    no public way to ask, so this peeks at the stream's incoming BIO; anything
-    else (a plain or memory stream, a trio without the attribute) reads one at a time.
-    """
-    incoming = getattr(stream, "_incoming", None)
-    return isinstance(incoming, ssl.MemoryBIO) and incoming.pending > 0
-
-
 def _joined(buf: Buffer, spans: list[Span], count: int) -> Buffer:
     """The bytes of the first `count` spans, which lie back to back in `buf`."""
     start = spans[0][1]
@@ -993,6 +994,21 @@ def _joined(buf: Buffer, spans: list[Span], count: int) -> Buffer:
     if start == 0 and end == len(buf) and isinstance(buf, bytes):
         return buf  # the whole read, as it came
     return buf[start:end]
+
+
+def _count_mixed(
+    on_packets: Callable[[str, str, int, int], None], direction: str, spans: list[Span], count: int
+) -> None:
+    """`on_packets` once per packet type among the first `count` spans."""
+    counts = [0] * 16
+    sizes = [0] * 16
+    for first, start, _, end in islice(spans, count):
+        kind = first >> 4
+        counts[kind] += 1
+        sizes[kind] += end - start
+    for kind, n in enumerate(counts):
+        if n:
+            on_packets(direction, _TYPE_NAMES[kind], n, sizes[kind])
 
 
 def _only_cancellation(exc: BaseException) -> bool:
