@@ -21,6 +21,7 @@ import sys
 
 import trio
 
+from gateway.net.plain_stream import PlainStream
 from gateway.net.tls_stream import open_tls_stream
 
 # As the gateway: plaintext reads as large as the device sends, TLS reads one record.
@@ -57,7 +58,7 @@ async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
         await sink.send_all(data)
 
 
-async def relay(device: trio.SocketStream, host: str, port: int, context: ssl.SSLContext,
+async def relay(device: trio.abc.Stream, host: str, port: int, context: ssl.SSLContext,
                 server_name: str, batch: bool = True, tls: str = "gateway") -> None:  # fmt: skip
     upstream: trio.abc.Stream
     try:
@@ -95,8 +96,10 @@ async def serve(listen: int, upstream_port: int, ca_file: str, server_name: str,
                 batch: bool = True, tls: str = "gateway") -> None:  # fmt: skip
     context = ssl.create_default_context(cafile=ca_file)
 
-    async def handler(device: trio.SocketStream) -> None:
-        device.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    async def handler(tcp: trio.SocketStream) -> None:
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        # The gateway's own plaintext stream with its TLS stream, trio's with trio's.
+        device = tcp if tls == "sslstream" else PlainStream.from_trio(tcp)
         await relay(device, "127.0.0.1", upstream_port, context, server_name, batch, tls)
 
     await trio.serve_tcp(handler, listen, host="127.0.0.1", backlog=4096)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .plain_stream import PlainStream
 from .tls import classify_tls_error, server_context
 from .tls_stream import accept_tls_stream
 
@@ -184,6 +185,8 @@ async def serve_listener(
                     )
                     return
                 conn = tls
+            else:
+                conn = PlainStream.from_trio(stream)
             counters.accepted += 1
             obs.on_device_connect(settings.name, settings.protocol)
             key = opened(settings.name, settings.protocol, peer) if opened is not None else None

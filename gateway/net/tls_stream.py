@@ -39,6 +39,8 @@ from trio.lowlevel import (
     wait_writable,
 )
 
+from .plain_stream import take_socket
+
 __all__ = ["TLSStream", "accept_tls_stream", "open_tls_stream"]
 
 # One socket read takes everything the kernel has up to this; the records in it
@@ -292,16 +294,12 @@ async def open_tls_stream(
     `tcp` must not be used afterwards. On failure the socket is closed and
     `trio.BrokenResourceError` (cause: the `ssl.SSLError` or `OSError`) raised.
     """
-    return await _handshake(TLSStream(_take_socket(tcp), context, server_hostname))
+    return await _handshake(TLSStream(take_socket(tcp), context, server_hostname))
 
 
 async def accept_tls_stream(tcp: trio.SocketStream, context: ssl.SSLContext) -> TLSStream:
     """As `open_tls_stream`, as the server (a device-side TLS listener)."""
-    return await _handshake(TLSStream(_take_socket(tcp), context, server_side=True))
-
-
-def _take_socket(tcp: trio.SocketStream) -> socket.socket:
-    return socket.socket(fileno=tcp.socket.detach())
+    return await _handshake(TLSStream(take_socket(tcp), context, server_side=True))
 
 
 async def _handshake(stream: TLSStream) -> TLSStream:
