@@ -32,6 +32,7 @@ from .framing import (
     SASL_HEADER,
     FrameReader,
     encode_frame_into,
+    plain_transfer,
     read_protocol_header,
 )
 from .link import Delivery
@@ -234,8 +235,14 @@ class Connection:
         """``data_to_send()`` would return bytes (frames or dispositions are queued)."""
         return bool(self._out) or bool(self._dispo_sessions)
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the wire (may be b"")."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything queued for the wire (may be b"").
+
+        Not a copy: the buffer the frames were written to is handed over and the
+        engine starts a new one, so the caller owns what it gets (the engine never
+        writes to a returned buffer again) and may pass it on to a socket as is.
+        It is a bytearray, so a caller that needs ``bytes`` (to hash or keep as a
+        key) converts it."""
         if self._dispo_sessions:
             self._flush_dispositions()
         out = self._out
@@ -249,7 +256,7 @@ class Connection:
             self._trace_out = []
             for channel, what, size in records:
                 trace(TRACE_SEND, channel, what, size)
-        return bytes(out)
+        return out
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Process received bytes (b"" = the peer closed its end) and return events.
@@ -296,7 +303,7 @@ class Connection:
                 self._last_sent = self._last_tick
         self._rx_activity = self._tx_activity = False
         self._last_tick = now
-        if self._phase is _DONE or self.closed:
+        if self._phase is _DONE or (self._close_sent and self._close_rcvd):  # closed
             return self._take_events()
         if self.idle_timeout and self._open_sent and now - self._last_recv >= self.idle_timeout:
             self._fail(C.RESOURCE_LIMIT_EXCEEDED, "local-idle-timeout expired")
@@ -670,23 +677,31 @@ class Connection:
         reader.feed(data)
         sessions = self._remote_sessions
         trace = self._trace
+        read_frame = reader.read_frame
         while self._phase is _AMQP:
-            frame = reader.next_frame()
+            frame = read_frame()
             if frame is None:
                 return
-            perf = frame.performative
+            frame_type, channel, perf, payload = frame
+            if type(perf) is tuple:
+                # A plain transfer (see FrameReader.read_frame): the usual message.
+                session = sessions.get(channel)
+                if session is not None and trace is None and not self._close_sent:
+                    session._on_plain_transfer(perf, payload)
+                    continue
+                perf = plain_transfer(perf)
             if trace is not None:
-                trace(TRACE_RECV, frame.channel, perf, frame.payload.nbytes)
+                trace(TRACE_RECV, channel, perf, payload.nbytes)
             if perf is None:
                 continue  # keep-alive
-            if frame.frame_type != FRAME_AMQP:
+            if frame_type != FRAME_AMQP:
                 raise FramingError(f"SASL frame {type(perf).__name__} after SASL negotiation")
             if type(perf) is Transfer:
-                session = sessions.get(frame.channel)
+                session = sessions.get(channel)
                 if session is None or self._close_sent:
-                    self._no_session(frame.channel, perf)
+                    self._no_session(channel, perf)
                     continue
-                session._on_transfer(perf, frame.payload)
+                session._on_transfer(perf, payload)
                 continue
             if self.remote_open is None:
                 if type(perf) is not Open:
@@ -698,7 +713,7 @@ class Connection:
             handler = _HANDLERS.get(type(perf))
             if handler is None:
                 raise FramingError(f"unexpected {type(perf).__name__} on an open connection")
-            handler(self, frame.channel, perf)
+            handler(self, channel, perf)
 
     def _no_session(self, channel: int, perf: Performative) -> None:
         if self._close_sent:

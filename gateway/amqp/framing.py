@@ -27,6 +27,7 @@ from .errors import AMQPError, DecodeError, EncodeError, FramingError
 from .performatives import (
     AMQP_PERFORMATIVES,
     SASL_PERFORMATIVES,
+    Accepted,
     Disposition,
     Flow,
     Performative,
@@ -48,6 +49,8 @@ __all__ = [
     "HEADER_TLS",
     "Frame",
     "FrameReader",
+    "PlainTransfer",
+    "plain_transfer",
     "read_protocol_header",
     "encode_frame",
     "encode_frame_into",
@@ -73,6 +76,11 @@ _HEADER_KINDS = {0: HEADER_AMQP, 2: HEADER_TLS, 3: HEADER_SASL}
 Buffer = bytes | bytearray | memoryview
 
 _FRAME_HEADER = struct.Struct(">IBBH")
+
+#: The fields of a plain transfer frame, as ``FrameReader.read_frame`` returns
+#: them: handle, delivery-id, delivery-tag, message-format (None if left out),
+#: settled (None if left out) and more (False).
+PlainTransfer = tuple[UInt, UInt, bytes, "UInt | None", "bool | None", bool]
 _I = struct.Struct(">I")
 _EMPTY = memoryview(b"")
 
@@ -204,69 +212,96 @@ class FrameReader:
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more bytes are needed."""
+        parts = self.read_frame()
+        if parts is None:
+            return None
+        frame_type, channel, performative, payload = parts
+        if type(performative) is tuple:
+            performative = plain_transfer(performative)
+        return Frame(frame_type, channel, performative, payload)
+
+    def read_frame(self) -> tuple[int, int, Performative | PlainTransfer | None, memoryview] | None:
+        """``next_frame`` as a tuple (frame_type, channel, performative, payload),
+        without the Frame object: the connection's receive loop, once per frame.
+
+        The usual transfer, a whole message in one frame with no delivery state
+        (``more``, ``aborted``, ``batchable`` and ``resume`` false), comes as a
+        ``PlainTransfer`` tuple instead of a Transfer: ``plain_transfer()`` makes
+        the performative of it when one is needed."""
         if self._error is not None:
             raise self._error
+        pos = self._pos
+        buf = self._buf
+        have = len(buf) - pos
+        if not have and not self._pending:
+            return None  # everything received has been read (the usual end of a chunk)
         try:
-            return self._next_frame()
+            if have >= 8:
+                size, doff, ftype, channel = _FRAME_HEADER.unpack_from(buf, pos)
+            else:
+                head = self._peek(8)
+                if head is None:
+                    if self.buffered >= 4:
+                        self._check_size(_I.unpack(self._peek(4))[0])  # type: ignore[arg-type]
+                    return None
+                size, doff, ftype, channel = _FRAME_HEADER.unpack(head)
+            if size > self.max_frame_size or size < 8:
+                self._check_size(size)
+            if doff != 2 or ftype:
+                _check_frame_header(size, doff, ftype)
+            if have < size:
+                if self.buffered < size:
+                    return None
+                self._consolidate()
+                buf = self._buf
+                pos = 0
+            end = pos + size
+            self._pos = end
+            body = pos + doff * 4
+            if body == end:
+                return ftype, channel, None, _EMPTY
+            # Fast paths for the per-message performatives (transfer, flow,
+            # disposition) with the usual smallulong descriptor: no generic
+            # described-value objects, and the payload stays a view.
+            if buf[body] == 0x00 and end - body >= 3 and buf[body + 1] == 0x53 and not ftype:
+                code = buf[body + 2]
+                if code == 0x14:
+                    plain = None
+                    if end - body > 3 and buf[body + 3] == 0xC0:
+                        try:
+                            plain = _decode_plain_transfer(buf, body + 3, end)
+                        except (IndexError, struct.error):
+                            plain = None
+                    if plain is None:
+                        transfer, p = _decode_transfer(buf, body + 3, end)
+                        return FRAME_AMQP, channel, transfer, self._view[p:end]
+                    p = body + 5 + buf[body + 4]
+                    if plain[5]:  # more: the first frame of several
+                        return FRAME_AMQP, channel, plain_transfer(plain), self._view[p:end]
+                    return FRAME_AMQP, channel, plain, self._view[p:end]
+                fast = _FAST_DECODERS.get(code)
+                if fast is not None:
+                    performative, p = fast(buf, body + 3, end)
+                    if p != end:
+                        raise FramingError(
+                            f"{type(performative).__name__} frame has {end - p} unexpected bytes after its body"
+                        )
+                    return FRAME_AMQP, channel, performative, _EMPTY
+            view = self._view[:end]
+            value, p = decode_value(view, body)
+            performative = decode_performative(value)
+            table = AMQP_PERFORMATIVES if ftype == FRAME_AMQP else SASL_PERFORMATIVES
+            if performative.descriptor_code not in table:
+                kind = "AMQP" if ftype == FRAME_AMQP else "SASL"
+                raise FramingError(f"{type(performative).__name__} is not allowed in an {kind} frame")
+            if p != end and type(performative) is not Transfer:
+                raise FramingError(
+                    f"{type(performative).__name__} frame has {end - p} unexpected bytes after its body"
+                )
+            return ftype, channel, performative, view[p:end] if p != end else _EMPTY
         except AMQPError as exc:
             self._error = exc
             raise
-
-    def _next_frame(self) -> Frame | None:
-        pos = self._pos
-        buf = self._buf
-        if len(buf) - pos >= 8:
-            size, doff, ftype, channel = _FRAME_HEADER.unpack_from(buf, pos)
-        else:
-            head = self._peek(8)
-            if head is None:
-                if self.buffered >= 4:
-                    self._check_size(_I.unpack(self._peek(4))[0])  # type: ignore[arg-type]
-                return None
-            size, doff, ftype, channel = _FRAME_HEADER.unpack(head)
-        if size > self.max_frame_size or size < 8:
-            self._check_size(size)
-        if doff < 2:
-            raise FramingError(f"frame data offset {doff} is below the minimum of 2 (8 bytes)")
-        if doff * 4 > size:
-            raise FramingError(f"frame data offset {doff * 4} bytes exceeds the frame size {size}")
-        if ftype > FRAME_SASL:
-            raise FramingError(f"unknown frame type 0x{ftype:02x}")
-        if len(buf) - pos < size:
-            if self.buffered < size:
-                return None
-            self._consolidate()
-            buf = self._buf
-            pos = 0
-        end = pos + size
-        self._pos = end
-        body = pos + doff * 4
-        if body == end:
-            return Frame(ftype, channel, None, _EMPTY)
-        # Fast paths for the per-message performatives (transfer, flow,
-        # disposition) with the usual smallulong descriptor: no generic
-        # described-value objects, and the payload stays a view.
-        if buf[body] == 0x00 and end - body >= 3 and buf[body + 1] == 0x53 and ftype == FRAME_AMQP:
-            fast = _FAST_DECODERS.get(buf[body + 2])
-            if fast is not None:
-                performative, p = fast(buf, body + 3, end)
-                if p != end and fast is not _decode_transfer:
-                    raise FramingError(
-                        f"{type(performative).__name__} frame has {end - p} unexpected bytes after its body"
-                    )
-                return Frame(FRAME_AMQP, channel, performative, self._view[p:end])
-        view = self._view[:end]
-        value, p = decode_value(view, body)
-        performative = decode_performative(value)
-        table = AMQP_PERFORMATIVES if ftype == FRAME_AMQP else SASL_PERFORMATIVES
-        if performative.descriptor_code not in table:
-            kind = "AMQP" if ftype == FRAME_AMQP else "SASL"
-            raise FramingError(f"{type(performative).__name__} is not allowed in an {kind} frame")
-        if p != end and type(performative) is not Transfer:
-            raise FramingError(
-                f"{type(performative).__name__} frame has {end - p} unexpected bytes after its body"
-            )
-        return Frame(ftype, channel, performative, view[p:end] if p != end else _EMPTY)
 
     def _check_size(self, size: int) -> None:
         if size > self.max_frame_size:
@@ -275,6 +310,17 @@ class FrameReader:
             )
         if size < 8:
             raise FramingError(f"frame size {size} is below the 8-byte frame header")
+
+
+def _check_frame_header(size: int, doff: int, ftype: int) -> None:
+    """The data offset and type checks of a frame header that is not the usual
+    AMQP frame with an 8-byte header."""
+    if doff < 2:
+        raise FramingError(f"frame data offset {doff} is below the minimum of 2 (8 bytes)")
+    if doff * 4 > size:
+        raise FramingError(f"frame data offset {doff * 4} bytes exceeds the frame size {size}")
+    if ftype > FRAME_SASL:
+        raise FramingError(f"unknown frame type 0x{ftype:02x}")
 
 
 _SMALL_UINT = tuple(UInt(i) for i in range(256))
@@ -409,22 +455,44 @@ def _plain_uint(buf: bytes, p: int) -> tuple[Any, int]:
     return None, p
 
 
-def _decode_plain_transfer(buf: bytes, pos: int, end: int) -> Transfer | None:
+def _decode_plain_transfer(buf: bytes, pos: int, end: int) -> PlainTransfer | None:
     """The first frame of a message as stacks write it: a list8 of handle,
     delivery-id, delivery-tag (vbin8), then optionally message-format, settled
-    and more (proton leaves out trailing defaults). None for anything else (the
-    generic path decides)."""
+    and more (proton leaves out trailing defaults). Returns those six fields as
+    a tuple (``more`` False when left out), None for anything else (the generic
+    path decides)."""
     count = buf[pos + 2]
     if count < 3 or count > 6:
         return None
     stop = pos + 2 + buf[pos + 1]
     if stop > end:
         return None
-    handle, p = _plain_uint(buf, pos + 3)
-    if handle is None:
+    # handle and delivery-id: smalluint and uint0 inline, the rest by _plain_uint
+    p = pos + 3
+    c = buf[p]
+    if c == 0x52:
+        handle = _SMALL_UINT[buf[p + 1]]
+        p += 2
+    elif c == 0x43:
+        handle = _SMALL_UINT[0]
+        p += 1
+    else:
+        handle, p = _plain_uint(buf, p)
+        if handle is None:
+            return None
+    c = buf[p]
+    if c == 0x70:
+        did = UInt(_U32.unpack_from(buf, p + 1)[0])
+        p += 5
+    elif c == 0x52:
+        did = _SMALL_UINT[buf[p + 1]]
+        p += 2
+    elif c == 0x43:
+        did = _SMALL_UINT[0]
+        p += 1
+    else:
         return None
-    did, p = _plain_uint(buf, p)
-    if did is None or buf[p] != 0xA0:
+    if buf[p] != 0xA0:
         return None
     n = buf[p + 1]
     if n > 32:
@@ -434,9 +502,14 @@ def _decode_plain_transfer(buf: bytes, pos: int, end: int) -> Transfer | None:
     fmt = settled = None
     more = False
     if count > 3:
-        fmt, p = _plain_uint(buf, p)
-        if fmt is None:
-            return None
+        c = buf[p]
+        if c == 0x43:
+            fmt = _SMALL_UINT[0]
+            p += 1
+        else:
+            fmt, p = _plain_uint(buf, p)
+            if fmt is None:
+                return None
         if count > 4:
             c = buf[p]
             if c == 0x42:
@@ -455,17 +528,22 @@ def _decode_plain_transfer(buf: bytes, pos: int, end: int) -> Transfer | None:
                 p += 1
     if p != stop:
         return None
-    return Transfer(handle, did, tag, fmt, settled, more, None, None, False, False, False)
+    return handle, did, tag, fmt, settled, more
+
+
+def plain_transfer(fields: PlainTransfer) -> Transfer:
+    """The Transfer performative of a plain transfer's fields (see ``read_frame``)."""
+    return Transfer(*fields, None, None, False, False, False)
 
 
 def _decode_transfer(buf: bytes, pos: int, end: int) -> tuple[Transfer, int]:
     if pos + 3 <= end and buf[pos] == 0xC0:
         try:
-            transfer = _decode_plain_transfer(buf, pos, end)
+            plain = _decode_plain_transfer(buf, pos, end)
         except (IndexError, struct.error):
-            transfer = None
-        if transfer is not None:
-            return transfer, pos + 2 + buf[pos + 1]
+            plain = None
+        if plain is not None:
+            return Transfer(*plain, None, None, False, False, False), pos + 2 + buf[pos + 1]
     values, stop = _decode_fields(buf, pos, end, "transfer")
     count = len(values)
     if tuple(map(type, values)) in _PLAIN_TRANSFER and (
@@ -487,7 +565,74 @@ def _decode_flow(buf: bytes, pos: int, end: int) -> tuple[Flow, int]:
     return Flow._from_list(values), stop
 
 
+# The accepted outcome as every stack encodes it: descriptor 0x24, empty list.
+_ACCEPTED_BYTES = b"\x00\x53\x24\x45"
+
+
+def _decode_plain_disposition(buf: bytes, pos: int, end: int) -> Disposition | None:
+    """A disposition as stacks write it per message: a list8 of role, first, and
+    optionally last, settled, a null or accepted state and batchable, each in
+    its usual encoding. None for anything else (the generic path decides)."""
+    count = buf[pos + 2]
+    if count < 2 or count > 6:
+        return None
+    stop = pos + 2 + buf[pos + 1]
+    if stop > end:
+        return None
+    c = buf[pos + 3]
+    if c == 0x41:
+        role = True
+    elif c == 0x42:
+        role = False
+    else:
+        return None
+    first, p = _plain_uint(buf, pos + 4)
+    if first is None:
+        return None
+    last = state = None
+    settled = batchable = False
+    if count > 2:
+        if buf[p] == 0x40:
+            p += 1
+        else:
+            last, p = _plain_uint(buf, p)
+            if last is None:
+                return None
+        if count > 3:
+            c = buf[p]
+            if c == 0x41:
+                settled = True
+            elif c != 0x42:
+                return None
+            p += 1
+            if count > 4:
+                if buf[p] == 0x40:
+                    p += 1
+                elif buf[p : p + 4] == _ACCEPTED_BYTES:
+                    state = Accepted()
+                    p += 4
+                else:
+                    return None
+                if count > 5:
+                    c = buf[p]
+                    if c == 0x41:
+                        batchable = True
+                    elif c != 0x42:
+                        return None
+                    p += 1
+    if p != stop:
+        return None
+    return Disposition(role, first, last, settled, state, batchable)
+
+
 def _decode_disposition(buf: bytes, pos: int, end: int) -> tuple[Disposition, int]:
+    if pos + 3 <= end and buf[pos] == 0xC0:
+        try:
+            disposition = _decode_plain_disposition(buf, pos, end)
+        except (IndexError, struct.error):
+            disposition = None
+        if disposition is not None:
+            return disposition, pos + 2 + buf[pos + 1]
     values, stop = _decode_fields(buf, pos, end, "disposition")
     count = len(values)
     if tuple(map(type, values)) in _PLAIN_DISPOSITION:
@@ -675,6 +820,11 @@ def encode_transfer_frame_into(
     out += payload
 
 
+_PLAIN_TRANSFER_HEAD = struct.Struct(">IBBHBBBBBB")  # frame header, descriptor, list8 of 5
+_MARKED_U32 = struct.Struct(">BI")
+_TAG_HEAD = tuple(bytes((0xA0, n)) for n in range(33))
+
+
 def encode_plain_transfer_into(
     out: bytearray,
     channel: int,
@@ -691,19 +841,24 @@ def encode_plain_transfer_into(
     n = len(delivery_tag)
     if n > 32:
         raise EncodeError(f"delivery tag of {n} bytes exceeds the 32-byte limit")
-    fields = b"".join((
-        _uint(handle), _uint(delivery_id), bytes((0xA0, n)), delivery_tag,
-        _uint(message_format), b"\x41" if settled else b"\x42",
-    ))  # fmt: skip
-    size = len(fields)
     if not 0 <= channel <= 0xFFFF:
         raise EncodeError(f"channel {channel} out of range")
-    out += _FRAME_HEADER.pack(
-        14 + size + (payload.nbytes if type(payload) is memoryview else len(payload)),
-        2, FRAME_AMQP, channel,
-    )  # fmt: skip
-    out += bytes((0x00, 0x53, 0x14, 0xC0, size + 1, 5))
-    out += fields
+    h = _UINT_CACHE[handle] if 0 <= handle < 256 else _uint_bytes(handle)
+    if 0 <= delivery_id < 256:
+        d = _UINT_CACHE[delivery_id]
+    elif 0 < delivery_id <= 0xFFFFFFFF:
+        d = _MARKED_U32.pack(0x70, delivery_id)
+    else:
+        d = _uint_bytes(delivery_id)
+    f = b"\x43" if message_format == 0 else _uint(message_format)
+    size = len(h) + len(d) + n + len(f) + 3  # + tag constructor and length, settled
+    out += b"".join((
+        _PLAIN_TRANSFER_HEAD.pack(
+            14 + size + (payload.nbytes if type(payload) is memoryview else len(payload)),
+            2, FRAME_AMQP, channel, 0x00, 0x53, 0x14, 0xC0, size + 1, 5,
+        ),
+        h, d, _TAG_HEAD[n], delivery_tag, f, b"\x41" if settled else b"\x42",
+    ))  # fmt: skip
     out += payload
 
 
@@ -794,12 +949,14 @@ def encode_disposition(
         b"\x40" if last is None else _uint(last),
         b"\x41" if settled else b"\x42",
     ]
-    if state is not None:
+    if state is None:
+        parts.append(b"\x40")
+    elif type(state) is Accepted and not state._extra:
+        parts.append(_ACCEPTED_BYTES)
+    else:
         b = bytearray()
         encode_into(b, state)
         parts.append(bytes(b))
-    else:
-        parts.append(b"\x40")
     parts.append(b"\x41" if batchable else b"\x42")
     count = 6
     if not batchable:

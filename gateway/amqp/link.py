@@ -328,21 +328,26 @@ class Link:
         do not mutate it."""
         if self._sender is None:
             raise LocalProtocolError(f"send_transfer on receiver link {self.name!r}")
-        if self.state not in (LinkState.ATTACHED, LinkState.ATTACH_SENT):
-            raise LocalProtocolError(f"send_transfer on link {self.name!r} in state {self.state.value}")
+        link_state = self.state
+        if link_state is not LinkState.ATTACHED and link_state is not LinkState.ATTACH_SENT:
+            raise LocalProtocolError(f"send_transfer on link {self.name!r} in state {link_state.value}")
         if type(delivery_tag) is not bytes:
             delivery_tag = bytes(delivery_tag)
         if len(delivery_tag) > 32:
             raise LocalProtocolError("a delivery tag is at most 32 bytes")
         delivery = Delivery(self, None, delivery_tag, message_format, False, settled, False, state)
-        view = payload if type(payload) is memoryview else memoryview(payload)
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
+        t = type(payload)
+        if t is bytes or t is bytearray:
+            view = memoryview(payload)  # always one-dimensional bytes
+        else:
+            view = payload if t is memoryview else memoryview(payload)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
         if (
-            not self._queue
-            and state is None
+            state is None
+            and link_state is LinkState.ATTACHED
             and not batchable
-            and self.state is LinkState.ATTACHED
+            and not self._queue
             and self.session._send_now(self, delivery, view)
         ):
             return delivery  # written: one frame, nothing queued before it

@@ -24,10 +24,12 @@ from .events import (
 )
 from .flow import MAX_WINDOW, SEQ_MASK, SenderCredit, SessionWindows, WindowViolation, seq_diff
 from .framing import (
+    PlainTransfer,
     encode_disposition,
     encode_flow,
     encode_plain_transfer_into,
     encode_transfer_frame_into,
+    plain_transfer,
 )
 from .link import RECEIVER, SENDER, Delivery, Link, LinkState, role_of
 from .performatives import Attach, Begin, Detach, Disposition, End, Error, Flow, Transfer
@@ -92,7 +94,8 @@ class Session:
         self._out_unsettled: dict[int, Delivery] = {}
         self._in_unsettled: dict[int, Delivery] = {}
         self._blocked: dict[Link, None] = {}  # links with queued transfers, in order
-        self._pending_dispositions: list[tuple[bool, int, bool, Any]] = []
+        # Dispositions to send, as runs: [role, first, last, settled, state].
+        self._pending_dispositions: list[list[Any]] = []
         # Flows asked for before the session was mapped (a flow's next-incoming-id
         # needs the peer's begin): link (None: the session) -> (drain, echo, properties).
         self._held_flows: dict[Link | None, tuple[bool, bool, Any]] = {}
@@ -622,38 +625,44 @@ class Session:
         if self.state is not SessionState.MAPPED:
             return
         # Our role: the receiver of an incoming delivery, the sender of an outgoing one.
-        self._pending_dispositions.append((d.incoming, d.delivery_id, settled, state))
+        # Runs of consecutive ids with the same role, settlement and state are
+        # coalesced here, as they are queued: one first..last range each.
+        role = d.incoming
+        did = d.delivery_id
+        pending = self._pending_dispositions
+        if pending:
+            run = pending[-1]
+            if (
+                run[2] + 1 & SEQ_MASK == did
+                and run[0] == role
+                and run[3] == settled
+                and (run[4] is state or run[4] == state)
+            ):
+                run[2] = did
+                return  # the session is already noted as having dispositions to send
+        pending.append([role, did, did, settled, state])
         self.connection._dispositions_pending(self)
 
     def _flush_dispositions(self) -> bytes:
-        """Encode queued dispositions; consecutive ids (in the order given) with the same
-        role, settlement and state become one first..last range."""
+        """Encode the queued disposition ranges (see ``_queue_disposition``)."""
         pending = self._pending_dispositions
         self._pending_dispositions = []
         if self.state is not SessionState.MAPPED or self.channel is None:
             return b""
-        frames = []
         channel = self.channel
         traced = self.connection._trace is not None
-        role, first, settled, state = pending[0]
-        last = first
-        for r, did, s, st in pending[1:]:
-            if r == role and did == (last + 1) & SEQ_MASK and s == settled and (
-                st is state or st == state
-            ):
-                last = did
-                continue
+        if len(pending) == 1:
+            role, first, last, settled, state = pending[0]
+            if traced:
+                self._trace_disposition(role, first, last, settled, state)
+            return encode_disposition(channel, role, first, None if last == first else last,
+                                      settled, state)  # fmt: skip
+        frames = []
+        for role, first, last, settled, state in pending:
             frames.append(encode_disposition(channel, role, first, None if last == first else last,
                                              settled, state))  # fmt: skip
             if traced:
                 self._trace_disposition(role, first, last, settled, state)
-            role, first, settled, state = r, did, s, st
-            last = did
-        frames.append(
-            encode_disposition(channel, role, first, None if last == first else last, settled, state)
-        )
-        if traced:
-            self._trace_disposition(role, first, last, settled, state)
         return b"".join(frames)
 
     def _trace_disposition(self, role: bool, first: int, last: int, settled: bool,
@@ -738,6 +747,47 @@ class Session:
             self._pump_link(link)
         if self._blocked:
             self._pump_all()
+
+    def _on_plain_transfer(self, fields: PlainTransfer, payload: memoryview) -> None:
+        """``_on_transfer`` for a plain transfer (a whole message in one frame, no
+        delivery state; see ``FrameReader.read_frame``) on an attached receiving
+        link with nothing in reassembly: the receive path of almost every message.
+        Anything less usual takes ``_on_transfer`` with the performative."""
+        handle, did, tag, fmt, settled, _ = fields
+        link = self._remote_links.get(handle)
+        if (
+            link is None
+            or link._partial is not None
+            or link._receiver is None
+            or link.state is LinkState.DETACH_SENT
+            or payload.nbytes > link.max_message_size
+        ):
+            self._on_transfer(plain_transfer(fields), payload)
+            return
+        w = self.windows
+        try:
+            w.on_transfer_received()
+        except WindowViolation as exc:
+            raise ProtocolError(str(exc), C.WINDOW_VIOLATION) from None
+        if self.auto_flow and w.incoming_window <= w.max_incoming_window >> 1:
+            w.replenish()
+            self._send_session_flow()
+        try:
+            link._receiver.on_delivery_received()
+        except WindowViolation as exc:
+            raise ProtocolError(f"link {link.name!r:.80}: {exc}", C.TRANSFER_LIMIT_EXCEEDED) from None
+        if fmt is None:
+            fmt = 0
+        if settled is True:
+            d = Delivery(link, did, tag, fmt, True, False, True)
+        else:
+            settled = False
+            d = Delivery(link, did, tag, fmt, True, False, False)
+            self._in_unsettled[did] = d
+            link._unsettled += 1
+        self.connection._events.append(
+            TransferReceived(link, d, tag, payload, fmt, settled, None, False, False, False)
+        )
 
     def _on_transfer(self, t: Transfer, payload: memoryview) -> None:
         link = self._remote_links.get(t.handle)  # type: ignore[arg-type]
@@ -875,28 +925,44 @@ class Session:
             raise ProtocolError(f"disposition range {first}..{last} runs backwards", C.INVALID_FIELD)
         if not table:
             return
+        state = disp.state
+        settled = disp.settled
         touched: list[Delivery] = []
         if span < len(table):
-            get = table.get
-            for i in range(span + 1):
-                d = get((first + i) & SEQ_MASK)
-                if d is not None:
-                    touched.append(d)
+            # The usual case, a short range: look its ids up (and settle them at once).
+            if settled:
+                pop = table.pop
+                for i in range(span + 1):
+                    d = pop((first + i) & SEQ_MASK, None)
+                    if d is not None:
+                        touched.append(d)
+                        if state is not None:
+                            d.remote_state = state
+                        d.remote_settled = True
+                        d.link._unsettled -= 1
+            else:
+                get = table.get
+                for i in range(span + 1):
+                    d = get((first + i) & SEQ_MASK)
+                    if d is not None:
+                        touched.append(d)
+                        if state is not None:
+                            d.remote_state = state
+            if not touched:
+                return
         else:
             for did, d in table.items():
                 if seq_diff(did, first) >= 0 and seq_diff(last, did) >= 0:
                     touched.append(d)
-        if not touched:
-            return
-        state = disp.state
-        settled = disp.settled
-        for d in touched:
-            if state is not None:
-                d.remote_state = state
-            if settled:
-                d.remote_settled = True
-                del table[d.delivery_id]  # type: ignore[arg-type]
-                d.link._unsettled -= 1
+            if not touched:
+                return
+            for d in touched:
+                if state is not None:
+                    d.remote_state = state
+                if settled:
+                    d.remote_settled = True
+                    del table[d.delivery_id]  # type: ignore[arg-type]
+                    d.link._unsettled -= 1
         self.connection._events.append(
             DispositionReceived(self, touched, state, settled, first, last, role,  # type: ignore[arg-type]
                                 disp.batchable)  # fmt: skip
