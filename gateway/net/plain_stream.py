@@ -3,9 +3,10 @@
 `trio.SocketStream` goes through trio's socket wrapper on every call (a
 context manager, an outcome object, a conflict detector); for a relay that
 reads and writes a few hundred bytes at a time that wrapper costs more than
-the system call. `PlainStream` keeps what matters: each `receive_some` and
-`send_all` is one checkpoint, waits use trio's I/O wait, and errors are
-trio's (`trio.BrokenResourceError` with the `OSError` as cause,
+the system call. `PlainStream` keeps what matters: `receive_some` is one
+checkpoint; `send_all` is a cancel point and a schedule point only when it
+waits for the socket (as `gateway.net.tls_stream.TLSStream`: a relay loop
+yields in its receives); waits use trio's I/O wait; and errors are trio's (`trio.BrokenResourceError` with the `OSError` as cause,
 `trio.ClosedResourceError` once closed, `trio.BusyResourceError` for two
 tasks sending or receiving at once).
 """
@@ -93,7 +94,6 @@ class PlainStream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         sock = self._sock
-        waited = False
         self._sending = True
         try:
             with memoryview(data) as view:
@@ -104,13 +104,10 @@ class PlainStream(trio.abc.HalfCloseableStream):
                         sent += sock.send(view[sent:])
                     except BlockingIOError:
                         await wait_writable(sock)
-                        waited = True
                     except OSError as exc:
                         raise _broken(exc) from exc
         finally:
             self._sending = False
-        if not waited:
-            await cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
