@@ -20,6 +20,7 @@ and MQTT packets alike.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "Metrics",
     "NullMetrics",
     "MqttRelayMetrics",
+    "FastHistogram",
     "observe_many",
 ]
 
@@ -249,6 +251,7 @@ class Metrics:
                 registry=r,
             )
         )
+        self._fast_latency: dict[str, FastHistogram] = {}
         self._mqtt_packets = _Children(
             Counter(
                 "iotgw_mqtt_packets",
@@ -424,11 +427,11 @@ class Metrics:
 
     def observe_relay_latency(self, seconds: float, protocol: str = "amqp", count: int = 1) -> None:
         """`count` relayed frames (or messages) took `seconds` each: as many observations."""
-        child = self._latency.get(protocol)
-        if count == 1:
-            child.observe(seconds)
-        elif count > 1:
-            observe_many(child, seconds, count)
+        fast = self._fast_latency.get(protocol)
+        if fast is None:
+            fast = self._fast_latency[protocol] = FastHistogram(self._latency.get(protocol))
+        if count > 0:
+            fast.observe(seconds, count)
 
     def relay_latency(self, protocol: str = "amqp") -> Any:
         """The histogram child for ``protocol``, for callers that observe in a loop."""
@@ -438,6 +441,17 @@ class Metrics:
 
     def on_mqtt_packet(self, packet_type: str, direction: str, count: int = 1) -> None:
         self._mqtt_packets.get(packet_type, direction).inc(count)
+
+    def mqtt_counters(self, packet_type: str, direction: str, route: str) -> tuple[Any, ...]:
+        """The counter children a relayed batch of `packet_type` increments, for a
+        caller to keep: (packets,) or, for PUBLISH, (packets, messages, bytes)."""
+        packets = self._mqtt_packets.get(packet_type, direction)
+        if packet_type != "PUBLISH":
+            return (packets,)
+        pair = self._traffic.get((route, direction))
+        if pair is None:
+            pair = self._traffic_children(route, direction)
+        return (packets, pair[0], pair[1])
 
     def on_mqtt_closed(self, reason: str) -> None:
         self._mqtt_closes.get(reason).inc()
@@ -504,12 +518,14 @@ class MqttRelayMetrics:
     (``connected`` while any session is relayed, ``idle`` at none).
     """
 
-    __slots__ = ("_metrics", "_latency", "listener", "route", "registry")
+    __slots__ = ("_metrics", "_latency", "_counters", "listener", "route", "registry")
 
     def __init__(self, metrics: Metrics | NullMetrics, listener: str, route: str,
                  registry: Any = None) -> None:  # fmt: skip
         self._metrics = metrics
-        self._latency = metrics.relay_latency("mqtt")
+        self._latency = FastHistogram(metrics.relay_latency("mqtt"))
+        # (direction, packet type) -> the counter children a batch increments.
+        self._counters: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.listener = listener
         self.route = route
         self.registry = registry
@@ -521,9 +537,15 @@ class MqttRelayMetrics:
 
     def on_packets(self, direction: str, packet_type: str, count: int, nbytes: int) -> None:
         """`count` packets of one type (`nbytes` in all) relayed in one batch."""
-        self._metrics.on_mqtt_packet(packet_type, direction, count)
-        if packet_type == "PUBLISH":
-            self._metrics.on_message(self.route, direction, nbytes, count=count)
+        counters = self._counters.get((direction, packet_type))
+        if counters is None:
+            counters = self._counters[direction, packet_type] = self._metrics.mqtt_counters(
+                packet_type, direction, self.route
+            )
+        counters[0].inc(count)
+        if len(counters) == 3:
+            counters[1].inc(count)
+            counters[2].inc(nbytes)
 
     def on_relay_latency(self, seconds: float) -> None:
         """Time from the bytes of a packet arriving to their relay being written
@@ -612,6 +634,9 @@ class NullMetrics:
         return _NULL_CHILD
 
     def on_mqtt_packet(self, packet_type: str, direction: str, count: int = 1) -> None: ...
+    def mqtt_counters(self, packet_type: str, direction: str, route: str) -> tuple[Any, ...]:
+        return (_NULL_CHILD,)
+
     def on_mqtt_closed(self, reason: str) -> None: ...
     def mqtt_observer(self, listener: str = "", route: str = "mqtt",
                       registry: Any = None) -> MqttRelayMetrics:  # fmt: skip
@@ -623,28 +648,51 @@ class NullMetrics:
     def forget_device(self, device: str) -> None: ...
 
 
+class FastHistogram:
+    """A histogram child observed on a hot path: ``observe(amount, count)``.
+
+    prometheus_client's ``observe`` checks the metric each call and scans the
+    buckets in Python; a relay observes once per batch on every connection. This
+    finds the bucket by bisection and updates the child's own bucket and sum
+    values, and `count` observations of one amount are one update. A child whose
+    internals are not prometheus_client's is observed one call at a time.
+    """
+
+    __slots__ = ("_child", "_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            self._bounds: list[float] | None = None
+        else:
+            self._bounds = list(bounds)
+        self._buckets = buckets
+        self._sum = total
+
+    def observe(self, amount: float, count: int = 1) -> None:
+        bounds = self._bounds
+        if bounds is None:
+            for _ in range(count):
+                self._child.observe(amount)
+            return
+        self._sum.inc(amount * count)
+        # Bucket i holds amounts <= bounds[i]; the last bound is +Inf.
+        self._buckets[bisect_left(bounds, amount)].inc(count)
+
+
 def observe_many(histogram: Any, amount: float, count: int) -> None:
-    """``histogram.observe(amount)`` `count` times, as one update: the sum grows by
-    ``amount * count`` and amount's bucket by `count`. A relay reports one
-    latency for every transfer of a read; observing them one by one costs a
-    lock round per transfer. Falls back to the loop for a histogram child
-    whose internals are not prometheus_client's."""
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for _ in range(count):
-            histogram.observe(amount)
-        return
-    total.inc(amount * count)
-    for i, bound in enumerate(bounds):
-        if amount <= bound:
-            buckets[i].inc(count)
-            break
+    """``histogram.observe(amount)`` `count` times, as one update (see FastHistogram)."""
+    FastHistogram(histogram).observe(amount, count)
 
 
 class _NullChild:
     def observe(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
         pass
 
 
