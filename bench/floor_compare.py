@@ -1,8 +1,9 @@
 """The MQTT scenarios (3 and 6) with a fourth path, the floor: a bare trio TLS forwarder.
 
     python -m bench.floor_compare [--scenario 3 6] [--paths direct,stunnel,gateway,floor]
+                                  [--upstream mosquitto|hubsim]
 
-Same harness, load generator, upstream (mosquitto) and measurement as
+Same harness, load generator, upstream (mosquitto, or hubsim) and measurement as
 `python -m bench`; the `floor` path puts `bench.floor_relay` where the
 gateway goes. In one invocation, so the ratios compare like with like:
 if floor/stunnel misses a target, no Python/trio relay on this machine can
@@ -61,9 +62,11 @@ def run_path(bench: Bench, path: str, upstream: Upstream, tag: str, **traffic: A
         return bench.traffic(tag, "mqtt", h, upstream, **traffic)
 
 
-def measure(bench: Bench, scenario: int, paths: tuple[str, ...]) -> dict[str, Any]:
+def measure(bench: Bench, scenario: int, paths: tuple[str, ...],
+            upstream_name: str = "mosquitto") -> dict[str, Any]:  # fmt: skip
     reports: dict[str, Any] = {}
-    with bench.mosquitto() as upstream:
+    upstream_cm = bench.mosquitto() if upstream_name == "mosquitto" else bench.hub(1, mqtt=True)
+    with upstream_cm as upstream:
         for path in paths:
             if scenario == 3:
                 fields = dict(mode="throughput", devices=1, window=bench.params.s3_window,
@@ -88,15 +91,16 @@ def _get(report: dict[str, Any] | None, *keys: str) -> float | None:
     return value
 
 
-def table(scenario: int, reports: dict[str, Any], paths: tuple[str, ...]) -> list[str]:
+def table(scenario: int, reports: dict[str, Any], paths: tuple[str, ...],
+          upstream_name: str = "mosquitto") -> list[str]:  # fmt: skip
     if scenario == 3:
-        title = "3. MQTT QoS 1, 1 device, 256 B, 100 in flight (mosquitto)"
+        title = f"3. MQTT QoS 1, 1 device, 256 B, 100 in flight ({upstream_name})"
         metrics = [("throughput (msg/s)", ("msgs_per_s",)),
                    ("latency p50 (ms)", ("latency", "p50_ms")),
                    ("latency p99 (ms)", ("latency", "p99_ms")),
                    ("hop CPU per 10k msgs (s)", ("cpu_per_10k_s", "hop"))]  # fmt: skip
     else:
-        title = "6. MQTT at 1,000 msg/s, 1 device (mosquitto)"
+        title = f"6. MQTT at 1,000 msg/s, 1 device ({upstream_name})"
         metrics = [("latency p50 (ms)", ("latency", "p50_ms")),
                    ("latency p99 (ms)", ("latency", "p99_ms"))]  # fmt: skip
     rows = []
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float)
     parser.add_argument("--warmup", type=float)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--upstream", choices=("mosquitto", "hubsim"), default="mosquitto")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)  # fmt: skip
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("duration", args.duration), ("warmup", args.warmup)) if v}
     params = dataclasses.replace(params, **overrides)
-    if not Bench.mosquitto_available():
+    if args.upstream == "mosquitto" and not Bench.mosquitto_available():
         print("python -m bench.floor_compare: needs mosquitto", file=sys.stderr)
         return 2
     raise_fd_limit()
@@ -166,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for scenario in sorted(set(args.scenario)):
             print(f"scenario {scenario} ...", file=sys.stderr, flush=True)
-            reports = measure(bench, scenario, paths)
+            reports = measure(bench, scenario, paths, args.upstream)
             results[str(scenario)] = reports
-            lines += table(scenario, reports, paths) + [""]
+            lines += table(scenario, reports, paths, args.upstream) + [""]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m = machine()
