@@ -38,8 +38,9 @@ import sys
 import time
 from typing import Any
 
-from proton import Collector, Connection, Delivery, Event, Transport
+from proton import Delivery, Event
 
+from bench.amqp_relay_micro import ProtonPeer
 from gateway.config import parse_config_text
 from gateway.net.amqp_connector import EngineDriver, client_engine_for
 from gateway.ops.metrics import Metrics
@@ -72,45 +73,6 @@ link_routes:
   - {{prefix: "$cbs", connector: hub-amqp}}
   - {{prefix: "devices/", connector: hub-amqp}}
 """
-
-
-class ProtonPeer:
-    """A proton engine driven through its transport by hand."""
-
-    def __init__(self, server: bool) -> None:
-        self.conn = Connection()
-        self.transport = Transport(Transport.SERVER if server else Transport.CLIENT)
-        sasl = self.transport.sasl()
-        sasl.allowed_mechs("ANONYMOUS")
-        self.transport.bind(self.conn)
-        self.collector = Collector()
-        self.conn.collect(self.collector)
-
-    def take(self) -> bytes:
-        out = []
-        while True:
-            n = self.transport.pending()
-            if n <= 0:
-                break
-            out.append(self.transport.peek(n))
-            self.transport.pop(n)
-        return b"".join(out)
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self.transport.capacity()
-            if n <= 0:
-                raise RuntimeError("proton transport refused input")
-            self.transport.push(bytes(view[:n]))
-            view = view[n:]
-
-    def events(self) -> list[Event]:
-        evs = []
-        while self.collector.peek():
-            evs.append(self.collector.peek())
-            self.collector.pop()
-        return evs
 
 
 class Side:
@@ -205,7 +167,7 @@ class RouterBench:
         self.device_conn = device
         self.upstream = upstream
 
-        self.hub = ProtonPeer(server=True)
+        self.hub = ProtonPeer(server=True, sasl_anonymous=True)
         self.hub.conn.container = "hub"
         for _ in range(20):  # the upstream connection is open before devices come
             if engine.is_open:
@@ -216,7 +178,7 @@ class RouterBench:
         else:
             raise RuntimeError("the upstream connection did not open")
 
-        self.device = ProtonPeer(server=False)
+        self.device = ProtonPeer(server=False, sasl_anonymous=True)
         dc = self.device.conn
         dc.container = "device"
         dc.hostname = HUB_HOST

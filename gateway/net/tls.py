@@ -65,7 +65,7 @@ def client_context(
 
     `default_server_name` is the name verified when the profile has no
     `server_name`; it is not stored in the context (pass `server_name_for(...)`
-    to `trio.SSLStream(server_hostname=...)`), but an empty one is refused here
+    to `open_upstream_stream(server_hostname=...)`), but an empty one is refused here
     so a misconfigured caller fails early instead of skipping the name check.
     """
     if default_server_name is not None and not default_server_name:

@@ -42,7 +42,6 @@ __all__ = [
     "NullMetrics",
     "MqttRelayMetrics",
     "FastHistogram",
-    "observe_many",
 ]
 
 # Relay latency is measured from a frame arriving to the re-encoded frame
@@ -681,11 +680,6 @@ class FastHistogram:
         self._sum.inc(amount * count)
         # Bucket i holds amounts <= bounds[i]; the last bound is +Inf.
         self._buckets[bisect_left(bounds, amount)].inc(count)
-
-
-def observe_many(histogram: Any, amount: float, count: int) -> None:
-    """``histogram.observe(amount)`` `count` times, as one update (see FastHistogram)."""
-    FastHistogram(histogram).observe(amount, count)
 
 
 class _NullChild:
