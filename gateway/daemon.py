@@ -70,6 +70,11 @@ EXIT_CONFIG = 2
 SHUTDOWN_GRACE = 2.0
 # How often a drain looks at the deliveries still in flight.
 DRAIN_POLL = 0.05
+# Once the last delivery in flight has settled, how long its disposition has to
+# reach the device on its own before the detaches follow. Sent back to back, a
+# device stack that reads both at once may act on the detach first and report
+# the link lost, though the message was settled.
+SETTLED_GRACE = 0.1
 # How often systemd gets a fresh STATUS= line.
 STATUS_INTERVAL = 30.0
 # The error description devices get when their links are detached on shutdown.
@@ -238,6 +243,9 @@ class Daemon:
                         "their senders, which resend them", left)  # fmt: skip
         else:
             log.info("drain complete: no deliveries in flight")
+            if pending and not self._hurry.is_set():
+                with trio.move_on_after(SETTLED_GRACE):
+                    await self._hurry.wait()
         sdnotify.status("stopping: detaching links")
         detach_all(self.router, SHUTDOWN_DESCRIPTION)
         with trio.move_on_after(SHUTDOWN_GRACE):
