@@ -7,7 +7,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ops.metrics import MAX_LABEL_VALUES, FastHistogram, Metrics, NullMetrics
+from gateway.ops.metrics import (
+    MAX_LABEL_VALUES,
+    FastHistogram,
+    HotValue,
+    Metrics,
+    NullMetrics,
+    hot_value,
+)
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -237,3 +244,48 @@ def test_fast_histogram_equals_that_many_single_observations(amount: float) -> N
     assert keys
     for key in keys:
         assert got[key] == pytest.approx(expected[key]), key
+
+
+def test_hot_values_count_what_the_counters_would() -> None:
+    """Hot-path children get a lock-free value (HotValue reaches into
+    prometheus_client's children): pin that a scrape shows exactly what plain
+    counters show, whichever call created the child first."""
+    plain = Metrics(process_metrics=False)
+    hot = Metrics(process_metrics=False)
+    plain.on_mqtt_packet("PUBLISH", "in", 3)
+    plain._messages_metric.labels("mqtt", "in").inc(3)
+    plain._bytes_metric.labels("mqtt", "in").inc(900)
+    plain._dispositions.get("accepted", "in").inc(5)
+    plain._messages_metric.labels("devices/", "out").inc(2)
+    plain._bytes_metric.labels("devices/", "out").inc(10)
+    hot.on_mqtt_packet("PUBLISH", "in", 1)  # the child exists before it is made hot
+    packets, messages, nbytes = hot.mqtt_counters("PUBLISH", "in", "mqtt")
+    packets.inc(2)
+    messages.inc(3)
+    nbytes.inc(900)
+    hot.on_disposition("accepted", "in", 4)
+    hot.on_disposition("accepted", "in")
+    hot.on_message("devices/", "out", 10, count=2)
+    assert type(packets) is HotValue and type(messages) is HotValue
+    assert hot_value(hot._mqtt_packets.get("PUBLISH", "in")) is packets  # one value per child
+    expected = samples(plain)
+    got = samples(hot)
+    keys = [k for k in expected if not k[0].endswith("_created") and not math.isnan(expected[k])]
+    assert keys
+    for key in keys:
+        assert got.get(key, 0.0) == pytest.approx(expected[key]), key
+
+
+def test_hot_value_leaves_other_children_alone() -> None:
+    class Double:
+        def __init__(self) -> None:
+            self.total = 0.0
+
+        def inc(self, amount: float = 1) -> None:
+            self.total += amount
+
+    child = Double()
+    assert hot_value(child) is child
+    value = HotValue(2.0)
+    value.inc(3)
+    assert value.get() == 5.0
