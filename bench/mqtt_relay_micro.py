@@ -39,6 +39,7 @@ import trio
 
 from gateway.config import parse_config_text
 from gateway.net.mqtt_relay import CloseReason, relay_mqtt_connection
+from gateway.net.plain_stream import PlainStream
 from gateway.ops.metrics import Metrics
 from gateway.ops.trace import FrameTracer
 
@@ -216,12 +217,12 @@ async def run_hub(stream: trio.SocketStream, ack_each: bool) -> int:
 # -- the two relays ------------------------------------------------------------------
 
 
-async def forward(device: trio.SocketStream, upstream: trio.SocketStream) -> str:
+async def forward(device: PlainStream, upstream: PlainStream) -> str:
     """The bare forwarder: two tasks copying bytes, either side's end closes both."""
 
     async with trio.open_nursery() as nursery:
 
-        async def copy(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        async def copy(source: PlainStream, sink: PlainStream) -> None:
             try:
                 while data := await source.receive_some(RECEIVE_SIZE):
                     await sink.send_all(data)
@@ -251,7 +252,7 @@ class Gateway:
         )
         return value or 0.0
 
-    async def relay(self, device: trio.SocketStream, upstream: trio.SocketStream) -> str:
+    async def relay(self, device: PlainStream, upstream: PlainStream) -> str:
         async def open_upstream(connector: Any, profile: Any) -> trio.abc.Stream:
             return upstream
 
@@ -317,7 +318,7 @@ class Run:
         return self.messages / self.wall
 
 
-Relay = Callable[[trio.SocketStream, trio.SocketStream], Awaitable[str]]
+Relay = Callable[[PlainStream, PlainStream], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,11 @@ class Traffic:
 
 async def run_once(path: str, relay: Relay, traffic: Traffic) -> Run:
     count = traffic.count
-    device_end, relay_device = await tcp_pair()
-    relay_upstream, hub_end = await tcp_pair()
+    device_end, device_side = await tcp_pair()
+    upstream_side, hub_end = await tcp_pair()
+    # The relay's ends are the streams the daemon hands a relay (the hub's, without TLS).
+    relay_device = PlainStream.from_trio(device_side)
+    relay_upstream = PlainStream.from_trio(upstream_side)
     meter = RelayCPU()
     reasons: list[str] = []
     published: list[int] = []

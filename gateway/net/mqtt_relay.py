@@ -156,9 +156,13 @@ class RelayObserver(Protocol):
 
 class BatchObserver(RelayObserver, Protocol):
     """An observer that counts many packets of one type at once. The relay calls
-    `on_packets` when the observer has it, instead of `on_packet` per packet."""
+    `on_packets` when the observer has it, instead of `on_packet` per packet, and
+    `on_batch` (the counts and the batch's relay latency) when it has that."""
 
     def on_packets(self, direction: str, packet_type: str, count: int, nbytes: int) -> None: ...
+    def on_batch(
+        self, direction: str, packet_type: str, count: int, nbytes: int, seconds: float
+    ) -> None: ...
 
 
 # Packet type names by the first byte's high nibble (0 and, before MQTT 5, 15 are refused
@@ -285,6 +289,10 @@ class _Connection:
         # Relay latency: when the bytes of the batch being relayed were read.
         self._on_latency: Callable[[float], None] | None = getattr(
             observer, "on_relay_latency", None
+        )
+        # Counts and latency of a batch of one packet type in one call, if the observer can.
+        self._on_batch: Callable[[str, str, int, int, float], None] | None = getattr(
+            observer, "on_batch", None
         )
         self._device_read_at = 0.0
         self._upstream_read_at = 0.0
@@ -551,12 +559,12 @@ class _Connection:
                     await self.link.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
-                if self._on_latency is not None:
-                    self._on_latency(time.perf_counter() - self._device_read_at)
-                self._observe(IN, "<-", spans, count, views)
+                self._observe(IN, "<-", spans, count, views, self._device_read_at)
                 self.last_heard = trio.current_time()
             if stop is not None:
                 raise stop
+            if spans[-1][3] == len(buf):
+                await self._read_device()  # the read is used up: no need to frame again
 
     def _check_device_batch(
         self, buf: Buffer, spans: list[Span], triage: Triage
@@ -603,8 +611,31 @@ class _Connection:
         spans: list[Span],
         count: int,
         views: list[Packet] | None,
+        read_at: float,
     ) -> None:
-        """Count (and trace) `count` forwarded packets."""
+        """Count (and trace) `count` forwarded packets, read at `read_at`."""
+        on_batch = self._on_batch
+        if on_batch is not None:
+            # The usual batch, all of one type (PUBLISHes one way, their PUBACKs the
+            # other): one call for its counts and latency.
+            kind = spans[0][0] >> 4
+            for span in islice(spans, 1, count):
+                if span[0] >> 4 != kind:
+                    break
+            else:
+                on_batch(
+                    direction,
+                    _TYPE_NAMES[kind],
+                    count,
+                    spans[count - 1][3] - spans[0][1],  # spans lie back to back
+                    time.perf_counter() - read_at,
+                )
+                if views and self.tracer is not None and self.tracer.mqtt_enabled:
+                    for packet in views:
+                        self.tracer.mqtt(self.conn_id, arrow, packet)
+                return
+        if self._on_latency is not None:
+            self._on_latency(time.perf_counter() - read_at)
         if self._counting:
             on_packets = self._on_packets
             if on_packets is None:
@@ -705,11 +736,11 @@ class _Connection:
                     await self.device.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
-                if self._on_latency is not None:
-                    self._on_latency(time.perf_counter() - self._upstream_read_at)
-                self._observe(OUT, "->", spans, count, views)
+                self._observe(OUT, "->", spans, count, views, self._upstream_read_at)
             if stop is not None:
                 raise stop
+            if spans[-1][3] == len(buf):
+                await self._read_upstream(stream, reader)  # the read is used up
 
     def _check_server_batch(
         self, buf: Buffer, spans: list[Span], triage: Triage

@@ -558,6 +558,21 @@ class MqttRelayMetrics:
             counters[1].inc(count)
             counters[2].inc(nbytes)
 
+    def on_batch(
+        self, direction: str, packet_type: str, count: int, nbytes: int, seconds: float
+    ) -> None:
+        """`on_packets` and `on_relay_latency` in one call: the relay's hot path."""
+        counters = self._counters.get((direction, packet_type))
+        if counters is None:
+            counters = self._counters[direction, packet_type] = self._metrics.mqtt_counters(
+                packet_type, direction, self.route
+            )
+        counters[0].inc(count)
+        if len(counters) == 3:
+            counters[1].inc(count)
+            counters[2].inc(nbytes)
+        self._latency.observe(seconds)
+
     def on_relay_latency(self, seconds: float) -> None:
         """Time from the bytes of a packet arriving to their relay being written
         (call once per relayed read or batch, not per packet, on the hot path)."""
