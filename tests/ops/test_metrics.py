@@ -289,3 +289,22 @@ def test_hot_value_leaves_other_children_alone() -> None:
     value = HotValue(2.0)
     value.inc(3)
     assert value.get() == 5.0
+
+
+def test_mqtt_on_batch_is_on_packets_plus_latency() -> None:
+    separate = Metrics(process_metrics=False)
+    together = Metrics(process_metrics=False)
+    obs = separate.mqtt_observer("mqtt", route="mqtt")
+    obs.on_packets("in", "PUBLISH", 3, 900)
+    obs.on_relay_latency(0.0004)
+    obs.on_packets("out", "PUBACK", 2, 8)
+    obs.on_relay_latency(0.002)
+    batch = together.mqtt_observer("mqtt", route="mqtt")
+    batch.on_batch("in", "PUBLISH", 3, 900, 0.0004)
+    batch.on_batch("out", "PUBACK", 2, 8, 0.002)
+    expected = samples(separate)
+    got = samples(together)
+    keys = [k for k in expected if not k[0].endswith("_created") and not math.isnan(expected[k])]
+    assert ("iotgw_mqtt_packets_total", (("direction", "in"), ("type", "PUBLISH"))) in keys
+    for key in keys:
+        assert got.get(key, 0.0) == pytest.approx(expected[key]), key
