@@ -15,6 +15,9 @@ mosquitto does), over loopback TCP, with in between either:
   a plaintext stream through `open_upstream`;
 - forwarder: two tasks copying bytes, one read then one write at a time.
 
+Both relays get their two ends as `gateway.net.plain_stream.PlainStream`s,
+the stream the daemon's plaintext listeners hand a relay.
+
 Only the relay's own tasks are timed (thread CPU time per trio task step, by
 an instrument); the device, the hub and trio's scheduler are not. The ratio
 gateway/forwarder is what matters; absolute figures move with machine load.
