@@ -1,6 +1,6 @@
 """`python -m bench`: run the scenarios and print the table.
 
-    python -m bench [--smoke] [--scenario N ...] [--out bench/out/]
+    python -m bench [--smoke] [--scenario N ...] [--repeat N] [--out bench/out/]
 
 Exit status: 0 when every selected scenario ran on every available path
 (targets missed are reported, not fatal), 1 when a scenario failed, 2 on a
@@ -24,7 +24,14 @@ from typing import Any
 from .gateway_proc import RUNNERS
 from .harness import FULL, SMOKE, Bench
 from .procs import raise_fd_limit
-from .report import machine, revision, text_table, write_outputs
+from .report import (
+    machine,
+    revision,
+    summary_text,
+    text_table,
+    write_outputs,
+    write_summary,
+)
 from .results import PATHS, RunInfo, ScenarioResult
 from .scenarios import SCENARIOS, TITLES
 
@@ -54,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-gateway", type=Path, metavar="DIR",
                         help="run the gateway under cProfile and write one .pstats file per "
                         "scenario path to DIR (slows the gateway: not for the table)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the selected scenarios N times in a row and also print each "
+                        "ratio's median (a single run's ratios move with how the kernel shares "
+                        "the CPUs between the processes)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the work directory (configs, child logs) after the run")
     for number, title in TITLES.items():
@@ -71,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
     if not paths or any(p not in PATHS for p in paths):
         print(f"python -m bench: --paths takes a subset of {','.join(PATHS)}", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print("python -m bench: --repeat takes a count of 1 or more", file=sys.stderr)
         return 2
     params = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("duration", args.duration), ("warmup", args.warmup)) if v}
@@ -90,25 +104,38 @@ def main(argv: list[str] | None = None) -> int:
         gateway_runner=args.gateway_runner,
         revision=revision(REPO),
     )
-    results: list[ScenarioResult] = []
+    rounds: list[list[ScenarioResult]] = []
     bench = Bench(work, params, runner=args.gateway_runner, paths=paths,
                   profile_dir=args.profile_gateway)  # fmt: skip
     interrupted = False
     try:
-        for number in numbers:
-            print(f"scenario {number} ...", file=sys.stderr, flush=True)
-            results.append(SCENARIOS[number](bench))
+        for round_number in range(1, args.repeat + 1):
+            rounds.append([])
+            for number in numbers:
+                where = f" (round {round_number} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"scenario {number}{where} ...", file=sys.stderr, flush=True)
+                rounds[-1].append(SCENARIOS[number](bench))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: every process the bench started has been stopped", file=sys.stderr)
     info.seconds = time.monotonic() - started
     if bench.runners_used:
         info.gateway_runner = ",".join(sorted(bench.runners_used))
-    failed = any(result.errors for result in results)
-    if results:
+    failed = any(result.errors for results in rounds for result in results)
+    for round_number, results in enumerate(rounds, 1):
+        if not results:
+            continue
+        suffix = f"-round{round_number}" if args.repeat > 1 else ""
+        if suffix:
+            print(f"\nround {round_number}:")
         print(text_table(results), end="")
-        json_path, md_path = write_outputs(args.out, info, results)
+        json_path, md_path = write_outputs(args.out, info, results, suffix)
         print(f"\nresults: {json_path}\nmarkdown for bench/RESULTS.md: {md_path}")
+    complete = [results for results in rounds if len(results) == len(numbers)]
+    if len(complete) > 1:
+        print(f"\nratios over {len(complete)} rounds:")
+        print(summary_text(complete), end="")
+        print(f"\nmarkdown: {write_summary(args.out, info, complete)}")
     if args.keep_logs or failed or interrupted:
         print(f"logs: {work}", file=sys.stderr)
     else:

@@ -137,12 +137,102 @@ def to_json(info: RunInfo, results: list[ScenarioResult]) -> str:
                       indent=2, default=str)  # fmt: skip
 
 
-def write_outputs(out_dir: Path, info: RunInfo, results: list[ScenarioResult]) -> tuple[Path, Path]:
+def write_outputs(
+    out_dir: Path, info: RunInfo, results: list[ScenarioResult], suffix: str = ""
+) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = info.date.replace(":", "").replace("-", "").replace("T", "-").split("+")[0]
-    stem = f"bench-{stamp}" + ("-smoke" if info.smoke else "")
+    stem = _stem(info) + suffix
     json_path = out_dir / f"{stem}.json"
     md_path = out_dir / f"{stem}.md"
     json_path.write_text(to_json(info, results))
     md_path.write_text(markdown(info, results))
     return json_path, md_path
+
+
+def _stem(info: RunInfo) -> str:
+    stamp = info.date.replace(":", "").replace("-", "").replace("T", "-").split("+")[0]
+    return f"bench-{stamp}" + ("-smoke" if info.smoke else "")
+
+
+# -- several rounds of the same scenarios (--repeat) ----------------------------------------
+
+
+SUMMARY_HEADER = ["scenario", "metric", "gateway/stunnel by round", "median", "target"]
+
+
+def summary_rows(rounds: list[list[ScenarioResult]]) -> list[list[str]]:
+    """One row per metric with a target or a ratio: its ratio in each round (the
+    gateway's value for an absolute target), their median and the target judged on it."""
+    table: list[list[str]] = []
+    first = rounds[0]
+    for index, result in enumerate(first):
+        shown = False
+        for position, metric in enumerate(result.metrics):
+            if metric.target is None and metric.ratio is None:
+                continue
+            absolute = metric.target is not None and metric.target[0] == "gateway_max"
+            figures: list[float | None] = []
+            for results in rounds:
+                same = results[index].metrics[position] if index < len(results) else None
+                if same is None or same.name != metric.name:
+                    figures.append(None)
+                else:
+                    figures.append(same.values.get("gateway") if absolute else same.ratio)
+            known = sorted(f for f in figures if f is not None)
+            middle = _median(known)
+            label = f"{metric.name} ({metric.unit})" if absolute else metric.name
+            table.append([
+                "" if shown else f"{result.number}. {result.title}",
+                label,
+                ", ".join("-" if f is None else f"{f:.2f}" for f in figures),
+                "-" if middle is None else f"{middle:.2f}",
+                _judged(metric, middle),
+            ])  # fmt: skip
+            shown = True
+    return table
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _judged(metric: Metric, value: float | None) -> str:
+    if metric.target is None:
+        return ""
+    kind, limit = metric.target
+    if value is None:
+        return metric.target_text + " (n/a)"
+    met = value >= limit if kind == "ratio_min" else value <= limit
+    return f"{metric.target_text} {'ok' if met else 'MISSED'}"
+
+
+def summary_text(rounds: list[list[ScenarioResult]]) -> str:
+    body = summary_rows(rounds)
+    widths = [max(len(row[i]) for row in [SUMMARY_HEADER, *body]) for i in range(5)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+           for row in [SUMMARY_HEADER, ["-" * w for w in widths], *body]]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def summary_markdown(info: RunInfo, rounds: list[list[ScenarioResult]]) -> str:
+    lines = [
+        f"### {len(rounds)} rounds from {info.date}",
+        "",
+        f"- command: `{info.command}`; revision: {info.revision or 'unknown'}; "
+        f"took {info.seconds:.0f} s",
+        "",
+        "| " + " | ".join(SUMMARY_HEADER) + " |",
+        "|---|---|---|--:|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(rounds)]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path, info: RunInfo, rounds: list[list[ScenarioResult]]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{_stem(info)}-summary.md"
+    path.write_text(summary_markdown(info, rounds))
+    return path
