@@ -614,42 +614,30 @@ class _Connection:
         read_at: float,
     ) -> None:
         """Count (and trace) `count` forwarded packets, read at `read_at`."""
+        # A batch is nearly always of one type (PUBLISHes one way, their PUBACKs the
+        # other): counted in one call, its bytes the batch's extent (spans lie back
+        # to back).
+        kind = _single_kind(spans, count)
         on_batch = self._on_batch
-        if on_batch is not None:
-            # The usual batch, all of one type (PUBLISHes one way, their PUBACKs the
-            # other): one call for its counts and latency.
-            kind = spans[0][0] >> 4
-            for span in islice(spans, 1, count):
-                if span[0] >> 4 != kind:
-                    break
-            else:
-                on_batch(
-                    direction,
-                    _TYPE_NAMES[kind],
-                    count,
-                    spans[count - 1][3] - spans[0][1],  # spans lie back to back
-                    time.perf_counter() - read_at,
-                )
-                if views and self.tracer is not None and self.tracer.mqtt_enabled:
-                    for packet in views:
-                        self.tracer.mqtt(self.conn_id, arrow, packet)
-                return
-        if self._on_latency is not None:
-            self._on_latency(time.perf_counter() - read_at)
-        if self._counting:
-            on_packets = self._on_packets
-            if on_packets is None:
-                on_packet = self.obs.on_packet
-                for first, start, _, end in islice(spans, count):
-                    on_packet(direction, _TYPE_NAMES[first >> 4], end - start)
-            else:
-                # A batch is nearly always of one type (PUBLISHes one way, their PUBACKs
-                # the other): one call, its bytes the batch's extent (spans lie back to back).
-                kind = spans[0][0] >> 4
-                for span in islice(spans, 1, count):
-                    if span[0] >> 4 != kind:
-                        _count_mixed(on_packets, direction, spans, count)
-                        break
+        if on_batch is not None and kind is not None:
+            on_batch(
+                direction,
+                _TYPE_NAMES[kind],
+                count,
+                spans[count - 1][3] - spans[0][1],
+                time.perf_counter() - read_at,
+            )
+        else:
+            if self._on_latency is not None:
+                self._on_latency(time.perf_counter() - read_at)
+            if self._counting:
+                on_packets = self._on_packets
+                if on_packets is None:
+                    on_packet = self.obs.on_packet
+                    for first, start, _, end in islice(spans, count):
+                        on_packet(direction, _TYPE_NAMES[first >> 4], end - start)
+                elif kind is None:
+                    _count_mixed(on_packets, direction, spans, count)
                 else:
                     on_packets(
                         direction, _TYPE_NAMES[kind], count, spans[count - 1][3] - spans[0][1]
@@ -1025,6 +1013,15 @@ def _joined(buf: Buffer, spans: list[Span], count: int) -> Buffer:
     if start == 0 and end == len(buf) and isinstance(buf, bytes):
         return buf  # the whole read, as it came
     return buf[start:end]
+
+
+def _single_kind(spans: list[Span], count: int) -> int | None:
+    """The packet type of the first `count` spans if they share one, else None."""
+    kind = spans[0][0] >> 4
+    for span in islice(spans, 1, count):
+        if span[0] >> 4 != kind:
+            return None
+    return kind
 
 
 def _count_mixed(

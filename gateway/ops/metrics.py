@@ -562,15 +562,7 @@ class MqttRelayMetrics:
         self, direction: str, packet_type: str, count: int, nbytes: int, seconds: float
     ) -> None:
         """`on_packets` and `on_relay_latency` in one call: the relay's hot path."""
-        counters = self._counters.get((direction, packet_type))
-        if counters is None:
-            counters = self._counters[direction, packet_type] = self._metrics.mqtt_counters(
-                packet_type, direction, self.route
-            )
-        counters[0].inc(count)
-        if len(counters) == 3:
-            counters[1].inc(count)
-            counters[2].inc(nbytes)
+        self.on_packets(direction, packet_type, count, nbytes)
         self._latency.observe(seconds)
 
     def on_relay_latency(self, seconds: float) -> None:
