@@ -145,6 +145,7 @@ def test_defaults() -> None:
     assert hub.sasl == "anonymous" and hub.on_demand and not hub.allow_plaintext
     assert (hub.idle_timeout, hub.max_frame_size, hub.connect_timeout) == (120.0, 65536, 10.0)
     assert (hub.reconnect.initial, hub.reconnect.max) == (1.0, 30.0)
+    assert hub.ack_batching == hub_mqtt.ack_batching == 0.001
     assert (hub.pool.max_connections, hub.pool.max_devices_per_connection) == (4, 200)
     assert hub.hostname == "myhub.azure-devices.net"  # defaults to host
     assert hub.target == "myhub.azure-devices.net:5671"
@@ -260,6 +261,15 @@ def test_bad_duration() -> None:
         "cfg.yaml:4: listeners[0].idle_timeout: invalid duration '10x': "
         "use a number with a unit, e.g. 500ms, 30s, 2m, 1h"
     )
+
+
+def test_ack_batching_off_or_bounded() -> None:
+    hub = "tls_profile: azure}"
+    assert parse(MINIMAL.replace(hub, "tls_profile: azure, ack_batching: 0}")).connectors[0].ack_batching == 0
+    assert parse(MINIMAL.replace(hub, "tls_profile: azure, ack_batching: 5ms}")).connectors[1].ack_batching == 0.005
+    error = single_error(MINIMAL.replace(hub, "tls_profile: azure, ack_batching: 1s}", 1))
+    assert error.startswith("cfg.yaml:7: connectors[0].ack_batching: ")
+    assert "0.05" in error
 
 
 def test_yaml_syntax_error() -> None:

@@ -228,6 +228,14 @@ class Connection:
         s.update(dict.fromkeys(self._remote_sessions.values()))
         return list(s)
 
+    @property
+    def outgoing_unsettled(self) -> int:
+        """Deliveries sent unsettled on any session and not settled since."""
+        n = 0
+        for session in self._local_sessions.values():
+            n += len(session._out_unsettled)
+        return n
+
     # ------------------------------------------------------------------------ I/O
 
     @property

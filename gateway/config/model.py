@@ -184,6 +184,15 @@ class ConnectorBase(Section):
     allow_plaintext: bool = Field(False, description="permit a connector without TLS")
     connect_timeout: Duration = 10.0
     reconnect: ReconnectSettings = Field(default_factory=ReconnectSettings)
+    ack_batching: Duration = Field(
+        0.001,
+        le=0.05,
+        description=(
+            "under sustained load, wait up to this long before reading the hub's next "
+            "acknowledgements, so one wake-up relays several; only while enough messages "
+            "are in flight that the wait cannot slow them (0 = relay each at once)"
+        ),
+    )
 
     @property
     def target(self) -> str:

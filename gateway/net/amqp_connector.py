@@ -27,6 +27,7 @@ from gateway.amqp import Connection, ConnectionError, RemoteClose, RemoteOpen, S
 from gateway.amqp.events import Event
 from gateway.ops.hooks import report_connect_failure
 
+from .ack_batching import AckBatching
 from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
 
 log = logging.getLogger("gateway.net.amqp")
@@ -140,7 +141,7 @@ class EngineDriver:
     __slots__ = (
         "stream", "engine", "handler", "name", "error", "transport_error", "_done",
         "_cancel", "_wanted", "_wake_noted", "_parked", "_timer", "_timer_final",
-        "_failure",
+        "_failure", "ack_batching",
     )  # fmt: skip
 
     def __init__(self, stream: trio.abc.Stream, engine: Connection, handler: EventHandler, *,
@@ -159,6 +160,8 @@ class EngineDriver:
         self._timer: list[Any] | None = None
         self._timer_final = False  # armed once both opens are exchanged
         self._failure: BaseException | None = None
+        # Hub connections: when to let the hub's dispositions gather before a read.
+        self.ack_batching: AckBatching | None = None
         if tracer is not None and tracer.amqp_enabled:
             # The engine reports every frame it reads and writes; nothing is
             # decoded twice. Tracing switched on by a reload applies to new
@@ -221,13 +224,22 @@ class EngineDriver:
     async def _reader(self) -> None:
         engine = self.engine
         stream = self.stream
+        batching = self.ack_batching
+        in_flight = 0
         try:
             while not engine.closed:
+                if batching is not None:
+                    in_flight = engine.outgoing_unsettled
+                    wait = batching.wait_before_read(trio.current_time(), in_flight)
+                    if wait:
+                        await trio.sleep(wait)  # one wake-up for several dispositions
                 try:
                     data = await stream.receive_some(_READ_SIZE)
                 except _TRANSPORT_ERRORS as exc:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
+                if batching is not None:
+                    in_flight = engine.outgoing_unsettled
                 events = engine.receive_data(data)
                 now = trio.current_time()
                 late = engine.tick(now)
@@ -237,6 +249,8 @@ class EngineDriver:
                     self._dispatch(events)
                 elif engine.wants_write:
                     self._wake_writer()  # e.g. our header and open answering the peer's
+                if batching is not None:
+                    batching.answered(now, in_flight - engine.outgoing_unsettled)
                 if not self._timer_final:
                     self._arm_timer(now)
                 if not data:
@@ -383,6 +397,7 @@ async def run_upstream(
     name: str,
     bind_driver: Callable[[EngineDriver], None] | None = None,
     tracer: Any = None,
+    ack_batching: float = 0.0,
 ) -> EngineDriver:
     """Open `engine` (client) over `stream` and run it until it ends.
 
@@ -401,6 +416,8 @@ async def run_upstream(
         handler(events)
 
     driver = EngineDriver(stream, engine, handle, name=name, tracer=tracer)
+    if ack_batching > 0.0:
+        driver.ack_batching = AckBatching(ack_batching)
     if bind_driver is not None:
         bind_driver(driver)
     engine.open()

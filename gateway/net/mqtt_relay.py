@@ -73,6 +73,7 @@ from gateway.mqtt.tracking import SessionTracker
 from gateway.mqtt.triage import CLIENT, SERVER, Triage
 
 from . import mqtt_credentials, mqtt_renewal
+from .ack_batching import AckBatching
 from .listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
 from .mqtt_credentials import MqttCredentials
 from .mqtt_renewal import RenewalMode, SessionLost, TokenRenewal, UpstreamLink
@@ -296,6 +297,10 @@ class _Connection:
         )
         self._device_read_at = 0.0
         self._upstream_read_at = 0.0
+        # QoS 1 and 2 PUBLISHes relayed to the hub and not yet answered (PUBACK or
+        # PUBREC), counted only when the connector batches the hub's answers.
+        self._ack_batching: AckBatching | None = None
+        self._in_flight = 0
 
     @property
     def upstream(self) -> trio.abc.Stream | None:
@@ -380,6 +385,9 @@ class _Connection:
             connect_raw = decision.connect_raw
             profile = decision.profile or profile
         self._connector, self._profile = connector, profile
+        wait = float(getattr(connector, "ack_batching", 0.0))
+        if wait > 0.0:
+            self._ack_batching = AckBatching(wait)
         stream = await self._open_stream(connect)
         self.link = self._new_link(stream, 0)
         log.info(
@@ -561,6 +569,8 @@ class _Connection:
                     raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
                 self._observe(IN, "<-", spans, count, views, self._device_read_at)
                 self.last_heard = trio.current_time()
+                if self._ack_batching is not None:
+                    self._in_flight += _answerable_publishes(spans, count)
             if stop is not None:
                 raise stop
             if spans[-1][3] == len(buf):
@@ -725,6 +735,11 @@ class _Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.DEVICE_ERROR, _describe(exc)) from None
                 self._observe(OUT, "->", spans, count, views, self._upstream_read_at)
+                batching = self._ack_batching
+                if batching is not None:
+                    answers = _publish_answers(spans, count)
+                    self._in_flight = max(0, self._in_flight - answers)
+                    batching.answered(self._upstream_read_at, answers)
             if stop is not None:
                 raise stop
             if spans[-1][3] == len(buf):
@@ -777,6 +792,11 @@ class _Connection:
         """Feed `reader` the hub's next bytes (every TLS record already received);
         raises _Stop when the hub's side has ended (bytes received before the end
         were returned by earlier reads and are relayed first)."""
+        batching = self._ack_batching
+        if batching is not None:
+            wait = batching.wait_before_read(time.perf_counter(), self._in_flight)
+            if wait:
+                await trio.sleep(wait)  # let the hub's answers gather: one wake-up for several
         try:
             data = await stream.receive_some(TLS_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -1022,6 +1042,25 @@ def _single_kind(spans: list[Span], count: int) -> int | None:
         if span[0] >> 4 != kind:
             return None
     return kind
+
+
+def _answerable_publishes(spans: list[Span], count: int) -> int:
+    """How many of the first `count` spans are PUBLISHes of QoS 1 or 2."""
+    n = 0
+    for span in islice(spans, count):
+        first = span[0]
+        if first >> 4 == 3 and first & 0x06:
+            n += 1
+    return n
+
+
+def _publish_answers(spans: list[Span], count: int) -> int:
+    """How many of the first `count` spans are PUBACKs or PUBRECs."""
+    n = 0
+    for span in islice(spans, count):
+        if 4 <= span[0] >> 4 <= 5:
+            n += 1
+    return n
 
 
 def _count_mixed(

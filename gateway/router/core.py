@@ -335,7 +335,8 @@ class Router:
                 handler = timed_handler(handler, report)
             try:
                 await run_upstream(stream, engine, handler, opened, name=upstream.id,
-                                   bind_driver=upstream.set_driver, tracer=self.tracer)  # fmt: skip
+                                   bind_driver=upstream.set_driver, tracer=self.tracer,
+                                   ack_batching=float(connector.ack_batching))  # fmt: skip
             finally:
                 driver = upstream.driver
                 why = driver.transport_error if driver is not None else None

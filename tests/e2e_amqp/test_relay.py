@@ -26,6 +26,8 @@ from proton.handlers import MessagingHandler
 from proton.reactor import Container
 from proton.utils import LinkDetached
 
+from gateway.net.ack_batching import AckBatching
+
 EVENTS = f"amqps://{HUB_HOST}/devices/%s/messages/events"
 
 
@@ -49,6 +51,36 @@ async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> Non
     got = [r.raw for r in hub.recorder.d2c]
     assert len(got) == 10_000
     assert got == sent
+
+
+async def test_held_dispositions_all_reach_the_device(hub, keys, tmp_path, monkeypatch) -> None:
+    """With the hub's dispositions held before every read (ack_batching's wait,
+    forced), every message still arrives in order and every outcome comes back."""
+    waits = 0
+
+    def always_wait(self, now: float, in_flight: int) -> float:
+        nonlocal waits
+        if in_flight <= 0:
+            return 0.0
+        waits += 1
+        return 0.002
+
+    monkeypatch.setattr(AckBatching, "wait_before_read", always_wait)
+    config = gateway_config(hub, tmp_path)
+    hub.recorder.keep_d2c = True
+    async with running_gateway(config) as gw:
+
+        def run():
+            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
+                sender = dev.conn.create_sender(EVENTS % "dev1")
+                msgs = [data_message(b"m%04d" % i, id=i) for i in range(500)]
+                states = send_all(sender, dev.conn, msgs)
+                return [m.encode() for m in msgs], states
+
+        sent, states = await in_thread(run)
+    assert all(s == Delivery.ACCEPTED for s in states)
+    assert [r.raw for r in hub.recorder.d2c] == sent
+    assert waits > 0
 
 
 async def test_c2d_accept_reject_release(hub, keys, tmp_path) -> None:

@@ -22,6 +22,7 @@ import trio
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
 from gateway.mqtt import encode
+from gateway.net.ack_batching import AckBatching
 from gateway.net.listeners import ListenerStats
 from gateway.net.mqtt_relay import CloseReason, serve_mqtt_listener
 
@@ -365,3 +366,33 @@ async def test_many_devices_each_with_its_own_upstream(nursery):
         )
         assert sorted(r.device_id for r in hub.recorder.d2c) == sorted(keys)
         assert all(r.body == r.device_id.encode() for r in hub.recorder.d2c)
+
+
+async def test_held_hub_answers_all_reach_the_device(relay, hub, keys, devices, monkeypatch):
+    """With the hub's PUBACKs held before every read (ack_batching's wait, forced),
+    every PUBLISH still reaches the hub, in order, and every PUBACK the device."""
+    waits = 0
+
+    def always_wait(self, now: float, in_flight: int) -> float:
+        nonlocal waits
+        if in_flight <= 0:
+            return 0.0
+        waits += 1
+        return 0.002
+
+    monkeypatch.setattr(AckBatching, "wait_before_read", always_wait)
+    port, _, _ = relay
+    device = devices("dev1", keys["dev1"])
+    assert await device.connect(port) == 0
+    bodies = [b"m%03d" % i for i in range(300)]
+
+    def publish_all() -> list[bool]:
+        infos = [device.client.publish(EVENTS.format("dev1"), body, qos=1) for body in bodies]
+        for info in infos:
+            info.wait_for_publish(timeout=WAIT)
+        return [info.is_published() for info in infos]
+
+    assert all(await trio.to_thread.run_sync(publish_all))
+    await wait_for(hub, lambda: len(hub.recorder.d2c) == len(bodies))
+    assert [m.raw for m in hub.recorder.d2c] == bodies
+    assert waits > 0

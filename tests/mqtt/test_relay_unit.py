@@ -446,3 +446,25 @@ async def test_trace_shows_packets_but_no_secrets(nursery, config, caplog):
     assert any("<- PUBLISH" in line and "devices/dev1/messages/events/" in line for line in lines)
     text = "\n".join(lines)
     assert "hunter2" not in text and "very-private-payload" not in text
+
+
+def test_counts_for_ack_batching_only_answerable_publishes_and_their_answers():
+    """QoS 0 PUBLISHes are never answered; PUBACK and PUBREC answer QoS 1 and 2."""
+    from gateway.mqtt.reader import PacketReader
+    from gateway.net.mqtt_relay import _answerable_publishes, _publish_answers
+
+    reader = PacketReader(1 << 20)
+    reader.feed(
+        encode.publish("t", b"0", qos=0)
+        + encode.publish("t", b"1", qos=1, packet_id=1)
+        + encode.publish("t", b"2", qos=2, packet_id=2)
+        + encode.puback(1)
+        + encode.pubrec(2)
+        + encode.pingresp()
+    )
+    buf, spans = reader.next_spans()
+    assert len(spans) == 6
+    assert _answerable_publishes(spans, 6) == 2
+    assert _answerable_publishes(spans, 2) == 1
+    assert _publish_answers(spans, 6) == 2
+    assert _publish_answers(spans, 4) == 1
