@@ -6,10 +6,12 @@ and the device a read of its own, for a few dozen bytes. Waiting `wait`
 seconds before the next read lets one wake-up carry several answers, the way
 a network card moderates its interrupts.
 
-The wait is taken only when it should not slow the flow: the messages in
-flight must keep the hub busy for `depth` times the wait (so the hub still has
-work while the gateway holds its answers), and answers must come at least two
-per wait (so the wait gathers something). At light load neither holds and
+The wait is taken only under sustained load and when it should not slow the
+flow: answers must have kept coming, no gap over 10 ms, for `sustained`
+seconds (a burst now and then is relayed as it comes); the messages in flight
+must keep the hub busy for `depth` times the wait (so the hub still has work
+while the gateway holds its answers); and answers must come at least two per
+wait (so the wait gathers something). At light load none of this holds and
 every answer is relayed at once.
 
 The hub's pace is estimated from the gaps between answers, and a wait, or the
@@ -30,7 +32,8 @@ __all__ = ["AckBatching"]
 
 # A sample's weight in the running estimate of the time per answer.
 _WEIGHT = 0.25
-# Longest gap one sample may count, so an idle spell is forgotten within a few reads.
+# Longest gap one sample may count, so an idle spell is forgotten within a few reads;
+# a longer one also ends a spell of sustained load.
 _MAX_GAP = 0.01
 # Waits in a row that found the hub idle double the quiet spell, up to 2**7 times.
 _MAX_BACKOFF = 8
@@ -40,19 +43,23 @@ class AckBatching:
     """The wait before one connection's next read of the hub (0: read now)."""
 
     __slots__ = (
-        "wait", "depth", "quiet", "_last_at", "_per_answer", "_held_for", "_quiet_until",
-        "_idle_waits",
+        "wait", "depth", "quiet", "sustained", "_last_at", "_per_answer", "_held_for",
+        "_quiet_until", "_idle_waits", "_busy_since",
     )  # fmt: skip
 
-    def __init__(self, wait: float, *, depth: float = 2.0, quiet: float = 0.01) -> None:
+    def __init__(
+        self, wait: float, *, depth: float = 2.0, quiet: float = 0.01, sustained: float = 0.05
+    ) -> None:
         self.wait = wait
         self.depth = depth
         self.quiet = quiet
+        self.sustained = sustained
         self._last_at: float | None = None
         self._per_answer = 0.0  # running estimate, seconds per answer; 0 = none yet
         self._held_for = 0  # messages in flight when the last wait began (0: no wait)
         self._quiet_until = 0.0
         self._idle_waits = 0  # waits in a row during which the hub ran dry
+        self._busy_since = 0.0  # answers have come without a long gap since then
 
     @property
     def per_answer(self) -> float:
@@ -65,6 +72,8 @@ class AckBatching:
             return
         held, self._held_for = self._held_for, 0
         last, self._last_at = self._last_at, now
+        if last is None or now - last > _MAX_GAP:
+            self._busy_since = now
         if held:
             if count * 4 >= held * 3:
                 self._idle_waits = min(self._idle_waits + 1, _MAX_BACKOFF)
@@ -85,6 +94,7 @@ class AckBatching:
         if (
             per_answer <= 0.0
             or now < self._quiet_until
+            or now - self._busy_since < self.sustained
             or wait < 2 * per_answer
             or in_flight * per_answer < self.depth * wait
         ):

@@ -24,28 +24,28 @@ def steady(batching: AckBatching, gap: float, reads: int, *, start: float = 0.0,
 
 
 def test_no_wait_before_the_pace_is_known() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     assert batching.wait_before_read(0.0, 100) == 0.0
     batching.answered(0.0, 1)  # one read gives no gap yet
     assert batching.wait_before_read(0.0, 100) == 0.0
 
 
 def test_waits_for_a_trickle_with_a_deep_window() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 50e-6, 20)  # one answer every 50 us, 100 in flight: 5 ms of work
     assert batching.per_answer == pytest.approx(50e-6)
     assert batching.wait_before_read(now, 100) == WAIT
 
 
 def test_answers_of_one_read_share_its_gap() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 350e-6, 20, per_read=7)  # the hub writes 7 dispositions at a time
     assert batching.per_answer == pytest.approx(50e-6)
     assert batching.wait_before_read(now, 100) == WAIT
 
 
 def test_no_wait_at_light_load() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 1e-3, 20)  # 1,000 answers/s, one at a time
     assert batching.wait_before_read(now, 1) == 0.0
     # Even with much in flight: a wait would gather less than two answers.
@@ -54,14 +54,14 @@ def test_no_wait_at_light_load() -> None:
 
 @pytest.mark.parametrize("in_flight", [1, 10, 39])
 def test_no_wait_when_the_window_would_run_dry(in_flight: int) -> None:
-    batching = AckBatching(WAIT)  # depth 2: in flight must cover 2 ms at 50 us each
+    batching = AckBatching(WAIT, sustained=0.0)  # depth 2: in flight must cover 2 ms at 50 us each
     now = steady(batching, 50e-6, 20)
     assert batching.wait_before_read(now, in_flight) == 0.0
     assert batching.wait_before_read(now, 41) == WAIT
 
 
 def test_no_wait_for_a_hub_faster_than_the_window() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 8e-6, 50)  # 125k answers/s: 100 in flight last 0.8 ms
     assert batching.wait_before_read(now, 100) == 0.0
 
@@ -73,7 +73,7 @@ def test_switched_off() -> None:
 
 
 def test_an_idle_spell_counts_as_at_most_10ms() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 50e-6, 20)
     batching.answered(now + 5.0, 1)
     assert batching.per_answer == pytest.approx(50e-6 + (0.01 - 50e-6) * 0.25)
@@ -83,7 +83,7 @@ def test_an_idle_spell_counts_as_at_most_10ms() -> None:
 
 
 def test_a_wait_that_drained_the_hub_stops_waiting_for_a_while() -> None:
-    batching = AckBatching(WAIT, quiet=0.01)
+    batching = AckBatching(WAIT, quiet=0.01, sustained=0.0)
     now = steady(batching, 50e-6, 20)
     assert batching.wait_before_read(now, 100) == WAIT
     now += 0.0012
@@ -96,7 +96,7 @@ def test_a_wait_that_drained_the_hub_stops_waiting_for_a_while() -> None:
 
 
 def test_quiet_spells_double_while_waits_keep_draining_the_hub() -> None:
-    batching = AckBatching(WAIT, quiet=0.01)
+    batching = AckBatching(WAIT, quiet=0.01, sustained=0.0)
     now = steady(batching, 50e-6, 20)
     spells = []
     for _ in range(4):
@@ -117,7 +117,7 @@ def test_quiet_spells_double_while_waits_keep_draining_the_hub() -> None:
 
 
 def test_a_wait_that_left_the_hub_busy_resets_the_backoff() -> None:
-    batching = AckBatching(WAIT, quiet=0.01)
+    batching = AckBatching(WAIT, quiet=0.01, sustained=0.0)
     now = steady(batching, 50e-6, 20)
     for drained in (100, 100):
         while batching.wait_before_read(now, 100) == 0.0:
@@ -139,8 +139,32 @@ def test_a_wait_that_left_the_hub_busy_resets_the_backoff() -> None:
 
 
 def test_reads_without_answers_change_nothing() -> None:
-    batching = AckBatching(WAIT)
+    batching = AckBatching(WAIT, sustained=0.0)
     now = steady(batching, 50e-6, 20)
     before = batching.per_answer
     batching.answered(now + 0.5, 0)  # a ping response, a C2D message
     assert batching.per_answer == before
+
+
+def test_waits_only_once_the_load_is_sustained() -> None:
+    batching = AckBatching(WAIT)  # 50 ms of answers without a gap over 10 ms
+    now = steady(batching, 50e-6, 900)  # 45 ms
+    assert batching.wait_before_read(now, 100) == 0.0
+    now = steady(batching, 50e-6, 200, start=now)  # 55 ms
+    assert batching.wait_before_read(now, 100) == WAIT
+    batching.answered(now + 0.0012, 20)
+    now = steady(batching, 0.011, 1, start=now + 0.0012)  # a pause: it starts over
+    now = steady(batching, 50e-6, 100, start=now)
+    assert batching.wait_before_read(now, 100) == 0.0
+
+
+def test_bursts_are_relayed_as_they_come() -> None:
+    """1,000 msg/s sent as a burst of 100 every 100 ms: no answer is ever held."""
+    batching = AckBatching(WAIT)
+    now = 0.0
+    for _ in range(20):
+        now += 0.1
+        for i in range(100):
+            now += 50e-6
+            batching.answered(now, 1)
+            assert batching.wait_before_read(now, 99 - i) == 0.0
