@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.config.durations import parse_duration
+
 from .gateway_proc import RUNNERS
 from .harness import FULL, SMOKE, Bench
 from .procs import raise_fd_limit
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the selected scenarios N times in a row and also print each "
                         "ratio's median (a single run's ratios move with how the kernel shares "
                         "the CPUs between the processes)")
+    parser.add_argument("--ack-batching", metavar="DURATION",
+                        help="the gateway connectors' ack_batching (default: the gateway's "
+                        "default, 1ms); 0 relays every hub answer at once")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the work directory (configs, child logs) after the run")
     for number, title in TITLES.items():
@@ -86,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         print("python -m bench: --repeat takes a count of 1 or more", file=sys.stderr)
         return 2
+    if args.ack_batching is not None:
+        try:
+            parse_duration(args.ack_batching)
+        except ValueError as exc:
+            print(f"python -m bench: --ack-batching: {exc}", file=sys.stderr)
+            return 2
     params = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("duration", args.duration), ("warmup", args.warmup)) if v}
     params = dataclasses.replace(params, **overrides)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rounds: list[list[ScenarioResult]] = []
     bench = Bench(work, params, runner=args.gateway_runner, paths=paths,
-                  profile_dir=args.profile_gateway)  # fmt: skip
+                  profile_dir=args.profile_gateway, ack_batching=args.ack_batching)  # fmt: skip
     interrupted = False
     try:
         for round_number in range(1, args.repeat + 1):

@@ -93,6 +93,7 @@ class Bench:
     paths: tuple[str, ...] = PATHS
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
     profile_dir: Path | None = None  # run the gateway under cProfile, stats here
+    ack_batching: str | None = None  # the connectors' ack_batching; None: the default
     runners_used: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -147,7 +148,8 @@ class Bench:
         amqp = AmqpRoute(upstream_port, *pool) if protocol == "amqp" else None
         mqtt = MqttRoute(upstream_port) if protocol == "mqtt" else None
         text, ports = gateway_config(self.certs.ca_file, amqp=amqp, mqtt=mqtt,
-                                     max_connections=max_connections)  # fmt: skip
+                                     max_connections=max_connections,
+                                     ack_batching=self.ack_batching)  # fmt: skip
         gateway = start_gateway(text, ports, self.work, runner=self.runner, name=f"{tag}-gateway",
                                 profile_dir=self.profile_dir)  # fmt: skip
         self.runners_used.add(gateway.runner)
