@@ -563,14 +563,16 @@ class _Connection:
             if count:
                 assert self.link is not None
                 data = _joined(buf, spans, count)
+                if self._ack_batching is not None:
+                    # Counted before the write, which may yield to the pump that
+                    # relays their answers.
+                    self._in_flight += _answerable_publishes(spans, count)
                 try:
                     await self.link.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Stop(CloseReason.UPSTREAM_ERROR, _describe(exc)) from None
                 self._observe(IN, "<-", spans, count, views, self._device_read_at)
                 self.last_heard = trio.current_time()
-                if self._ack_batching is not None:
-                    self._in_flight += _answerable_publishes(spans, count)
             if stop is not None:
                 raise stop
             if spans[-1][3] == len(buf):
