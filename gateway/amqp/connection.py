@@ -155,6 +155,8 @@ class Connection:
         self._out = bytearray()
         self._held = bytearray()  # frames written before our open went out
         self._events: list[Event] = []
+        # Deliveries of ours the peer has settled, all sessions, ever (only grows).
+        self.settled_by_peer = 0
         self._header_sent: str | None = None
         self._sasl_done = False
         self._open_wanted = False

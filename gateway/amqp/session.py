@@ -963,6 +963,8 @@ class Session:
                     d.remote_settled = True
                     del table[d.delivery_id]  # type: ignore[arg-type]
                     d.link._unsettled -= 1
+        if settled and role == RECEIVER:
+            self.connection.settled_by_peer += len(touched)
         self.connection._events.append(
             DispositionReceived(self, touched, state, settled, first, last, role,  # type: ignore[arg-type]
                                 disp.batchable)  # fmt: skip

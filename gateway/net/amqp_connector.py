@@ -225,12 +225,12 @@ class EngineDriver:
         engine = self.engine
         stream = self.stream
         batching = self.ack_batching
-        in_flight = 0
+        settled = 0
         try:
             while not engine.closed:
-                if batching is not None:
-                    in_flight = engine.outgoing_unsettled
-                    wait = batching.wait_before_read(trio.current_time(), in_flight)
+                if batching is not None and batching.may_wait(trio.current_time()):
+                    # Counting what is in flight walks the sessions: only under load.
+                    wait = batching.wait_for(engine.outgoing_unsettled)
                     if wait:
                         await trio.sleep(wait)  # one wake-up for several dispositions
                 try:
@@ -238,8 +238,7 @@ class EngineDriver:
                 except _TRANSPORT_ERRORS as exc:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
-                if batching is not None:
-                    in_flight = engine.outgoing_unsettled
+                settled = engine.settled_by_peer
                 events = engine.receive_data(data)
                 now = trio.current_time()
                 late = engine.tick(now)
@@ -250,7 +249,7 @@ class EngineDriver:
                 elif engine.wants_write:
                     self._wake_writer()  # e.g. our header and open answering the peer's
                 if batching is not None:
-                    batching.answered(now, in_flight - engine.outgoing_unsettled)
+                    batching.answered(now, engine.settled_by_peer - settled)
                 if not self._timer_final:
                     self._arm_timer(now)
                 if not data:

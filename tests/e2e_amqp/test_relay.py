@@ -26,7 +26,7 @@ from proton.handlers import MessagingHandler
 from proton.reactor import Container
 from proton.utils import LinkDetached
 
-from gateway.net.ack_batching import AckBatching
+from tests.net.forced_waits import ForcedWaits
 
 EVENTS = f"amqps://{HUB_HOST}/devices/%s/messages/events"
 
@@ -55,17 +55,9 @@ async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> Non
 
 async def test_held_dispositions_all_reach_the_device(hub, keys, tmp_path, monkeypatch) -> None:
     """With the hub's dispositions held before every read (ack_batching's wait,
-    forced), every message still arrives in order and every outcome comes back."""
-    waits = 0
-
-    def always_wait(self, now: float, in_flight: int) -> float:
-        nonlocal waits
-        if in_flight <= 0:
-            return 0.0
-        waits += 1
-        return 0.002
-
-    monkeypatch.setattr(AckBatching, "wait_before_read", always_wait)
+    forced), every message still arrives in order and every outcome comes back;
+    each settled disposition counted as the hub's answer."""
+    forced = ForcedWaits(monkeypatch)
     config = gateway_config(hub, tmp_path)
     hub.recorder.keep_d2c = True
     async with running_gateway(config) as gw:
@@ -80,7 +72,10 @@ async def test_held_dispositions_all_reach_the_device(hub, keys, tmp_path, monke
         sent, states = await in_thread(run)
     assert all(s == Delivery.ACCEPTED for s in states)
     assert [r.raw for r in hub.recorder.d2c] == sent
-    assert waits > 0
+    assert forced.waits > 0
+    # The 500 messages, and the CBS put-token the gateway sent for the device.
+    assert forced.answers >= 500
+    assert 0 < forced.max_in_flight <= forced.answers
 
 
 async def test_c2d_accept_reject_release(hub, keys, tmp_path) -> None:

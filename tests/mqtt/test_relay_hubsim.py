@@ -22,9 +22,9 @@ import trio
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
 from gateway.mqtt import encode
-from gateway.net.ack_batching import AckBatching
 from gateway.net.listeners import ListenerStats
 from gateway.net.mqtt_relay import CloseReason, serve_mqtt_listener
+from tests.net.forced_waits import ForcedWaits
 
 from .paho_device import PahoDevice
 
@@ -370,17 +370,9 @@ async def test_many_devices_each_with_its_own_upstream(nursery):
 
 async def test_held_hub_answers_all_reach_the_device(relay, hub, keys, devices, monkeypatch):
     """With the hub's PUBACKs held before every read (ack_batching's wait, forced),
-    every PUBLISH still reaches the hub, in order, and every PUBACK the device."""
-    waits = 0
-
-    def always_wait(self, now: float, in_flight: int) -> float:
-        nonlocal waits
-        if in_flight <= 0:
-            return 0.0
-        waits += 1
-        return 0.002
-
-    monkeypatch.setattr(AckBatching, "wait_before_read", always_wait)
+    every PUBLISH still reaches the hub, in order, and every PUBACK the device;
+    the relay counted each PUBLISH in flight and each PUBACK as its answer."""
+    forced = ForcedWaits(monkeypatch)
     port, _, _ = relay
     device = devices("dev1", keys["dev1"])
     assert await device.connect(port) == 0
@@ -390,9 +382,14 @@ async def test_held_hub_answers_all_reach_the_device(relay, hub, keys, devices, 
         infos = [device.client.publish(EVENTS.format("dev1"), body, qos=1) for body in bodies]
         for info in infos:
             info.wait_for_publish(timeout=WAIT)
+        # After them (paho holds QoS 1 beyond its window, not QoS 0): never answered.
+        infos.append(device.client.publish(EVENTS.format("dev1"), b"qos0", qos=0))
+        infos[-1].wait_for_publish(timeout=WAIT)
         return [info.is_published() for info in infos]
 
     assert all(await trio.to_thread.run_sync(publish_all))
-    await wait_for(hub, lambda: len(hub.recorder.d2c) == len(bodies))
-    assert [m.raw for m in hub.recorder.d2c] == bodies
-    assert waits > 0
+    await wait_for(hub, lambda: len(hub.recorder.d2c) == len(bodies) + 1)
+    assert [m.raw for m in hub.recorder.d2c] == [*bodies, b"qos0"]
+    assert forced.waits > 0
+    assert forced.answers == len(bodies)
+    assert 0 < forced.max_in_flight <= len(bodies)
