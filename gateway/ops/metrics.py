@@ -707,9 +707,16 @@ def hot_value(child: Any) -> Any:
         return value
     if type(value) is not MutexValue:
         return child
+    child._value = hot = _hot(value)
+    return hot
+
+
+def _hot(value: Any) -> Any:
+    """`value` (a `MutexValue` or already a `HotValue`) as a `HotValue`."""
+    if type(value) is not MutexValue:
+        return value
     hot = HotValue(value.get())
     hot._exemplar = value.get_exemplar()
-    child._value = hot
     return hot
 
 
@@ -718,10 +725,7 @@ def _hot_values(values: Any) -> list[Any] | None:
     prometheus_client's `MutexValue`s)."""
     if not isinstance(values, list) or any(type(v) not in (MutexValue, HotValue) for v in values):
         return None
-    for i, v in enumerate(values):
-        if type(v) is MutexValue:
-            hot = HotValue(v.get())
-            values[i] = hot
+    values[:] = [_hot(v) for v in values]
     return values
 
 
@@ -744,7 +748,7 @@ class FastHistogram:
         buckets = _hot_values(getattr(child, "_buckets", None))
         total = getattr(child, "_sum", None)
         if type(total) is MutexValue:
-            total = child._sum = HotValue(total.get())
+            total = child._sum = _hot(total)
         if (
             bounds is None
             or buckets is None

@@ -31,7 +31,9 @@ from tests.net.forced_waits import ForcedWaits
 EVENTS = f"amqps://{HUB_HOST}/devices/%s/messages/events"
 
 
-async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> None:
+async def send_through_gateway(hub, keys, tmp_path, msgs: list[Message]) -> tuple[list, list]:
+    """dev1 sends `msgs` through a gateway, all in flight at once; returns their
+    encodings and the outcomes the device got. The hub keeps what it received."""
     config = gateway_config(hub, tmp_path)
     hub.recorder.keep_d2c = True
     async with running_gateway(config) as gw:
@@ -39,14 +41,18 @@ async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> Non
         def run():
             with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
                 sender = dev.conn.create_sender(EVENTS % "dev1")
-                msgs = [
-                    data_message(i.to_bytes(4, "big") * (1 + i % 50), id=i, properties={"n": i})
-                    for i in range(10_000)
-                ]
                 states = send_all(sender, dev.conn, msgs)
                 return [m.encode() for m in msgs], states
 
-        sent, states = await in_thread(run)
+        return await in_thread(run)
+
+
+async def test_10000_messages_bit_identical_in_order(hub, keys, tmp_path) -> None:
+    msgs = [
+        data_message(i.to_bytes(4, "big") * (1 + i % 50), id=i, properties={"n": i})
+        for i in range(10_000)
+    ]
+    sent, states = await send_through_gateway(hub, keys, tmp_path, msgs)
     assert all(s == Delivery.ACCEPTED for s in states)
     got = [r.raw for r in hub.recorder.d2c]
     assert len(got) == 10_000
@@ -58,18 +64,8 @@ async def test_held_dispositions_all_reach_the_device(hub, keys, tmp_path, monke
     forced), every message still arrives in order and every outcome comes back;
     each settled disposition counted as the hub's answer."""
     forced = ForcedWaits(monkeypatch)
-    config = gateway_config(hub, tmp_path)
-    hub.recorder.keep_d2c = True
-    async with running_gateway(config) as gw:
-
-        def run():
-            with authenticated_device(gw.url, "dev1", keys["dev1"]) as dev:
-                sender = dev.conn.create_sender(EVENTS % "dev1")
-                msgs = [data_message(b"m%04d" % i, id=i) for i in range(500)]
-                states = send_all(sender, dev.conn, msgs)
-                return [m.encode() for m in msgs], states
-
-        sent, states = await in_thread(run)
+    msgs = [data_message(b"m%04d" % i, id=i) for i in range(500)]
+    sent, states = await send_through_gateway(hub, keys, tmp_path, msgs)
     assert all(s == Delivery.ACCEPTED for s in states)
     assert [r.raw for r in hub.recorder.d2c] == sent
     assert forced.waits > 0
