@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from gateway.config import parse_config_text
-from gateway.net.mqtt_relay import CloseReason, relay_mqtt_connection
+from gateway.mqtt_relay import CloseReason, relay_mqtt_connection
 from gateway.net.plain_stream import PlainStream
 from gateway.ops.metrics import Metrics
 from gateway.ops.trace import FrameTracer

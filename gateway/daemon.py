@@ -38,9 +38,9 @@ from typing import Any
 
 import trio
 
+from gateway import mqtt_relay
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.net import mqtt_relay
 from gateway.net.amqp_listener import serve_amqp_listener
 from gateway.ops import sdnotify
 from gateway.ops.connections import ListenerConnections

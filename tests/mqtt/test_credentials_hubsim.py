@@ -24,7 +24,7 @@ from gateway.auth.credentials import CredentialStore
 from gateway.auth.local_auth import hash_password
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
-from gateway.net.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
 from gateway.ops.trace import FrameTracer
 
 from .paho_device import PahoDevice

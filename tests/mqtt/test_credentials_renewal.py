@@ -24,9 +24,9 @@ from paho.mqtt.properties import Properties
 from gateway.auth.credentials import CredentialStore
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
-from gateway.net.mqtt_credentials import MqttCredentials
-from gateway.net.mqtt_relay import CloseReason, relay_mqtt_connection, serve_mqtt_listener
-from gateway.net.mqtt_renewal import RenewalMode
+from gateway.mqtt_relay import CloseReason, relay_mqtt_connection, serve_mqtt_listener
+from gateway.mqtt_relay.credentials import MqttCredentials
+from gateway.mqtt_relay.renewal import RenewalMode
 from gateway.net.tls import TLSConnectError
 
 from .paho_device import PahoDevice

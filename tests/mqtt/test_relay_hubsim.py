@@ -22,8 +22,8 @@ import trio
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
 from gateway.mqtt import encode
+from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
 from gateway.net.listeners import ListenerStats
-from gateway.net.mqtt_relay import CloseReason, serve_mqtt_listener
 from tests.net.forced_waits import ForcedWaits
 
 from .paho_device import PahoDevice

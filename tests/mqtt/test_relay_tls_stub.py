@@ -14,7 +14,7 @@ import trio
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
 
-from gateway.net.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
 
 WAIT = 10.0
 

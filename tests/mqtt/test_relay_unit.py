@@ -16,7 +16,7 @@ import trio.testing
 
 from gateway.mqtt import MQTT_5, encode
 from gateway.mqtt.properties import Property
-from gateway.net.mqtt_relay import RECEIVE_SIZE, CloseReason, relay_mqtt_connection
+from gateway.mqtt_relay.session import RECEIVE_SIZE, CloseReason, relay_mqtt_connection
 from gateway.net.tls import TLSConnectError
 
 CONNECT = encode.connect(
@@ -260,7 +260,7 @@ async def test_no_route_refused_with_not_authorized(nursery, make_config, level,
 
 
 async def test_exact_hub_route_wins_over_star(nursery, make_config):
-    from gateway.net.mqtt_relay import select_route
+    from gateway.mqtt_relay import select_route
 
     routes = make_config(1).mqtt_routes + make_config(1, hub="MyHub.azure-devices.net").mqtt_routes
     assert select_route(routes, "myhub.azure-devices.net").hub == "MyHub.azure-devices.net"
@@ -451,7 +451,7 @@ async def test_trace_shows_packets_but_no_secrets(nursery, config, caplog):
 def test_counts_for_ack_batching_only_answerable_publishes_and_their_answers():
     """QoS 0 PUBLISHes are never answered; PUBACK and PUBREC answer QoS 1 and 2."""
     from gateway.mqtt.reader import PacketReader
-    from gateway.net.mqtt_relay import _answerable_publishes, _publish_answers
+    from gateway.mqtt_relay.session import _answerable_publishes, _publish_answers
 
     reader = PacketReader(1 << 20)
     reader.feed(

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from gateway import daemon as daemon_module
+from gateway import mqtt_relay
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import parse_config_text
-from gateway.net import mqtt_relay
 from gateway.ops.lifecycle import LiveCredentials, LiveListenerSettings
 
 CONFIG = """

@@ -43,7 +43,7 @@ with an entry, the CONNECT goes upstream with a gateway-issued SAS token as
 password (or over a TLS connection with the device's client certificate), after
 the device proved itself locally; the token is renewed before expiry by moving
 the session to a new upstream connection, unseen by the device. The rules are
-in `gateway.net.mqtt_credentials` and `gateway.net.mqtt_renewal`; this module
+in `gateway.mqtt_relay.credentials` and `gateway.mqtt_relay.renewal`; this module
 only calls them. A refused local authentication is answered with CONNACK 4
 (password) or 5 (address), the gateway's own answers besides the ones above.
 
@@ -71,13 +71,19 @@ from gateway.mqtt.session import RelayState
 from gateway.mqtt.topics import TopicPolicy
 from gateway.mqtt.tracking import SessionTracker
 from gateway.mqtt.triage import CLIENT, SERVER, Triage
+from gateway.net.ack_batching import AckBatching
+from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
+from gateway.net.tls import (
+    ClientContextCache,
+    TLSConnectError,
+    open_upstream_stream,
+    server_name_for,
+)
 
-from . import mqtt_credentials, mqtt_renewal
-from .ack_batching import AckBatching
-from .listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
-from .mqtt_credentials import MqttCredentials
-from .mqtt_renewal import RenewalMode, SessionLost, TokenRenewal, UpstreamLink
-from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
+from . import credentials as mqtt_credentials
+from . import renewal as mqtt_renewal
+from .credentials import MqttCredentials
+from .renewal import RenewalMode, SessionLost, TokenRenewal, UpstreamLink
 
 if TYPE_CHECKING:
     from gateway.auth.credentials import CredentialStore
@@ -233,7 +239,7 @@ class _Connection:
     """One device connection and, once routed, its upstream connection(s).
 
     Normally one upstream connection (`link`); while a gateway-issued token is
-    renewed, two: see `gateway.net.mqtt_renewal`. Each has its own pump task.
+    renewed, two: see `gateway.mqtt_relay.renewal`. Each has its own pump task.
     """
 
     def __init__(
@@ -1117,7 +1123,7 @@ async def relay_mqtt_connection(
     the device, "->" to it) when its `mqtt_enabled` is set. `credentials`: the
     listener's `MqttCredentials` (None: devices bring their own credentials);
     `renewal_mode` how a token renewal replaces the upstream connection (see
-    `gateway.net.mqtt_renewal`).
+    `gateway.mqtt_relay.renewal`).
     """
     connection = _Connection(
         device_stream,

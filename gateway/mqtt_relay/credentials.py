@@ -14,7 +14,7 @@ On a device's CONNECT, in this order:
 4. A symmetric-key or group entry: the gateway issues a SAS token for the hub
    named in the user name and puts it in the CONNECT as the password (the user
    name stays; every other byte is unchanged). The token is renewed before it
-   expires, see `gateway.net.mqtt_renewal`.
+   expires, see `gateway.mqtt_relay.renewal`.
 5. An X.509 entry: the upstream TLS connection presents that device's client
    certificate, and the CONNECT goes without a password, as IoT Hub expects.
 

@@ -76,9 +76,9 @@ from gateway.mqtt import encode
 from gateway.mqtt.packets import Connect
 from gateway.mqtt.reader import PacketReader
 from gateway.mqtt.tracking import SessionTracker
+from gateway.net.tls import TLSConnectError
 
-from .mqtt_credentials import MqttCredentials
-from .tls import TLSConnectError
+from .credentials import MqttCredentials
 
 __all__ = [
     "RenewalMode",
@@ -171,7 +171,7 @@ class UpstreamLink:
 
 
 class RelayHost(Protocol):
-    """What a renewal needs from the relayed connection (`mqtt_relay._Connection`)."""
+    """What a renewal needs from the relayed connection (`session._Connection`)."""
 
     label: str
     link: UpstreamLink
