@@ -1,11 +1,13 @@
 #!/bin/sh
 # Set up a virtual environment (once) and run the end-to-end demo:
 # local IoT Hub emulator (TLS) + gateway + sample AMQP and MQTT devices.
+# Dependencies come from requirements/sim.lock (the runtime plus the `sim` extra, exact
+# versions, hash-checked), the project itself is installed editable on top.
 set -eu
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[sim]'
+.venv/bin/python -m pip install -q --require-hashes -r requirements/sim.lock
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 exec .venv/bin/iot-gateway demo "$@"
