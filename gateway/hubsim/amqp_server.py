@@ -197,6 +197,8 @@ class AmqpTwinWatcher:
 
 
 class AmqpConnection(asyncio.Protocol):
+    sasl_mechanisms = SASL_MECHANISMS
+
     def __init__(self, server: AmqpServer) -> None:
         self.server = server
         self.state: HubState = server.state
@@ -234,7 +236,7 @@ class AmqpConnection(asyncio.Protocol):
         cn = peer_common_name(transport.get_extra_info("ssl_object"))
         if cn is not None and cn in self.state.devices:
             self.cert_identity = cn
-        self.recorder.connection_opened("amqp", self.id)
+        self.recorder.connection_opened(self.server.label, self.id)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -245,7 +247,7 @@ class AmqpConnection(asyncio.Protocol):
             handle.cancel()
         self._forget_links()
         reason = self.close_reason or (f"peer: {exc}" if exc else "peer closed")
-        self.recorder.connection_closed("amqp", self.id, self.connected_identities, reason)
+        self.recorder.connection_closed(self.server.label, self.id, self.connected_identities, reason)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -271,7 +273,7 @@ class AmqpConnection(asyncio.Protocol):
             head, data = bytes(self.header[:8]), bytes(self.header[8:])
             if head == SASL_HEADER:
                 self.phase = "sasl"
-                self.sasl = SaslServer(SASL_MECHANISMS, self._authenticate)
+                self.sasl = SaslServer(self.sasl_mechanisms, self._authenticate)
                 self._write(self.sasl.greeting())
             elif head == AMQP_HEADER:
                 # No SASL layer: identity from a client certificate only (the C SDK's X.509 mode).
@@ -802,7 +804,11 @@ class AmqpConnection(asyncio.Protocol):
             request_id = f"{cid.int:x}" if isinstance(cid, uuid.UUID) else str(cid)
             self.state.complete_method(request_id, int(status), body_bytes(msg))
         else:
-            self._settle(delivery, Delivery.REJECTED, Condition("amqp:not-allowed", "unexpected transfer"))
+            self._on_node_transfer(delivery, link, msg)
+
+    def _on_node_transfer(self, delivery: Delivery, link: Link, msg: Message) -> None:
+        """A transfer on a link of a node kind this front does not serve (subclasses may)."""
+        self._settle(delivery, Delivery.REJECTED, Condition("amqp:not-allowed", "unexpected transfer"))
 
     def _settle(self, delivery: Delivery, outcome: Any, condition: Condition | None = None) -> None:
         if not delivery.settled:
@@ -941,6 +947,9 @@ class AmqpConnection(asyncio.Protocol):
 class AmqpServer:
     """Listens for TLS connections and serves them with AmqpConnection."""
 
+    label = "amqp"  # the recorder's name for this front's connections
+    connection_class: type[AmqpConnection] = AmqpConnection
+
     def __init__(
         self,
         state: HubState,
@@ -958,7 +967,7 @@ class AmqpServer:
     async def start(self, host: str, port: int, ssl_context: Any) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: AmqpConnection(self), host, port, ssl=ssl_context, reuse_address=True
+            lambda: self.connection_class(self), host, port, ssl=ssl_context, reuse_address=True
         )
         return int(self.server.sockets[0].getsockname()[1])
 

@@ -28,12 +28,20 @@ class CertPair:
 class HubCertificates:
     """Owns the PEM files the TLS contexts load; they live in a private temp dir."""
 
-    def __init__(self, hub_host: str, cert: CertPair | None, client_ca_pem: bytes | None) -> None:
+    def __init__(
+        self,
+        hub_host: str,
+        cert: CertPair | None,
+        client_ca_pem: bytes | None,
+        extra_names: tuple[str, ...] = (),
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="hubsim-")
         self.ca: trustme.CA | None = None
         if cert is None:
             self.ca = trustme.CA(organization_name="hubsim throwaway CA")
-            leaf = self.ca.issue_cert(hub_host, "localhost", "127.0.0.1", "::1")
+            names = [hub_host, "localhost", "127.0.0.1", "::1"]
+            names += [n for n in extra_names if n not in names]
+            leaf = self.ca.issue_cert(*names)
             cert = CertPair(
                 b"".join(b.bytes() for b in leaf.cert_chain_pems),
                 leaf.private_key_pem.bytes(),

@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 from .amqp_server import DEFAULT_MAX_MESSAGE_SIZE as AMQP_MAX_MESSAGE_SIZE
 from .amqp_server import AmqpServer
 from .certs import CertPair, HubCertificates
+from .dps import DpsState
+from .dps_amqp import DpsAmqpServer
+from .dps_mqtt import DpsMqttServer
 from .mqtt_server import DEFAULT_MAX_MESSAGE_SIZE as MQTT_MAX_MESSAGE_SIZE
 from .mqtt_server import MqttServer
 from .records import LinkRecord, Recorder
@@ -60,6 +63,14 @@ class HubSim:
         mqtt_max_message_size: int = MQTT_MAX_MESSAGE_SIZE,
         amqp_idle_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
+        dps_scope: str | None = None,
+        dps_group_keys: dict[str, str] | None = None,
+        dps_device_keys: dict[str, str] | None = None,
+        dps_host: str | None = None,
+        dps_amqp_port: int | None = 0,
+        dps_mqtt_port: int | None = 0,
+        dps_retry_after: int = 1,
+        dps_host_name: str = "global.azure-devices-provisioning.net",
     ) -> None:
         self.hub_host = hub_host
         self.host = host
@@ -68,8 +79,25 @@ class HubSim:
         self.mqtt_port = mqtt_port
         self.require_client_cert = require_client_cert
         self.recorder = Recorder()
-        self.certs = HubCertificates(hub_host, cert, client_ca_pem)
+        self.dps_host = dps_host or host
+        self.dps_host_name = dps_host_name
+        extra = (host, self.mqtt_host, self.dps_host, dps_host_name)
+        self.certs = HubCertificates(hub_host, cert, client_ca_pem, extra)
         self.state = HubState(hub_host, devices, policies or {}, self.recorder, token_skew, clock)
+        # The Device Provisioning Service (off unless a scope is given): assigns to this hub.
+        self.dps: DpsState | None = None
+        self.dps_amqp_port = dps_amqp_port if dps_scope else None
+        self.dps_mqtt_port = dps_mqtt_port if dps_scope else None
+        self._dps_amqp: DpsAmqpServer | None = None
+        self._dps_mqtt: DpsMqttServer | None = None
+        if dps_scope:
+            self.dps = DpsState(
+                dps_scope, hub_host, self.state.devices, self.recorder,
+                group_keys=dps_group_keys, device_keys=dps_device_keys,
+                retry_after=dps_retry_after, token_skew=token_skew, clock=clock,
+            )
+            self._dps_amqp = DpsAmqpServer(self.dps, f"hubsim-dps-{dps_scope}")
+            self._dps_mqtt = DpsMqttServer(self.dps)
         self._amqp = AmqpServer(
             self.state, f"hubsim-{hub_host}", amqp_max_message_size, amqp_idle_timeout
         )
@@ -124,8 +152,16 @@ class HubSim:
             self.amqp_port = await self._amqp.start(self.host, self.amqp_port, ctx)
         if self.mqtt_port is not None:
             self.mqtt_port = await self._mqtt.start(self.mqtt_host, self.mqtt_port, ctx)
+        if self._dps_amqp is not None and self.dps_amqp_port is not None:
+            self.dps_amqp_port = await self._dps_amqp.start(self.dps_host, self.dps_amqp_port, ctx)
+        if self._dps_mqtt is not None and self.dps_mqtt_port is not None:
+            self.dps_mqtt_port = await self._dps_mqtt.start(self.dps_host, self.dps_mqtt_port, ctx)
 
     async def _stop_servers(self) -> None:
+        if self._dps_mqtt is not None:
+            await self._dps_mqtt.stop()
+        if self._dps_amqp is not None:
+            await self._dps_amqp.stop()
         await self._mqtt.stop()
         await self._amqp.stop()
 

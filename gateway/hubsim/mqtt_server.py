@@ -95,7 +95,7 @@ class MqttConnection:
     # -- lifecycle -----------------------------------------------------------------
 
     async def serve(self) -> None:
-        self.recorder.connection_opened("mqtt", self.id)
+        self.recorder.connection_opened(self.server.label, self.id)
         try:
             await self._serve()
         except Violation as exc:
@@ -135,7 +135,7 @@ class MqttConnection:
         self.server.connections.discard(self)
         self.writer.transport.abort()
         self.recorder.connection_closed(
-            "mqtt", self.id, [identity] if identity else [], self.close_reason or "closed"
+            self.server.label, self.id, [identity] if identity else [], self.close_reason or "closed"
         )
 
     # -- reading ---------------------------------------------------------------------
@@ -433,6 +433,9 @@ def _puback(packet_id: int) -> Any:
 
 
 class MqttServer:
+    label = "mqtt"  # the recorder's name for this front's connections
+    connection_class: type[MqttConnection] = MqttConnection
+
     def __init__(self, state: HubState, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.state = state
         self.max_message_size = max_message_size
@@ -452,7 +455,7 @@ class MqttServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = MqttConnection(self, reader, writer)
+        conn = self.connection_class(self, reader, writer)
         self.connections.add(conn)
         task = asyncio.current_task()
         if task is not None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-Protocol = Literal["amqp", "mqtt"]
+Protocol = Literal["amqp", "mqtt", "dps-amqp", "dps-mqtt"]
 T = TypeVar("T")
 
 
@@ -133,6 +133,7 @@ class Recorder:
             self.links: list[LinkRecord] = []
             self.connection_log: list[ConnectionRecord] = []
             self.events: list[tuple[str, Any]] = []
+            self.dps: list[Any] = []  # DpsRecord (gateway.hubsim.dps)
             open_now = {
                 p: dict(c.open_devices) for p, c in getattr(self, "connections", {}).items()
             }
@@ -140,7 +141,7 @@ class Recorder:
             # Currently-open counts describe the present, so they survive a clear.
             self.connections: dict[str, ProtocolConnections] = {
                 p: ProtocolConnections(open=open_count.get(p, 0), open_devices=open_now.get(p, {}))
-                for p in ("amqp", "mqtt")
+                for p in ("amqp", "mqtt", "dps-amqp", "dps-mqtt")
             }
             self._cond.notify_all()
 
@@ -161,6 +162,7 @@ class Recorder:
                 "cbs": self.cbs,
                 "auth": self.auth,
                 "link": self.links,
+                "dps": self.dps,
             }.get(kind)
             if target is not None:
                 target.append(record)
