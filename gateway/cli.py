@@ -115,6 +115,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     hashing.set_defaults(handler=_cmd_hash_password)
 
+    qdr = sub.add_parser(
+        "import-qdrouterd",
+        help="convert a Qpid Dispatch Router configuration to gateway YAML",
+        description="Read a qdrouterd.conf (its own format or the JSON form) and write the "
+        "equivalent gateway YAML, with a '# not carried over:' comment, and why, for every "
+        "entity or attribute the gateway has no equivalent for.",
+    )
+    qdr.add_argument("file", metavar="FILE", help="qdrouterd.conf (or a .json configuration)")
+    qdr.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    qdr.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    qdr.set_defaults(handler=_cmd_import_qdrouterd)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
 
@@ -407,6 +419,57 @@ def _cmd_hash_password(options: argparse.Namespace) -> int:
         print("iot-gateway credentials hash-password: empty password", file=sys.stderr)
         return EXIT_CONFIG
     print(hash_password(password))
+    return EXIT_OK
+
+
+def _cmd_import_qdrouterd(options: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.config import ConfigError, parse_config_text
+    from gateway.config.qdrouterd import QdrouterdError, import_text
+
+    prog = "iot-gateway import-qdrouterd"
+    source = Path(options.file)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{prog}: cannot read {source}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    try:
+        result = import_text(text, source.name if options.output else str(source))
+    except QdrouterdError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    target = Path(options.output) if options.output else None
+    if target is not None:
+        if target.exists() and not options.force:
+            print(f"{prog}: {target} exists; pass --force to overwrite it", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            target.write_text(result.yaml, encoding="utf-8")
+        except OSError as exc:
+            print(f"{prog}: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+    else:
+        sys.stdout.write(result.yaml)
+    shown = str(target) if target is not None else "<stdout>"
+    print(
+        f"{prog}: {shown}: {result.listeners} listener(s), {result.connectors} connector(s), "
+        f"{result.link_routes} link route(s); {len(result.notes)} item(s) not carried over "
+        "(see the '# not carried over:' comments)",
+        file=sys.stderr,
+    )
+    # The result is checked as `iot-gateway check` would, from where it is written:
+    # files it names (CA bundles, keys) must exist on this machine for it to pass.
+    base = target.parent if target is not None else Path.cwd()
+    try:
+        parse_config_text(result.yaml, shown, base_dir=base)
+    except ConfigError as exc:
+        print(f"{prog}: warning: the result does not pass `iot-gateway check` here yet:",
+              file=sys.stderr)  # fmt: skip
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
     return EXIT_OK
 
 
