@@ -41,12 +41,13 @@ import trio
 from gateway import mqtt_relay
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.net import dial
 from gateway.net.amqp_listener import serve_amqp_listener
 from gateway.ops import sdnotify
 from gateway.ops.connections import ListenerConnections
 from gateway.ops.credentials_api import credentials_snapshot
 from gateway.ops.health import Readiness
-from gateway.ops.hooks import set_connect_failure_hook
+from gateway.ops.hooks import set_connect_failure_hook, set_dial_hook
 from gateway.ops.lifecycle import (
     LiveConfig,
     LiveCredentials,
@@ -145,7 +146,8 @@ class Daemon:
         for connector in config.connectors:
             self.registry.register_connector(connector.name, protocol=connector.protocol,
                                              target=connector.target,
-                                             on_demand=getattr(connector, "on_demand", True))  # fmt: skip
+                                             on_demand=getattr(connector, "on_demand", True),
+                                             endpoints=[str(e) for e in dial.connector_endpoints(connector)])  # fmt: skip
         self.registry.set_credentials(
             credentials_snapshot(lambda: self.credentials, lambda: self.router.tokens)
         )
@@ -157,6 +159,7 @@ class Daemon:
         config = self.config
         if self.metrics is not None:
             set_connect_failure_hook(self.metrics.on_tls_handshake_failure)
+        set_dial_hook(self.registry.connector_dialled)
         if self.tracer.amqp_enabled or self.tracer.mqtt_enabled:
             log.info("frame trace on for %s", ",".join(_traced(self.tracer)))
         async with trio.open_nursery() as nursery:

@@ -177,9 +177,62 @@ class PoolSettings(Section):
     )
 
 
+def _host_entry(value: Any) -> str:
+    parse_host_entry(_str(value))
+    return value  # type: ignore[no-any-return]
+
+
+def parse_host_entry(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port`` -> (host, port or None)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or (text[end + 1 :] and text[end + 1] != ":"):
+            raise ValueError(f"invalid host {text!r}: expected [ipv6] or [ipv6]:port")
+        if not text[end + 1 :]:
+            return str(HostPort.parse(f"{text}:0").host), None
+        hp = HostPort.parse(text)
+    elif ":" not in text:
+        if any(c.isspace() for c in text):
+            raise ValueError(f"invalid host {text!r}")
+        return text, None
+    else:
+        hp = HostPort.parse(text)
+    if not 1 <= hp.port <= 65535:
+        raise ValueError(f"invalid host {text!r}: port must be 1..65535")
+    return hp.host, hp.port
+
+
+HostEntry = Annotated[
+    str,
+    PlainValidator(_host_entry),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "description": "host, host:port, [ipv6] or [ipv6]:port (default port: the connector's)",
+        }
+    ),
+]
+
+
+class ConnectorEndpoint(Section):
+    """One place a connector's hub may be reached (from ``host``/``port`` or ``hosts``)."""
+
+    host: str
+    port: int
+
+
 class ConnectorBase(Section):
     name: Name
-    host: str = Field(min_length=1)
+    host: str | None = Field(None, min_length=1, description="the hub's host (or give hosts)")
+    hosts: list[HostEntry] | None = Field(
+        None,
+        min_length=1,
+        description="failover: endpoints tried in order on every connect, instead of host",
+    )
     tls_profile: str | None = None
     allow_plaintext: bool = Field(False, description="permit a connector without TLS")
     connect_timeout: Duration = 10.0
@@ -194,9 +247,41 @@ class ConnectorBase(Section):
         ),
     )
 
+    @model_validator(mode="after")
+    def _host_or_hosts(self) -> ConnectorBase:
+        if self.hosts is None:
+            if self.host is None:
+                raise errors_at("Connector", [(("host",), "required key is missing")])
+            return self
+        if self.host is not None and self.host != parse_host_entry(self.hosts[0])[0]:
+            raise errors_at("Connector", [(("hosts",), "give host or hosts, not both")])
+        seen: set[tuple[str, int]] = set()
+        for i, endpoint in enumerate(self.endpoints):
+            key = (endpoint.host.lower(), endpoint.port)
+            if key in seen:
+                raise errors_at("Connector", [(("hosts", i), "duplicate endpoint")])
+            seen.add(key)
+        # The first host stands for the connector where one name is needed (the
+        # AMQP open hostname's default, `target`, SAS token audiences).
+        self.host = self.endpoints[0].host
+        return self
+
+    @property
+    def endpoints(self) -> list[ConnectorEndpoint]:
+        """Where to connect, in order (``hosts``, else ``host``/``port``)."""
+        port = int(self.port)  # type: ignore[attr-defined]
+        if self.hosts is None:
+            return [ConnectorEndpoint.model_construct(host=str(self.host), port=port)]
+        out = []
+        for entry in self.hosts:
+            host, entry_port = parse_host_entry(entry)
+            out.append(ConnectorEndpoint.model_construct(host=host, port=entry_port or port))
+        return out
+
     @property
     def target(self) -> str:
-        return str(HostPort(self.host, self.port))  # type: ignore[attr-defined]
+        """``host:port``, or every endpoint comma-separated with ``hosts``."""
+        return ", ".join(str(HostPort(e.host, e.port)) for e in self.endpoints)
 
 
 class AmqpConnector(ConnectorBase):

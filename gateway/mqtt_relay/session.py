@@ -72,13 +72,9 @@ from gateway.mqtt.topics import TopicPolicy
 from gateway.mqtt.tracking import SessionTracker
 from gateway.mqtt.triage import CLIENT, SERVER, Triage
 from gateway.net.ack_batching import AckBatching
+from gateway.net.dial import open_connector_stream
 from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
-from gateway.net.tls import (
-    ClientContextCache,
-    TLSConnectError,
-    open_upstream_stream,
-    server_name_for,
-)
+from gateway.net.tls import ClientContextCache, TLSConnectError
 
 from . import credentials as mqtt_credentials
 from . import renewal as mqtt_renewal
@@ -443,16 +439,7 @@ class _Connection:
             ) from None
 
     async def _connect(self, connector: Any, profile: Any) -> trio.abc.Stream:
-        if profile is None and not getattr(connector, "allow_plaintext", False):
-            raise TLSConnectError("error", "plaintext connector without allow_plaintext")
-        context = self.contexts.get(profile) if profile is not None else None
-        return await open_upstream_stream(
-            connector.host,
-            connector.port,
-            ssl_context=context,
-            server_hostname=server_name_for(connector, profile) if context else None,
-            timeout=float(connector.connect_timeout),
-        )
+        return await open_connector_stream(connector, profile, contexts=self.contexts)
 
     def _new_link(self, stream: trio.abc.Stream, generation: int) -> UpstreamLink:
         reader = PacketReader(

@@ -27,8 +27,9 @@ from gateway.amqp import Connection, ConnectionError, RemoteClose, RemoteOpen, S
 from gateway.amqp.events import Event
 from gateway.ops.hooks import report_connect_failure
 
+from . import dial
 from .ack_batching import AckBatching
-from .tls import ClientContextCache, TLSConnectError, open_upstream_stream, server_name_for
+from .tls import ClientContextCache, TLSConnectError, server_name_for
 
 log = logging.getLogger("gateway.net.amqp")
 
@@ -352,23 +353,14 @@ def open_hostname_for(connector: Any, profile: Any) -> str:
 _contexts = ClientContextCache()
 
 
-async def open_connector_stream(connector: Any, profile: Any) -> trio.abc.Stream:
-    """TCP (+ TLS unless the connector is an allowed plaintext one) to the hub."""
-    ssl_context = None
-    server_hostname = None
-    if profile is not None:
-        ssl_context = _contexts.get(profile)
-        server_hostname = server_name_for(connector, profile)
-    elif not getattr(connector, "allow_plaintext", False):
-        raise TLSConnectError("error", f"connector {connector.name!r} has no tls_profile")
+async def open_connector_stream(
+    connector: Any, profile: Any
+) -> tuple[trio.abc.Stream, dial.DialReport]:
+    """TCP (+ TLS unless the connector is an allowed plaintext one) to the hub,
+    over the connector's endpoints in order (`gateway.net.dial`); the stream and
+    which endpoint it reached."""
     try:
-        return await open_upstream_stream(
-            connector.host,
-            int(connector.port),
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-            timeout=float(connector.connect_timeout),
-        )
+        return await dial.dial_connector(connector, profile, contexts=_contexts)
     except TLSConnectError as exc:
         report_connect_failure(connector.name, exc.reason)  # ops: TLS failures by reason
         raise

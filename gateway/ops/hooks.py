@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar, Token
+from typing import Any
 
-__all__ = ["report_connect_failure", "set_connect_failure_hook"]
+__all__ = ["report_connect_failure", "report_dial", "set_connect_failure_hook", "set_dial_hook"]
 
 ConnectFailureHook = Callable[[str, str], None]
 
@@ -32,3 +33,23 @@ def report_connect_failure(connector: str, reason: str) -> None:
     hook = _connect_failure.get()
     if hook is not None:
         hook(connector, reason)
+
+
+# Dial outcomes (gateway.net.dial.DialReport): which endpoint a connector reached,
+# and the ones it skipped with why.
+DialHook = Callable[[Any], None]
+
+_dial: ContextVar[DialHook | None] = ContextVar("iotgw_dial", default=None)
+
+
+def set_dial_hook(hook: DialHook | None) -> Token[DialHook | None]:
+    """Install ``hook(report)`` for the current task and the tasks it starts."""
+    return _dial.set(hook)
+
+
+def report_dial(report: Any) -> None:
+    """A connector dial ended (``report.endpoint`` None: every endpoint failed).
+    A no-op without a hook."""
+    hook = _dial.get()
+    if hook is not None:
+        hook(report)

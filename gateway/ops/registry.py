@@ -130,6 +130,13 @@ class ConnectorInfo:
     detail: str = ""
     since: float = field(default_factory=time.time)
     connections: int = 0  # open upstream connections, maintained by the registry
+    # Failover (gateway.net.dial): the endpoints configured, the one the last
+    # successful connect reached (and at which address), and the endpoints the
+    # last connect skipped or failed on, each with why.
+    endpoints: list[str] = field(default_factory=list)
+    endpoint: str | None = None
+    address: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +148,10 @@ class ConnectorInfo:
             "detail": _scrub(self.detail),
             "since": self.since,
             "connections": self.connections,
+            "endpoints": list(self.endpoints),
+            "endpoint": self.endpoint,
+            "address": self.address,
+            "skipped": [{k: _scrub(v) for k, v in row.items()} for row in self.skipped],
         }
 
 
@@ -224,13 +235,32 @@ class Registry:
     # -- connectors and listeners ---------------------------------------
 
     def register_connector(
-        self, name: str, *, protocol: str = "", target: str = "", on_demand: bool = True
+        self,
+        name: str,
+        *,
+        protocol: str = "",
+        target: str = "",
+        on_demand: bool = True,
+        endpoints: Sequence[str] = (),
     ) -> ConnectorInfo:
         info = self._connector(name)
         info.protocol = protocol
         info.target = target
         info.on_demand = on_demand
+        info.endpoints = list(endpoints) or ([target] if target else [])
         return info
+
+    def connector_dialled(self, report: Any) -> None:
+        """A connect to a connector ended (`gateway.net.dial.DialReport`): record the
+        endpoint reached (kept when every endpoint failed: other connections may
+        still use it) and what was skipped on the way."""
+        info = self._connectors.get(report.connector)
+        if info is None:
+            return
+        if report.endpoint is not None:
+            info.endpoint = str(report.endpoint)
+            info.address = report.address
+        info.skipped = [failure.to_dict() for failure in report.skipped]
 
     def set_connector_state(self, name: str, state: str, detail: str = "") -> None:
         info = self._connector(name)

@@ -32,6 +32,7 @@ from gateway.net.amqp_connector import (
     open_connector_stream,
     run_upstream,
 )
+from gateway.net.dial import dial_budget
 from gateway.net.pool import ConnectorPool, Lease, PoolUnavailable
 
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
@@ -231,7 +232,7 @@ class Router:
                 self._connect_fn(connector),
                 max_connections=connector.pool.max_connections,
                 max_devices_per_connection=connector.pool.max_devices_per_connection,
-                connect_timeout=float(connector.connect_timeout),
+                connect_timeout=dial_budget(connector),  # connect_timeout per endpoint
                 backoff_initial=float(connector.reconnect.initial),
                 backoff_max=float(connector.reconnect.max),
                 on_demand=bool(connector.on_demand),
@@ -318,15 +319,16 @@ class Router:
     def _connect_fn(self, connector: Any) -> Callable[[int, Callable[[Any], None]], Any]:
         async def connect(slot: int, on_up: Callable[[Any], None]) -> None:
             profile = self.config.tls_profile_for(connector)
-            stream = await open_connector_stream(connector, profile)
+            stream, dialled = await open_connector_stream(connector, profile)
             engine = client_engine_for(connector, profile, self.container_id)
             upstream = UpstreamConn(self, connector.name, slot, engine)
+            remote = str(dialled.endpoint)
 
             def opened(driver: Any) -> None:
                 self.upstreams.add(upstream)
-                self.observer.on_upstream_open(upstream, f"{connector.host}:{connector.port}")
-                log.info("connector %s: upstream %s open to %s:%s", connector.name,
-                         upstream.id, connector.host, connector.port)  # fmt: skip
+                self.observer.on_upstream_open(upstream, remote)
+                log.info("connector %s: upstream %s open to %s", connector.name,
+                         upstream.id, remote)  # fmt: skip
                 on_up(upstream)
 
             handler: Any = upstream.handle

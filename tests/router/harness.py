@@ -22,6 +22,7 @@ import trio.testing
 from gateway.amqp import Connection, RemoteBegin, SaslClient, SaslServer, SessionState
 from gateway.config import parse_config_text
 from gateway.net import amqp_listener
+from gateway.net.dial import DialReport, Endpoint
 from gateway.router import core
 
 WAIT = 5.0
@@ -136,7 +137,7 @@ class RouterHarness:
         self.hub_frame = opts["hub_frame"]
         self.router = core.Router(self.config)
 
-    async def open_stream(self, connector: Any, profile: Any) -> Any:
+    async def open_stream(self, connector: Any, profile: Any) -> tuple[Any, DialReport]:
         gw_end, hub_end = trio.testing.memory_stream_pair()
         engine = Connection("server", "hub", sasl=SaslServer(["ANONYMOUS"]),
                             max_frame_size=self.hub_frame)
@@ -145,7 +146,7 @@ class RouterHarness:
         self.hubs.append(hub)
         self.nursery.start_soon(hub.run)
         self._hub_ready.set()
-        return gw_end
+        return gw_end, DialReport(connector.name, Endpoint(connector.host, connector.port))
 
     @property
     def hub(self) -> Peer:
