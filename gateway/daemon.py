@@ -233,6 +233,8 @@ class Daemon:
         self.stopping = True
         timeout = float(self.config.gateway.drain_timeout)
         self.readiness.draining = True
+        if self.metrics is not None:
+            self.metrics.set_draining(True)
         for settings in self.listener_settings.values():
             settings.draining = True
         # New attaches are refused and new AMQP connections closed from here on.

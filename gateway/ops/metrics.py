@@ -298,6 +298,13 @@ class Metrics:
             )
         )
 
+        # Draining after SIGTERM: a replica stuck here serves nobody (alerts: drain stuck).
+        self._draining = Gauge(
+            "iotgw_draining",
+            "1 while the gateway drains after SIGTERM (new connections and attaches refused)",
+            registry=r,
+        )
+
         # Optional per-device series.
         self._device_messages: _Children | None = None
         self._device_bytes: _Children | None = None
@@ -510,6 +517,9 @@ class Metrics:
     def on_reload(self, ok: bool) -> None:
         self._reloads.get("ok" if ok else "rejected").inc()
 
+    def set_draining(self, draining: bool) -> None:
+        self._draining.set(1 if draining else 0)
+
     def forget_device(self, device: str) -> None:
         """Drop a departed device's per-device series (and its token expiry)."""
         self._token_deadlines.pop(device, None)
@@ -663,6 +673,7 @@ class NullMetrics:
     def set_token_expiry(self, seconds: float | None, device: str | None = None) -> None: ...
     def on_token_renewal_failure(self, device: str | None = None) -> None: ...
     def on_reload(self, ok: bool) -> None: ...
+    def set_draining(self, draining: bool) -> None: ...
     def forget_device(self, device: str) -> None: ...
 
 
