@@ -393,7 +393,11 @@ def _route_rows(routes: RouteTable, mqtt_routes: Iterable[Any]) -> list[dict[str
     """The route table for /api/routes: link routes (AMQP), then MQTT routes."""
     rows = [{"kind": "link", **row} for row in routes.as_list()]
     for route in mqtt_routes:
-        row: dict[str, Any] = {"kind": "mqtt", "hub": route.hub, "connector": route.connector}
+        row: dict[str, Any] = {"kind": "mqtt", "connector": route.connector}
+        if route.username is not None:
+            row["username"] = route.username
+        else:
+            row["hub"] = route.hub
         if route.allowed_topics is not None:
             row["allowed_topics"] = [str(t) for t in route.allowed_topics]
         rows.append(row)

@@ -32,7 +32,12 @@ from pydantic import SecretStr
 
 from gateway.auth.dps import derive_device_key
 from gateway.auth.local_auth import LocalAuthPolicy, LocalAuthResult, authenticate
-from gateway.auth.tokens import IssuedToken, RenewalSchedule, issue_device_token
+from gateway.auth.tokens import (
+    IssuedToken,
+    RenewalSchedule,
+    issue_device_token,
+    issue_registration_token,
+)
 
 if TYPE_CHECKING:
     from gateway.config.credentials import (
@@ -262,6 +267,20 @@ class CredentialStore:
             entry.module_id,
             now,
             self.token_ttl,
+        )
+
+    def issue_registration_token(
+        self, entry: DeviceCredential, id_scope: str, now: float
+    ) -> IssuedToken:
+        """A registration token for ``entry`` (a device identity) in DPS scope ``id_scope``:
+        signed with the key DPS derives for it, which for a group entry is the same
+        derived key the gateway holds."""
+        if entry.key is None or entry.module_id is not None:
+            raise CredentialError(
+                f"{entry.identity} has no symmetric device key to sign a registration with"
+            )
+        return issue_registration_token(
+            entry.key.get_secret_value(), id_scope, entry.device_id, now, self.token_ttl
         )
 
     def renewal_schedule(self) -> RenewalSchedule[Any]:

@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from gateway.auth.dps import registration_resource
 from gateway.auth.sas import SAS_PREFIX, device_resource_uri, generate_sas_token
 
 K = TypeVar("K", bound=Hashable)
@@ -48,6 +49,17 @@ def issue_device_token(
     audience = device_resource_uri(hub_host, device_id, module_id)
     expires_at = math.floor(now + ttl)
     return IssuedToken(generate_sas_token(audience, key_b64, expires_at), audience, now, expires_at)
+
+
+def issue_registration_token(
+    key_b64: str, id_scope: str, registration_id: str, now: float, ttl: float
+) -> IssuedToken:
+    """A Device Provisioning Service registration token, as the SDKs make it:
+    ``sr={idScope}/registrations/{regId}`` (encoded), ``skn=registration``."""
+    audience = registration_resource(id_scope, registration_id)
+    expires_at = math.floor(now + ttl)
+    token = generate_sas_token(audience, key_b64, expires_at, policy_name="registration")
+    return IssuedToken(token, audience, now, expires_at)
 
 
 def looks_like_sas_token(password: str | bytes | None) -> bool:

@@ -401,11 +401,34 @@ TopicFilter = Annotated[
 
 
 class MqttRoute(Section):
-    hub: str = Field("*", min_length=1, description="hub host from the CONNECT username; * = any")
+    hub: str | None = Field(
+        None,
+        min_length=1,
+        description="hub host from the CONNECT username; * = any (the default without username)",
+    )
+    username: str | None = Field(
+        None,
+        min_length=1,
+        description="glob over the whole CONNECT username (* = any run of characters, / too; "
+        "? = one), e.g. 0ne000ABC/registrations/* for a Device Provisioning Service scope",
+    )
     connector: str
     allowed_topics: list[TopicFilter] | None = Field(
         None, description="MQTT topic filters a device may use; default: all (the hub decides)"
     )
+
+    @model_validator(mode="after")
+    def _hub_or_username(self) -> MqttRoute:
+        if self.hub is not None and self.username is not None:
+            raise ValueError("give hub or username, not both")
+        if self.hub is None and self.username is None:
+            self.hub = "*"
+        return self
+
+    @property
+    def match(self) -> str:
+        """How the route is shown: ``hub H`` or ``username U``."""
+        return f"username {self.username}" if self.username is not None else f"hub {self.hub}"
 
 
 # --- the whole file --------------------------------------------------------------------------
@@ -562,8 +585,19 @@ def _cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
         seen_routes.append((("link_routes", i), link_route.kind, address, link_route.direction))
 
     seen_hubs: set[str] = set()
+    seen_usernames: set[str] = set()
     for i, mqtt_route in enumerate(config.mqtt_routes):
-        hub = mqtt_route.hub.lower()
+        if mqtt_route.username is not None:
+            if mqtt_route.username in seen_usernames:
+                problems.append(
+                    (
+                        ("mqtt_routes", i, "username"),
+                        f"duplicate route for username {mqtt_route.username!r}",
+                    )
+                )
+            seen_usernames.add(mqtt_route.username)
+            continue
+        hub = (mqtt_route.hub or "*").lower()
         if hub in seen_hubs:
             problems.append(
                 ((("mqtt_routes", i, "hub")), f"duplicate route for hub {mqtt_route.hub!r}")

@@ -28,7 +28,11 @@ def route_table(config: GatewayConfig) -> list[dict[str, Any]]:
         rows.append(
             {
                 "kind": "mqtt",
-                "hub": mqtt_route.hub,
+                **(
+                    {"username": mqtt_route.username}
+                    if mqtt_route.username is not None
+                    else {"hub": mqtt_route.hub}
+                ),
                 "connector": connector.name,
                 "target": connector.target,
                 "tls": connector.tls_profile is not None,
@@ -121,10 +125,11 @@ def render_summary(config: GatewayConfig) -> str:
     mqtt_rows = [r for r in route_table(config) if r["kind"] == "mqtt"]
     out.append(f"mqtt routes ({len(mqtt_rows)}):")
     if mqtt_rows:
-        rows = [["HUB", "CONNECTOR", "TARGET", "TOPICS"]]
+        rows = [["MATCH", "CONNECTOR", "TARGET", "TOPICS"]]
         for r in mqtt_rows:
             topics = "all" if r["allowed_topics"] is None else " ".join(r["allowed_topics"])
-            rows.append([r["hub"], r["connector"], r["target"], topics])
+            match = f"username {r['username']}" if "username" in r else f"hub {r['hub']}"
+            rows.append([match, r["connector"], r["target"], topics])
         out.extend(table(rows))
     if config.credentials is not None:
         creds = config.credentials

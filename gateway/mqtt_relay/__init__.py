@@ -13,6 +13,7 @@ from .session import (
     RelayObserver,
     hub_host_from_username,
     relay_mqtt_connection,
+    select_mqtt_route,
     select_route,
     serve_mqtt_listener,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "RelayObserver",
     "hub_host_from_username",
     "relay_mqtt_connection",
+    "select_mqtt_route",
     "select_route",
     "serve_mqtt_listener",
 ]

@@ -11,11 +11,17 @@ On a device's CONNECT, in this order:
    password" (MQTT 5: 0x86) for a missing or wrong password, CONNACK 5 "not
    authorized" (0x87) for an address outside `allowed_addresses`, and logs why
    (never the password).
-4. A symmetric-key or group entry: the gateway issues a SAS token for the hub
+4. A provisioning client (user name `{idScope}/registrations/{regId}/...`,
+   client id = the registration id) with a symmetric-key or group entry: the
+   gateway signs the registration (`sr={idScope}/registrations/{regId}`,
+   `skn=registration`) with the key it holds, the one DPS derives from the
+   enrollment group key, and puts it in the CONNECT as the password; not
+   renewed (a registration lasts seconds).
+5. A symmetric-key or group entry: the gateway issues a SAS token for the hub
    named in the user name and puts it in the CONNECT as the password (the user
    name stays; every other byte is unchanged). The token is renewed before it
    expires, see `gateway.mqtt_relay.renewal`.
-5. An X.509 entry: the upstream TLS connection presents that device's client
+6. An X.509 entry: the upstream TLS connection presents that device's client
    certificate, and the CONNECT goes without a password, as IoT Hub expects.
 
 The first password check of an entry runs scrypt (tens of milliseconds, 16 MiB),
@@ -35,6 +41,7 @@ from typing import Any
 import trio
 
 from gateway.auth.credentials import CredentialError, CredentialStore, DeviceCredential
+from gateway.auth.dps import registration_of
 from gateway.auth.local_auth import address_allowed
 from gateway.auth.tokens import IssuedToken, looks_like_sas_token
 from gateway.mqtt import encode
@@ -135,7 +142,7 @@ class MqttCredentials:
     async def decide(
         self, connect: Connect, peer_ip: str, hub_host: str, profile: Any
     ) -> ConnectDecision:
-        """Apply steps 1-5 of the module docstring to `connect` from `peer_ip`.
+        """Apply steps 1-6 of the module docstring to `connect` from `peer_ip`.
 
         `profile` is the connector's TLS profile (the base of an X.509 device's one)."""
         untouched = ConnectDecision(bytes(connect.raw))
@@ -158,6 +165,9 @@ class MqttCredentials:
             else:
                 code, reason = ConnackCode.BAD_USERNAME_OR_PASSWORD, LOCAL_AUTH_FAILED
             return _refusal(entry, code, reason, f"local authentication failed: {result.reason}")
+        registration = registration_of(connect.username)
+        if registration is not None:
+            return self._registration_decision(connect, entry, registration[0])
         if not entry.uses_token:
             return ConnectDecision(
                 encode.connect_with_password(connect, None),
@@ -177,6 +187,23 @@ class MqttCredentials:
         except CredentialError as exc:
             return _refusal(entry, ConnackCode.SERVER_UNAVAILABLE, CREDENTIAL_ERROR, str(exc))
         return ConnectDecision(connect_raw, entry, token)
+
+    def _registration_decision(
+        self, connect: Connect, entry: DeviceCredential, id_scope: str
+    ) -> ConnectDecision:
+        """A provisioning client's CONNECT: the registration token goes in the password.
+
+        Not renewed: a registration lasts seconds, and DPS closes the session itself."""
+        if entry.module_id is not None or not entry.uses_token:
+            return _refusal(
+                entry,
+                ConnackCode.NOT_AUTHORIZED,
+                CREDENTIAL_ERROR,
+                "the gateway holds no symmetric device key to sign this registration with",
+            )
+        token = self.store.issue_registration_token(entry, id_scope, self.clock())
+        raw = encode.connect_with_password(connect, token.token.encode("utf-8"))
+        return ConnectDecision(raw, entry)
 
     def connect_with_token(
         self, connect: Connect, entry: DeviceCredential, hub_host: str

@@ -52,6 +52,7 @@ The CONNECT password is never logged; nor are payloads.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import logging
 import ssl
@@ -62,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from gateway.auth.dps import registration_of
 from gateway.mqtt import encode
 from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode, PacketType
 from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge, UnsupportedProtocolVersion
@@ -90,6 +92,7 @@ __all__ = [
     "RelayObserver",
     "hub_host_from_username",
     "relay_mqtt_connection",
+    "select_mqtt_route",
     "select_route",
     "serve_mqtt_listener",
 ]
@@ -213,6 +216,26 @@ def select_route(routes: Iterable[Any], hub_host: str) -> Any | None:
         if route.hub == "*":
             return route
     return None
+
+
+def select_mqtt_route(routes: Iterable[Any], username: str | None) -> Any | None:
+    """The route for a CONNECT user name.
+
+    `username` routes first, in configuration order (glob over the whole user
+    name); then the hub routes by the user name's host (`select_route`). A
+    provisioning user name (`{idScope}/registrations/{regId}/...`) never falls
+    through to a hub route: its first segment is a scope, not a hub.
+    """
+    routes = list(routes)
+    text = username or ""
+    for route in routes:
+        pattern = getattr(route, "username", None)
+        if pattern is not None and fnmatch.fnmatchcase(text, pattern):
+            return route
+    if registration_of(username) is not None:
+        return None
+    hub_routes = [r for r in routes if getattr(r, "username", None) is None]
+    return select_route(hub_routes, hub_host_from_username(username))
 
 
 def _find_connector(config: Any, name: str) -> Any:
@@ -363,9 +386,16 @@ class _Connection:
         identified = getattr(self.obs, "on_device_identified", None)
         if identified is not None:
             identified(self.peer, connect.client_id)
-        route = select_route(self.config.mqtt_routes, hub)
+        route = select_mqtt_route(self.config.mqtt_routes, connect.username)
+        registration = registration_of(connect.username)
         if route is None:
             await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
+            if registration is not None:
+                scope, reg_id = registration
+                raise _Stop(
+                    CloseReason.NO_ROUTE,
+                    f"no mqtt route for registration {reg_id!r} of ID scope {scope!r}",
+                )
             raise _Stop(CloseReason.NO_ROUTE, f"no mqtt route for hub {hub!r}")
         if route.allowed_topics is not None:
             self.policy = TopicPolicy(route.allowed_topics)
@@ -373,7 +403,7 @@ class _Connection:
                 await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
                 raise _Stop(
                     CloseReason.TOPIC_REFUSED,
-                    f"Will topic {connect.will.topic!r} not in allowed_topics of hub {route.hub!r}",
+                    f"Will topic {connect.will.topic!r} not in allowed_topics of {route.match}",
                 )
         connector = _find_connector(self.config, route.connector)
         profile = self.config.tls_profiles[connector.tls_profile] if connector.tls_profile else None

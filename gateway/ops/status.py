@@ -156,7 +156,7 @@ def links_table(items: list[dict[str, Any]], now: float) -> str:
     return render_table("Links", headers, rows)
 
 
-_ROUTE_ORDER = ("kind", "prefix", "pattern", "hub", "direction", "connector", "target")
+_ROUTE_ORDER = ("kind", "prefix", "pattern", "hub", "username", "direction", "connector", "target")
 
 
 def routes_table(items: list[dict[str, Any]], now: float) -> str:

@@ -53,3 +53,30 @@ def test_matches_openssl(device_id: str) -> None:
 def test_bad_group_key() -> None:
     with pytest.raises(ValueError, match="not valid base64"):
         derive_device_key("not base64!", "dev1")
+
+
+def test_registration_of_provisioning_user_names() -> None:
+    from gateway.auth.dps import registration_of
+
+    assert registration_of("0ne00A/registrations/sn-1/api-version=2019-03-31&x=y") == ("0ne00A", "sn-1")
+    assert registration_of("0ne00A/registrations/sn-1") == ("0ne00A", "sn-1")  # AMQP SASL user
+    assert registration_of("myhub.azure-devices.net/registrations/?api-version=1") is None
+    assert registration_of("myhub.azure-devices.net/dev1/?api-version=1") is None
+    assert registration_of("0ne00A/registrations/") is None
+    assert registration_of(None) is None
+
+
+def test_registration_token_is_the_one_the_sdks_make() -> None:
+    """sr = {scope}/registrations/{regId} percent-encoded, skn = registration, signed
+    with the derived key (checked here with hmac, not with gateway.auth.sas)."""
+    from urllib.parse import unquote
+
+    from gateway.auth.tokens import issue_registration_token
+
+    key = derive_device_key(FLEET_KEY, REGISTRATION_ID)
+    issued = issue_registration_token(key, "0ne00A", REGISTRATION_ID, 1000.0, 60)
+    fields = dict(p.split("=", 1) for p in issued.token.removeprefix("SharedAccessSignature ").split("&"))
+    assert fields["sr"] == f"0ne00A%2Fregistrations%2F{REGISTRATION_ID}"
+    assert (fields["skn"], fields["se"]) == ("registration", "1060")
+    expected = hmac.new(base64.b64decode(key), f"{fields['sr']}\n1060".encode(), hashlib.sha256).digest()
+    assert base64.b64decode(unquote(fields["sig"])) == expected
