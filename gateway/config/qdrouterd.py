@@ -439,8 +439,7 @@ _ATTR_WHY = {
     "no link capacity of its own",
     "maxSessionFrames": "session windows are relayed end to end",
     "multiTenant": "no multi-tenant address prefixing: addresses are relayed unchanged",
-    "failoverUrls": "failover URLs are not carried over; run several gateways behind a load "
-    "balancer (docs/scaling.md)",
+    "failoverUrls": "no usable failover host in the list",
     "allowRedirect": "redirects from the hub are not followed",
     "messageLoggingComponents": "no per-message logging; use log.trace: [amqp] (bodies "
     "and secrets redacted)",
@@ -811,6 +810,7 @@ class _Converter:
                 "another host, set server_name in the tls profile"
             )
 
+        self._failover(entity, item, handled, host, port)
         self._connector_sasl(entity, item, handled, tls)
         self._limits(entity, item, handled, listener=False)
         if role == "route-container":
@@ -820,6 +820,31 @@ class _Converter:
         if wanted:
             self.connector_names[str(wanted)] = name
         self.connectors.append(item)
+
+    def _failover(self, entity: Entity, item: _Item, handled: list[str], host: str,
+                  port: int) -> None:  # fmt: skip
+        """failoverUrls (``amqp://h2:5671, h3``) -> hosts: the connector's own endpoint first."""
+        urls = str(entity.get("failoverUrls", "") or "")
+        if not urls.strip():
+            return
+        hosts = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        for url in (u.strip() for u in urls.split(",")):
+            address = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", url).split("/", 1)[0]
+            address = address.rsplit("@", 1)[-1]  # no user:password@ in a host list
+            if not address:
+                continue
+            if not re.fullmatch(r"(\[[0-9A-Fa-f:.%]+\]|[^:\[\]\s]+)(:\d{1,5})?", address):
+                item.notes.append(Note(entity.attrs["failoverUrls"].line,
+                                       f"failover URL {url!r}", "not a host[:port]"))  # fmt: skip
+                continue
+            if address not in hosts:
+                hosts.append(address)
+        if len(hosts) > 1:
+            item.fields["hosts"] = hosts
+            handled.append("failoverUrls")
+            if "amqp://" in urls.lower() and item.fields.get("tls_profile"):
+                item.remarks.append("failover URLs mixed amqp:// and TLS: every host in hosts "
+                                    "uses this connector's TLS profile")  # fmt: skip
 
     def _connector_sasl(self, entity: Entity, item: _Item, handled: list[str],
                         tls: str | None) -> None:  # fmt: skip

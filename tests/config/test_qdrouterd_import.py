@@ -350,3 +350,26 @@ def test_cli_warns_when_named_files_are_missing(
     err = capsys.readouterr().err
     assert "does not pass `iot-gateway check` here yet" in err
     assert "ca_file: file not found" in err
+
+
+def test_failover_urls_become_hosts() -> None:
+    text = """
+sslProfile {
+    name: roots
+}
+connector {
+    name: hub
+    role: route-container
+    host: myhub.azure-devices.net
+    port: 5671
+    sslProfile: roots
+    failoverUrls: amqps://myhub-dr.azure-devices.net:5671, backup.example.net
+}
+"""
+    config = parse_config_text(import_text(text).yaml, "out.yaml")
+    (connector,) = config.connectors
+    assert [(e.host, e.port) for e in connector.endpoints] == [
+        ("myhub.azure-devices.net", 5671),
+        ("myhub-dr.azure-devices.net", 5671),
+        ("backup.example.net", 5671),
+    ]
