@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -203,23 +204,47 @@ _SECTIONS: dict[str, tuple[str, Callable[[list[dict[str, Any]], float], str]]] =
 _DEFAULT_SECTIONS = ("connections", "links", "routes", "connectors")
 
 
+# `-c` given without a value: the connections table, as `-c` meant before it took a file.
+_CONNECTIONS = "\0connections"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iot-gateway status",
-        description="Show a running gateway's connections, links, routes and connectors.",
+        description="Show a running gateway's state: a one-screen summary, or with a section "
+        "flag its connections, links, routes, connectors or listeners as tables.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        nargs="?",
+        const=_CONNECTIONS,
+        metavar="FILE",
+        help="the gateway's configuration file: its admin.listen is asked (default "
+        "/etc/iot-gateway/gateway.yaml when readable, else 127.0.0.1:9090); -c with no "
+        "file still means --connections",
     )
     parser.add_argument(
         "--admin",
-        default=DEFAULT_ADMIN,
         metavar="URL",
-        help=f"admin endpoint of the gateway (default {DEFAULT_ADMIN})",
+        help=f"admin endpoint of the gateway, instead of -c (e.g. {DEFAULT_ADMIN})",
     )
-    parser.add_argument("-c", "--connections", action="store_true", help="connections")
+    parser.add_argument("--connections", action="store_true", help="connections")
     parser.add_argument("-l", "--links", action="store_true", help="AMQP links")
     parser.add_argument("--routes", action="store_true", help="route table")
     parser.add_argument("--connectors", action="store_true", help="connectors and their state")
     parser.add_argument("--listeners", action="store_true", help="listeners and bound addresses")
+    parser.add_argument(
+        "--all", action="store_true", help="connections, links, routes and connectors tables"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
+    parser.add_argument(
+        "--rate-window",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="summary: measure message rates over this long (default 1; 0 = totals only)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     return parser
 
@@ -227,8 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     args = build_parser().parse_args(argv)
-    chosen = [name for name in _SECTIONS if getattr(args, name)] or list(_DEFAULT_SECTIONS)
-    base = _base_url(args.admin)
+    if args.config == _CONNECTIONS:
+        args.config, args.connections = None, True
+    try:
+        base = _admin_base(args)
+    except StatusError as exc:
+        print(f"iot-gateway status: {exc}", file=sys.stderr)
+        return 1
+    chosen = [name for name in _SECTIONS if getattr(args, name)]
+    if not chosen and not args.all and not args.json:
+        return _summary(base, args, out)
+    chosen = chosen or list(_DEFAULT_SECTIONS)
     try:
         data = {name: fetch(base, _SECTIONS[name][0], args.timeout) for name in chosen}
     except StatusError as exc:
@@ -243,6 +277,35 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         items = data[name] if isinstance(data[name], list) else []
         tables.append(_SECTIONS[name][1](items, now))
     out.write("\n".join(tables))
+    return 0
+
+
+def _admin_base(args: argparse.Namespace) -> str:
+    """The admin URL: --admin, else the config's admin.listen, else the default."""
+    from gateway.ops.status_summary import DEFAULT_CONFIG, SummaryError, admin_url_from_config
+
+    if args.admin:
+        return _base_url(args.admin)
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file() and os.access(DEFAULT_CONFIG, os.R_OK):
+        path = DEFAULT_CONFIG
+    if path is None:
+        return DEFAULT_ADMIN
+    try:
+        return admin_url_from_config(path)
+    except SummaryError as exc:
+        raise StatusError(str(exc)) from None
+
+
+def _summary(base: str, args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.ops.status_summary import SummaryError, gather, render_summary
+
+    try:
+        snap = gather(base, fetch, timeout=args.timeout, window=max(0.0, args.rate_window))
+    except (StatusError, SummaryError) as exc:
+        print(f"iot-gateway status: {exc}", file=sys.stderr)
+        return 1
+    out.write(render_summary(snap, base))
     return 0
 
 

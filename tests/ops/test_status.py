@@ -75,7 +75,7 @@ async def run_status(argv: list[str]) -> tuple[int, str]:
 
 async def test_all_tables(admin: AdminFixture) -> None:
     populate(admin)
-    code, text = await run_status(["--admin", admin.url])
+    code, text = await run_status(["--admin", admin.url, "--all"])
     assert code == 0
     lines = text.splitlines()
     for title in ("Connections", "Links", "Routes", "Connectors"):
