@@ -134,7 +134,7 @@ def test_defaults() -> None:
 
     amqp, mqtt = config.listeners
     assert isinstance(amqp, AmqpListener) and isinstance(mqtt, MqttListener)
-    assert amqp.sasl == ["anonymous", "plain"]
+    assert amqp.sasl == ["mssbcbs", "anonymous", "plain"]
     assert (amqp.max_frame_size, amqp.idle_timeout, amqp.channel_max) == (65536, 60.0, 255)
     assert (amqp.max_connections, amqp.allowed_networks, amqp.handshake_timeout) == (1000, [], 10.0)
     assert mqtt.max_packet_size == 262144 + 1024 and mqtt.handshake_timeout == 10.0

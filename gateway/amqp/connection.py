@@ -54,7 +54,7 @@ from .performatives import (
     SaslResponse,
     Transfer,
 )
-from .sasl import SaslClient, SaslServer
+from .sasl import SaslClient, SaslDecision, SaslServer
 from .session import Session, SessionState
 from .types import Symbol
 
@@ -563,32 +563,46 @@ class Connection:
                 del pre[:8]
                 self._on_header(kind)
             else:
-                if len(pre) < 8:
+                if not self._receive_sasl_frame(pre):
                     return b""
-                size = int.from_bytes(pre[:4], "big")
-                if size > self.max_frame_size or size < 8:
-                    raise FramingError(f"SASL frame of {size} bytes (limit {self.max_frame_size})")
-                if len(pre) < size:
-                    return b""
-                raw = bytes(pre[:size])
-                del pre[:size]
-                reader = FrameReader(self.max_frame_size)
-                reader.feed(raw)
-                frame = reader.next_frame()
-                if self._trace is not None and frame is not None:
-                    self._trace(TRACE_RECV, frame.channel, blank_sasl_secrets(frame.performative), 0)
-                if frame is None or frame.performative is None:
-                    continue  # an empty frame is allowed anywhere
-                if frame.frame_type != FRAME_SASL:
-                    raise FramingError(
-                        f"{type(frame.performative).__name__} frame during SASL negotiation"
-                    )
-                self._on_sasl_frame(frame.performative)
         if self._phase is _AMQP:
             rest = bytes(pre)
             pre.clear()
             return rest
         return b""
+
+    def _receive_sasl_frame(self, pre: bytearray) -> bool:
+        """Handle one complete SASL frame from ``pre``; False: wait for more bytes."""
+        if len(pre) < 8:
+            return False
+        size = int.from_bytes(pre[:4], "big")
+        if size > self.max_frame_size or size < 8:
+            raise FramingError(f"SASL frame of {size} bytes (limit {self.max_frame_size})")
+        if len(pre) < size:
+            return False
+        raw = bytes(pre[:size])
+        del pre[:size]
+        reader = FrameReader(self.max_frame_size)
+        reader.feed(raw)
+        if raw[5] != FRAME_SASL:  # the frame type byte
+            frame = reader.next_frame()
+            if frame is None or frame.performative is None:
+                return True  # an empty frame is allowed anywhere
+            raise FramingError(f"{type(frame.performative).__name__} frame during SASL negotiation")
+        try:
+            frame = reader.next_frame()
+            if self._trace is not None and frame is not None:
+                self._trace(TRACE_RECV, frame.channel, blank_sasl_secrets(frame.performative), 0)
+            if frame is None or frame.performative is None:
+                return True
+            self._on_sasl_frame(frame.performative)
+        except AMQPError as exc:
+            sasl = self.sasl
+            if not isinstance(sasl, SaslServer) or self._phase is not _SASL:
+                raise
+            # A client's unreadable or out-of-turn SASL frame still gets a SASL outcome.
+            self._answer_sasl(sasl.on_malformed(exc.description))
+        return True
 
     def _header_mismatch(self, reason: str) -> None:
         """Answer a header we do not accept with ours, then give up (spec 2.2)."""
@@ -647,14 +661,7 @@ class Connection:
                 decision = sasl.on_response(perf)
             else:
                 raise FramingError(f"unexpected {type(perf).__name__} from a SASL client")
-            self._write_raw_performative(decision.outcome, FRAME_SASL)
-            if decision.outcome.code != SASL_OK or decision.authenticated is None:
-                self._sasl_failed(f"SASL {decision.reason}")
-                return
-            self._sasl_done = True
-            self.authenticated = decision.authenticated
-            self._events.append(decision.authenticated)
-            self._phase = _HEADER  # the client now sends the AMQP header
+            self._answer_sasl(decision)
             return
         assert isinstance(sasl, SaslClient)
         if type(perf) is SaslMechanisms:
@@ -673,6 +680,17 @@ class Connection:
             self._send_amqp_header()
         else:
             raise FramingError(f"unexpected {type(perf).__name__} from a SASL server")
+
+    def _answer_sasl(self, decision: SaslDecision) -> None:
+        """Server side: send the outcome; on ok the client's AMQP header comes next."""
+        self._write_raw_performative(decision.outcome, FRAME_SASL)
+        if decision.outcome.code != SASL_OK or decision.authenticated is None:
+            self._sasl_failed(f"SASL {decision.reason}")
+            return
+        self._sasl_done = True
+        self.authenticated = decision.authenticated
+        self._events.append(decision.authenticated)
+        self._phase = _HEADER
 
     def _sasl_failed(self, description: str) -> None:
         self._phase = _DONE

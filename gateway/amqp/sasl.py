@@ -1,10 +1,16 @@
 """SASL negotiation (spec 5.3), both ends, as small sans-I/O state holders.
 
 The Connection reads SASL frames and asks these objects what to answer; they never
-see bytes. The server offers ANONYMOUS and/or PLAIN and reports what the peer
-authenticated as; it does not judge PLAIN passwords unless given an ``authenticate``
-callback (the gateway forwards the password, a SAS token, to the hub instead).
+see bytes. The server offers MSSBCBS, ANONYMOUS and/or PLAIN and reports what the
+peer authenticated as; it does not judge PLAIN passwords unless given an
+``authenticate`` callback (the gateway forwards the password, a SAS token, to the
+hub instead). MSSBCBS is the Azure stacks' name for "no credentials here, a token
+follows over CBS" (uamqp-c, the AMQP layer of the Azure IoT C SDK, asks for nothing
+else); it carries no initial response and is handled exactly as ANONYMOUS.
 The client does ANONYMOUS, PLAIN and EXTERNAL.
+
+A server remembers how its negotiation went (`SaslServer.failure`) so the
+caller can log one line naming both sides' mechanisms when it fails.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ from .events import SaslAuthenticated
 from .performatives import SaslChallenge, SaslInit, SaslMechanisms, SaslOutcome, SaslResponse
 from .types import Array, Symbol, as_symbols
 
-__all__ = ["SaslServer", "SaslClient", "SaslDecision", "SERVER_MECHANISMS", "CLIENT_MECHANISMS"]
+__all__ = [
+    "SaslServer",
+    "SaslClient",
+    "SaslDecision",
+    "SERVER_MECHANISMS",
+    "CLIENT_MECHANISMS",
+    "CBS_MECHANISMS",
+]
 
-SERVER_MECHANISMS = ("ANONYMOUS", "PLAIN")
+SERVER_MECHANISMS = ("MSSBCBS", "ANONYMOUS", "PLAIN")
+#: Mechanisms that authenticate nobody at SASL time: the device puts tokens over CBS.
+CBS_MECHANISMS = frozenset({"MSSBCBS", "ANONYMOUS"})
 CLIENT_MECHANISMS = ("ANONYMOUS", "PLAIN", "EXTERNAL")
 
 UNAUTHORIZED = "amqp:unauthorized-access"
@@ -61,12 +76,20 @@ class SaslServer:
         self.mechanisms = mechs
         self.required = required
         self._authenticate = authenticate
+        #: the sasl-server-mechanisms frame went out (the client's turn to choose).
+        self.offered = False
+        #: the mechanism the client asked for (None until its sasl-init arrives).
+        self.requested: str | None = None
+        #: why the negotiation failed ("" while it has not).
+        self.failure = ""
 
     def mechanisms_frame(self) -> SaslMechanisms:
+        self.offered = True
         return SaslMechanisms(Array(0xB3, [Symbol(m) for m in self.mechanisms]))
 
     def on_init(self, init: SaslInit) -> SaslDecision:
         mechanism = str(init.mechanism)
+        self.requested = mechanism
         hostname = init.hostname
         if mechanism not in self.mechanisms:
             return self._refuse(f"mechanism {mechanism!r:.40} was not offered")
@@ -86,12 +109,33 @@ class SaslServer:
         return SaslDecision(SaslOutcome(SASL_OK), event)
 
     def on_response(self, response: SaslResponse) -> SaslDecision:
-        # Neither ANONYMOUS nor PLAIN sends a challenge, so a response is out of turn.
+        # None of our mechanisms sends a challenge, so a response is out of turn.
         return self._refuse("unexpected sasl-response")
 
-    @staticmethod
-    def _refuse(reason: str) -> SaslDecision:
+    def on_malformed(self, description: str) -> SaslDecision:
+        """A SASL frame from the client that cannot be read (or is not a SASL
+        frame): refused with outcome ``auth`` like any failed negotiation."""
+        return self._refuse(f"bad SASL frame: {description:.200}")
+
+    def _refuse(self, reason: str) -> SaslDecision:
+        self.failure = reason
         return SaslDecision(SaslOutcome(SASL_AUTH), None, reason)
+
+    def failure_summary(self, ended: bool = True) -> str | None:
+        """One line on a failed negotiation, naming both sides' mechanisms; None
+        when it succeeded, never started, or (``ended`` False) is still under way.
+        A client that closes once it has seen our mechanisms without choosing one
+        found none it could use (uamqp-c does this when MSSBCBS is missing)."""
+        offered = ", ".join(self.mechanisms)
+        if self.failure:
+            asked = repr(self.requested)[:42] if self.requested is not None else "none"
+            return f"{self.failure} (client asked for {asked}; offered {offered})"
+        if ended and self.offered and self.requested is None:
+            return (
+                "the client closed without choosing a mechanism, so none of ours "
+                f"suits it (offered {offered})"
+            )
+        return None
 
 
 def _parse_plain(response: bytes | None) -> tuple[str | None, str, str] | None:

@@ -134,13 +134,24 @@ class ListenerBase(Section):
 
 class AmqpListener(ListenerBase):
     protocol: Literal["amqp"]
-    sasl: list[Literal["anonymous", "plain"]] = Field(
-        default_factory=lambda: ["anonymous", "plain"],
-        description="SASL mechanisms offered; empty = no SASL layer",
+    sasl: list[Literal["mssbcbs", "anonymous", "plain"]] = Field(
+        default_factory=lambda: ["mssbcbs", "anonymous", "plain"],
+        description=(
+            "SASL mechanisms offered, in this order; empty = no SASL layer. mssbcbs (the "
+            "Azure C AMQP stack's choice) and anonymous: the device puts tokens over $cbs"
+        ),
     )
     max_frame_size: int = Field(65536, ge=512, le=2**32 - 1)
     idle_timeout: Duration = Field(60.0, description="0 = none")
     channel_max: int = Field(255, ge=0, le=65535)
+
+    @field_validator("sasl", mode="before")
+    @classmethod
+    def _mechanism_case(cls, value: Any) -> Any:
+        # SASL names are upper case on the wire; accept either spelling here.
+        if isinstance(value, list):
+            return [v.lower() if isinstance(v, str) else v for v in value]
+        return value
 
 
 class MqttListener(ListenerBase):

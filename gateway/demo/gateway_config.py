@@ -61,7 +61,7 @@ tls_profiles:
     server_name: {hub.hub_host}
 
 listeners:
-  - {{name: amqp, protocol: amqp, bind: "{LOOPBACK}:{ports.amqp}", sasl: [anonymous, plain]}}
+  - {{name: amqp, protocol: amqp, bind: "{LOOPBACK}:{ports.amqp}", sasl: [mssbcbs, anonymous, plain]}}
   - {{name: mqtt, protocol: mqtt, bind: "{LOOPBACK}:{ports.mqtt}"}}
 
 connectors:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gateway.amqp import AMQPError
+from gateway.amqp import AMQPError, SaslServer
 from gateway.amqp.framing import SASL_HEADER, FrameReader
 from gateway.amqp.performatives import SaslInit
 from gateway.router.linkpair import timed_handler
@@ -136,8 +136,9 @@ def _plain_login(response: bytes | None) -> tuple[str, str] | None:
 
 
 async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener: Any,
-                        router: Router) -> None:  # fmt: skip
-    """Run one device connection until it ends."""
+                        router: Router, observer: Any = None) -> None:  # fmt: skip
+    """Run one device connection until it ends; `observer` (the listener's, optional)
+    counts a failed SASL negotiation as a refusal with reason ``sasl``."""
     device = router.new_device(listener, peer)
     check = router.sasl_precheck(device)
     if check is not None and device.engine.sasl is not None:
@@ -168,6 +169,21 @@ async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener
             nursery.cancel_scope.cancel()
     finally:
         device.lost(driver.transport_error or "connection ended")
+        _report_sasl_failure(device.engine.sasl, device.listener, peer, observer)
+
+
+def _report_sasl_failure(sasl: Any, listener: str, peer: tuple[str, int], observer: Any) -> None:
+    """One line (and one count) for a device whose SASL negotiation failed, naming
+    the mechanisms on both sides: the usual cause is a client that wants one we do
+    not offer, and without this line the gateway would show nothing at all."""
+    summary = sasl.failure_summary() if isinstance(sasl, SaslServer) else None
+    if summary is None:
+        return
+    log.warning("listener %s: %s:%d SASL negotiation failed: %s", listener, peer[0], peer[1],
+                summary)  # fmt: skip
+    refused = getattr(observer, "on_device_refused", None)
+    if refused is not None:
+        refused(listener, "sasl")
 
 
 async def serve_amqp_listener(
@@ -189,6 +205,6 @@ async def serve_amqp_listener(
     settings = settings or ListenerSettings.from_config(listener, config)
 
     async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        await handle_device(stream, peer, listener, router)
+        await handle_device(stream, peer, listener, router, observer)
 
     await serve_listener(settings, handler, observer=observer, task_status=task_status)

@@ -217,3 +217,84 @@ def test_constructor_validation():
         Connection("server", "gw", sasl=SaslClient.anonymous())
     with pytest.raises(ValueError):
         Connection("client", "c", sasl=SaslServer())
+
+
+# --- MSSBCBS (the Azure C AMQP stack's "token follows over CBS") and failed negotiations
+
+
+def _negotiate(server: SaslServer, init: bytes) -> tuple[Connection, list, list]:
+    conn = Connection("server", "gw", sasl=server)
+    conn.receive_data(SASL_HEADER)
+    offered = decode_sasl_frames(conn.data_to_send())
+    events = conn.receive_data(init)
+    return conn, offered, events
+
+
+def test_default_server_offers_mssbcbs_first():
+    _, offered, _ = _negotiate(SaslServer(), b"")
+    assert list(offered[1][2][0]) == ["MSSBCBS", "ANONYMOUS", "PLAIN"]
+
+
+def test_mssbcbs_without_initial_response_is_accepted_as_anonymous():
+    # uamqp-c's sasl-init for MSSBCBS: the mechanism alone, no initial response, no hostname.
+    server = SaslServer()
+    conn, _, events = _negotiate(server, sasl_frame(0x41, [symbol("MSSBCBS")]))
+    (auth,) = events
+    assert isinstance(auth, SaslAuthenticated)
+    assert (auth.mechanism, auth.identity, auth.password) == ("MSSBCBS", None, None)
+    outcome = decode_sasl_frames(conn.data_to_send())
+    assert outcome[0][1] == 0x44 and outcome[0][2][0] == 0
+    assert server.failure_summary() is None
+
+
+def test_mssbcbs_is_not_judged_by_the_authenticator():
+    calls = []
+
+    def check(mechanism, identity, password, hostname):
+        calls.append(mechanism)
+        return mechanism != "PLAIN"
+
+    server = SaslServer(["MSSBCBS"], authenticate=check)
+    _, _, events = _negotiate(server, sasl_frame(0x41, [symbol("MSSBCBS"), b"", None]))
+    assert isinstance(events[0], SaslAuthenticated) and calls == ["MSSBCBS"]
+
+
+def test_mechanism_not_offered_gets_outcome_auth_and_a_summary_of_both_sides():
+    server = SaslServer(["ANONYMOUS", "PLAIN"])
+    conn, _, events = _negotiate(server, sasl_frame(0x41, [symbol("MSSBCBS")]))
+    assert isinstance(events[0], ConnectionError)
+    assert events[0].error.condition == "amqp:unauthorized-access"
+    outcome = decode_sasl_frames(conn.data_to_send())
+    assert (outcome[0][1], outcome[0][2][0]) == (0x44, 1)  # sasl-outcome, code auth
+    summary = server.failure_summary()
+    assert "'MSSBCBS'" in summary and "offered ANONYMOUS, PLAIN" in summary
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        sasl_frame(0x41, []),  # sasl-init without its mandatory mechanism
+        sasl_frame(0x41, [b"MSSBCBS"]),  # mechanism as binary, not a symbol
+        sasl_frame(0x44, [0]),  # an outcome from the client
+    ],
+    ids=["no-mechanism", "binary-mechanism", "outcome-from-client"],
+)
+def test_bad_sasl_frame_from_client_gets_outcome_auth(frame):
+    server = SaslServer()
+    conn, _, events = _negotiate(server, frame)
+    assert isinstance(events[0], ConnectionError)
+    outcome = decode_sasl_frames(conn.data_to_send())
+    assert (outcome[0][1], outcome[0][2][0]) == (0x44, 1)
+    assert server.failure_summary().startswith("bad SASL frame")
+
+
+def test_client_that_leaves_after_the_mechanisms_is_summarised():
+    # What uamqp-c does when MSSBCBS is not offered: it closes without a sasl-init.
+    server = SaslServer(["ANONYMOUS", "PLAIN"])
+    conn = Connection("server", "gw", sasl=server)
+    conn.receive_data(SASL_HEADER)
+    conn.data_to_send()
+    assert server.failure_summary(ended=False) is None
+    conn.receive_data(b"")
+    summary = server.failure_summary()
+    assert "without choosing a mechanism" in summary and "offered ANONYMOUS, PLAIN" in summary
