@@ -16,6 +16,7 @@
 #   requirements/runtime.lock  the daemon: systemd/install.sh, the Dockerfile
 #   requirements/sim.lock      + the `sim` extra (hub emulator): scripts/demo.sh, the benchmarks
 #   requirements/test.lock     + every extra: scripts/test.sh, .ci/run
+#   requirements/sdk.lock      the Azure device SDKs tests/sdk drives (.venv-sdk), from sdk.in
 #
 # All three agree on every version they share: test.lock is resolved first and the others are
 # constrained to it. Each also pins setuptools, the build backend, so the project itself
@@ -73,7 +74,9 @@ build_in=requirements/build.in
 compile requirements/test.lock pyproject.toml "$build_in" --all-extras "$@"
 compile requirements/sim.lock pyproject.toml "$build_in" --extra sim -c requirements/test.lock "$@"
 compile requirements/runtime.lock pyproject.toml "$build_in" -c requirements/test.lock "$@"
+# The Azure device SDKs' own environment for tests/sdk (paho-mqtt<2: not constrained to test.lock).
+compile requirements/sdk.lock requirements/sdk.in "$@"
 
-for lock in requirements/runtime.lock requirements/sim.lock requirements/test.lock; do
+for lock in requirements/runtime.lock requirements/sim.lock requirements/test.lock requirements/sdk.lock; do
     echo "$lock: $(grep -c '^[A-Za-z0-9]' "$lock") packages"
 done
