@@ -59,7 +59,8 @@ log = logging.getLogger("gateway.hubsim.amqp")
 
 CREDIT_WINDOW = 100
 MAX_FRAME_SIZE = 65536
-SASL_MECHANISMS = ["EXTERNAL", "PLAIN", "ANONYMOUS"]
+# MSSBCBS: the Azure stacks' "token follows over CBS" (uamqp-c asks for nothing else).
+SASL_MECHANISMS = ["MSSBCBS", "EXTERNAL", "PLAIN", "ANONYMOUS"]
 # D2C limit: 256 KiB like the hub, plus room for properties and section framing.
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 + 16 * 1024
 
@@ -332,7 +333,7 @@ class AmqpConnection(asyncio.Protocol):
     # -- SASL ---------------------------------------------------------------------------
 
     def _authenticate(self, mech: str, response: bytes | None, hostname: str | None) -> SaslResult:
-        if mech == "ANONYMOUS":
+        if mech in ("ANONYMOUS", "MSSBCBS"):
             return SaslResult(mech, True)
         if mech == "EXTERNAL":
             if self.cert_identity is None:
@@ -792,10 +793,15 @@ class AmqpConnection(asyncio.Protocol):
         if kind == "events":
             self._on_d2c(delivery, link, msg, data, tag, fmt)
         elif kind == "cbs":
+            # As IoT Hub: the request's disposition goes out before the reply (proton
+            # would write the reply first); uamqp-c fails a put-token whose reply
+            # arrives before its request was settled.
             self._settle(delivery, Delivery.ACCEPTED)
+            self._flush()
             self._on_put_token(msg)
         elif kind == "twin":
             self._settle(delivery, Delivery.ACCEPTED)
+            self._flush()
             self._on_twin_request(link.hub_identity, msg)
         elif kind == "methods":
             self._settle(delivery, Delivery.ACCEPTED)

@@ -71,7 +71,7 @@ def auth_for(spec: dict[str, Any]) -> authentication.SASTokenAuth:
         token=sas_token(resource, spec["key"]),
         expires_in=None,
         expires_at=time.time() + 3600,
-        port=5671,
+        port=spec.get("port", 5671),
         verify=spec["ca_file"],
         custom_endpoint_hostname=spec["gateway"],
     )
