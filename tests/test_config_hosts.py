@@ -52,7 +52,7 @@ def test_hosts_in_order_with_default_and_own_ports():
     ]
     # The first host stands for the connector where one name is needed.
     assert c.host == "a.example" and c.hostname == "a.example"
-    assert c.target.startswith("a.example:5671, b.example:5672, [::1]:5671")
+    assert c.target.startswith("a.example:5671,b.example:5672,[::1]:5671")
     # A dump validates again to the same configuration.
     again = GatewayConfig.model_validate(config.model_dump(mode="json"))
     assert again.connectors[0].endpoints == c.endpoints

@@ -291,8 +291,8 @@ class ConnectorBase(Section):
 
     @property
     def target(self) -> str:
-        """``host:port``, or every endpoint comma-separated with ``hosts``."""
-        return ", ".join(str(HostPort(e.host, e.port)) for e in self.endpoints)
+        """``host:port``, or every endpoint comma-separated (no spaces) with ``hosts``."""
+        return ",".join(str(HostPort(e.host, e.port)) for e in self.endpoints)
 
 
 class AmqpConnector(ConnectorBase):

@@ -110,9 +110,10 @@ class DialError(TLSConnectError):
     ``reason`` is the first endpoint's (a metric label), ``detail`` names them all."""
 
     def __init__(self, connector: str, failures: list[EndpointFailure]) -> None:
+        self.connector = connector
         detail = "; ".join(str(f) for f in failures) or "no endpoints"
         reason = failures[0].reason if failures else "error"
-        super().__init__(reason, f"connector {connector}: every endpoint failed: {detail}")
+        super().__init__(reason, f"every endpoint failed: {detail}")
         self.failures = failures
 
 

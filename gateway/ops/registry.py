@@ -252,7 +252,7 @@ class Registry:
 
     def connector_dialled(self, report: Any) -> None:
         """A connect to a connector ended (`gateway.net.dial.DialReport`): record the
-        endpoint reached (kept when every endpoint failed: other connections may
+        endpoint reached (kept when every endpoint failed while other connections
         still use it) and what was skipped on the way."""
         info = self._connectors.get(report.connector)
         if info is None:
@@ -260,6 +260,8 @@ class Registry:
         if report.endpoint is not None:
             info.endpoint = str(report.endpoint)
             info.address = report.address
+        elif info.connections == 0:
+            info.endpoint = info.address = None
         info.skipped = [failure.to_dict() for failure in report.skipped]
 
     def set_connector_state(self, name: str, state: str, detail: str = "") -> None:

@@ -170,8 +170,17 @@ def routes_table(items: list[dict[str, Any]], now: float) -> str:
     return render_table("Routes", keys or ["route"], rows)
 
 
+def _in_use(c: dict[str, Any]) -> str | None:
+    endpoint, address = c.get("endpoint"), c.get("address")
+    if not endpoint:
+        return None
+    host = str(endpoint).rsplit(":", 1)[0].strip("[]")
+    return f"{endpoint} ({address})" if address and address != host else str(endpoint)
+
+
 def connectors_table(items: list[dict[str, Any]], now: float) -> str:
-    headers = ["name", "proto", "target", "on-demand", "state", "conns", "since", "detail"]
+    headers = ["name", "proto", "target", "on-demand", "state", "conns", "in-use", "since",
+               "detail"]  # fmt: skip
     rows = [
         [
             c.get("name"),
@@ -180,12 +189,23 @@ def connectors_table(items: list[dict[str, Any]], now: float) -> str:
             c.get("on_demand"),
             c.get("state"),
             c.get("connections", 0),
+            _in_use(c),
             _age(c.get("since"), now),
             c.get("detail"),
         ]  # fmt: skip
         for c in items
     ]
-    return render_table("Connectors", headers, rows)
+    table = render_table("Connectors", headers, rows)
+    # Failover: the endpoints the last connect skipped (or failed on), and why.
+    skipped = [
+        [c.get("name"), s.get("endpoint"), s.get("detail")]
+        for c in items
+        for s in c.get("skipped") or ()
+        if isinstance(s, dict)
+    ]
+    if skipped:
+        table += "\n" + render_table("Skipped endpoints", ["connector", "endpoint", "why"], skipped)
+    return table
 
 
 def listeners_table(items: list[dict[str, Any]], now: float) -> str:
