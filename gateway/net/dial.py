@@ -111,9 +111,12 @@ class DialError(TLSConnectError):
 
     def __init__(self, connector: str, failures: list[EndpointFailure]) -> None:
         self.connector = connector
-        detail = "; ".join(str(f) for f in failures) or "no endpoints"
         reason = failures[0].reason if failures else "error"
-        super().__init__(reason, f"every endpoint failed: {detail}")
+        if len(failures) == 1:
+            detail = str(failures[0])
+        else:
+            detail = "every endpoint failed: " + ("; ".join(str(f) for f in failures) or "none")
+        super().__init__(reason, detail)
         self.failures = failures
 
 
