@@ -806,8 +806,7 @@ class AmqpConnection(asyncio.Protocol):
         elif kind == "methods":
             self._settle(delivery, Delivery.ACCEPTED)
             status = (msg.properties or {}).get("IoThub-status", 500)
-            cid = msg.correlation_id
-            request_id = f"{cid.int:x}" if isinstance(cid, uuid.UUID) else str(cid)
+            request_id = _method_request_id(msg.correlation_id)
             self.state.complete_method(request_id, int(status), body_bytes(msg))
         else:
             self._on_node_transfer(delivery, link, msg)
@@ -1014,3 +1013,16 @@ class AmqpServer:
             except TimeoutError:
                 pass
             self.server = None
+
+
+def _method_request_id(cid: Any) -> str:
+    """The request id a method response answers. The request carried it as a UUID;
+    the Node.js SDK sends it back as that UUID's string form unless it looks like a
+    random (version 1-5) UUID, so both forms are taken."""
+    if isinstance(cid, uuid.UUID):
+        return f"{cid.int:x}"
+    text = str(cid)
+    try:
+        return f"{uuid.UUID(text).int:x}"
+    except ValueError:
+        return text

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from .records import DispositionRecord, FeedbackRecord, Recorder
 from .sas import TokenError, parse_token, resource_covers, signature_ok
@@ -150,7 +151,8 @@ class HubState:
 
     def check_token(self, token: object, audience: str) -> TokenCheck:
         """Check a SAS token for an audience (a device/module URI or the hub itself)."""
-        aud = audience
+        # The Node.js SDK percent-encodes its CBS audience; IoT Hub accepts either form.
+        aud = unquote(audience)
         for scheme in ("amqps://", "mqtts://", "https://"):
             if aud.lower().startswith(scheme):
                 aud = aud[len(scheme) :]

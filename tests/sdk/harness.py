@@ -162,6 +162,7 @@ class DeviceProcess:
     lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
     seen: list[dict[str, Any]] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
     @classmethod
     def start(cls, argv: list[str], spec: dict[str, Any], *, name: str, cwd: Path | None = None,
@@ -198,9 +199,10 @@ class DeviceProcess:
             self.stderr_tail.append(line.rstrip())
             del self.stderr_tail[:-200]
 
-    def expect(self, event: str, timeout: float = STEP_TIMEOUT) -> dict[str, Any]:
-        """The next line whose "event" is `event`; a line with event "error", the
-        script's exit or the fail-safe timeout fails the test with its output."""
+    def expect(self, event: str | tuple[str, ...], timeout: float = STEP_TIMEOUT) -> dict[str, Any]:
+        """The next line whose "event" is `event` (or one of them); a line with event
+        "error", the script's exit or the fail-safe timeout fails the test with its output."""
+        wanted = (event,) if isinstance(event, str) else event
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -217,11 +219,16 @@ class DeviceProcess:
                     f"{self.name}: exited ({self.proc.returncode}) before {event!r}\n"
                     f"{self.transcript()}"
                 )
+            item.setdefault("t", round(time.monotonic() - self.started, 3))
             self.seen.append(item)
             if item.get("event") == "error":
                 raise AssertionError(f"{self.name}: {item.get('error')}\n{self.transcript()}")
-            if item.get("event") == event:
+            if item.get("event") in wanted:
                 return item
+
+    def expect_any(self, events: tuple[str, ...], timeout: float = STEP_TIMEOUT) -> dict[str, Any]:
+        """The next line whose event is one of `events`."""
+        return self.expect(events, timeout)
 
     def send(self, command: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -246,3 +253,54 @@ class DeviceProcess:
         return "stdout lines: " + json.dumps(self.seen)[-4000:] + "\nstderr:\n" + "\n".join(
             self.stderr_tail[-60:]
         )
+
+
+def start_node(node_dir: Path, stack: SdkStack, identity: str, **spec: Any) -> DeviceProcess:
+    """The Node.js SDK device script (tests/sdk/node/device.js) for `identity`."""
+    return DeviceProcess.start(
+        ["node", str(node_dir / "device.js")],
+        stack.device_spec(identity, **spec),
+        name=f"node {spec.get('transport')} {identity}",
+        cwd=node_dir,
+    )
+
+
+def wait_methods_ready(hub: HubSim, identity: str, protocol: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Until the hub can route a direct method to `identity`: its method links are
+    attached (AMQP) or its method subscription is in (MQTT)."""
+    rec = hub.recorder
+    device, _, module = identity.partition("/")
+    path = f"devices/{device}" + (f"/modules/{module}" if module else "")
+
+    def ready() -> bool:
+        if protocol == "amqp":
+            roles = {
+                link.role
+                for link in rec.links
+                if link.accepted and (link.address or "").endswith(f"{path}/methods/devicebound")
+            }
+            return roles == {"sender", "receiver"}
+        return any(
+            kind == "mqtt-subscribe" and what[0] == identity
+            and any(f.startswith("$iothub/methods/POST") for f in what[1])
+            for kind, what in rec.events
+        )  # fmt: skip
+
+    rec.wait_for(ready, timeout)
+
+
+def wait_desired_watch(hub: HubSim, identity: str, protocol: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Until the hub will send `identity` its desired-property patches."""
+    rec = hub.recorder
+
+    def ready() -> bool:
+        for kind, what in rec.events:
+            if protocol == "amqp" and kind == "twin-request" and what[0] == identity \
+                    and what[2] == "PUT" and what[3] == "/notifications/twin/properties/desired":
+                return True
+            if protocol == "mqtt" and kind == "mqtt-subscribe" and what[0] == identity \
+                    and any(f.startswith("$iothub/twin/PATCH/properties/desired") for f in what[1]):
+                return True
+        return False  # fmt: skip
+
+    rec.wait_for(ready, timeout)
