@@ -109,7 +109,7 @@ _CANONICAL_ATTRS = {
         "direction", "connection", "containerId", "addExternalPrefix", "delExternalPrefix",
         "distribution", "address", "phase", "externalAddress", "connector", "module", "enable",
         "output", "workerThreads", "saslConfigDir", "saslConfigName", "containerName",
-        "area", "waypoint",
+        "area", "waypoint", "sslProfileName",
     )
 }  # fmt: skip
 _OLD_NAMES = {
@@ -155,6 +155,7 @@ _HASH_OK = {"pattern", "bindingKey", "hostname"}
 
 def parse(text: str, filename: str = "qdrouterd.conf") -> list[Entity]:
     """The entities of a qdrouterd configuration, native or JSON format."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     stripped = "\n".join(
         "" if line.lstrip().startswith("#") else line for line in text.splitlines()
     )
@@ -640,7 +641,8 @@ class _Converter:
         if not any(files.values()):
             return None
         profile = _Item({k: str(v) for k, v in files.items() if v})
-        name = self.name(f"{owner}-tls", "tls", "tls")
+        wanted = entity.get("sslProfileName")  # 0.6 named the inline profile
+        name = self.name(str(wanted) if wanted else f"{owner}-tls", "tls", "tls")
         self.profiles[name] = profile
         item.remarks.append(f"TLS settings of this {entity.written} moved to tls_profiles.{name}")
         return name
@@ -719,7 +721,7 @@ class _Converter:
                 tls = None
         else:
             tls = self._inline_tls(entity, item, name)
-            handled += ["caCertFile", "certFile", "privateKeyFile"] if tls else []
+            handled += ["caCertFile", "certFile", "privateKeyFile", "sslProfileName"] if tls else []
         if tls is not None:
             item.fields["tls_profile"] = tls
             handled.append("requireSsl")
@@ -791,7 +793,7 @@ class _Converter:
         else:
             tls = self._inline_tls(entity, item, name)
             if tls is not None:
-                handled += ["caCertFile", "certFile", "privateKeyFile"]
+                handled += ["caCertFile", "certFile", "privateKeyFile", "sslProfileName"]
         if tls is not None:
             item.fields["tls_profile"] = tls
         else:
@@ -891,7 +893,10 @@ class _Converter:
         item.remarks.append("sasl_password copied from the source: keep this file mode 0600")
 
     def _entity_linkRoute(self, entity: Entity) -> None:
-        self._route(entity, entity.get("connection"), "connection")
+        if entity.get("connection") is None and entity.get("connector") is not None:
+            self._route(entity, entity.get("connector"), "connector")  # a common slip
+        else:
+            self._route(entity, entity.get("connection"), "connection")
 
     def _entity_linkRoutePattern(self, entity: Entity) -> None:
         self._route(entity, entity.get("connector"), "connector")

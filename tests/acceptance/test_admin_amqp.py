@@ -159,13 +159,20 @@ def test_status_command_prints_tables(amqp_stack: AmqpStack, known_run: dict) ->
     with ProtonDevice(amqp_stack.port, "status1") as dev:
         dev.put_token()
         dev.sender("devices/status1/messages/events", name="telemetry")
-        result = run_cli("status", "--admin", amqp_stack.gateway.admin_url)
+        result = run_cli("status", "--admin", amqp_stack.gateway.admin_url, "--all")
         assert result.returncode == 0, result.stderr
         out = result.stdout
         for heading in ("Connections", "Links", "Routes", "Connectors"):
-            assert heading in out
+            assert heading in out.splitlines()
         assert "devices/status1/messages/events" in out
         assert "$cbs" in out and "devices/" in out and "iothub" in out
+        # No section: the one-screen summary.
+        summary = run_cli("status", "--admin", amqp_stack.gateway.admin_url, "--rate-window", "0")
+        assert summary.returncode == 0, summary.stderr
+        rows = dict(line.strip().split("  ", 1) for line in summary.stdout.splitlines()[3:]
+                    if "  " in line.strip())  # fmt: skip
+        assert rows["Device connections"].strip().startswith("1 (amqp 1)")
+        assert rows["Links"].strip() == "1"
         as_json = run_cli("status", "--admin", amqp_stack.gateway.admin_url, "--json")
         assert as_json.returncode == 0, as_json.stderr
         json.loads(as_json.stdout)

@@ -373,3 +373,22 @@ connector {
         ("myhub-dr.azure-devices.net", 5671),
         ("backup.example.net", 5671),
     ]
+
+
+def test_byte_order_mark_crlf_and_tabs() -> None:
+    text = "\ufeffrouter {\r\n\tmode: standalone\r\n\tid: R1\r\n}\r\nlistener {\r\n\tport: 5672\r\n}\r\n"
+    config = parse_config_text(import_text(text).yaml, "out.yaml")
+    assert config.gateway.id == "R1" and str(config.listeners[0].bind) == "0.0.0.0:5672"
+
+
+def test_dispatch_06_inline_tls_and_connector_key(tmp_path: Path) -> None:
+    out, text = imported(tmp_path, "dispatch-0.6-inline-tls.conf")
+    config = load_config(out)
+    (connector,) = config.connectors
+    assert connector.tls_profile == "azure-iot-hub"  # the 0.6 sslProfileName
+    assert config.tls_profiles["azure-iot-hub"].ca_file == tmp_path / "ca.pem"
+    assert (connector.host, connector.port) == ("contoso-hub.azure-devices.net", 5671)
+    assert [(r.prefix, r.direction) for r in config.link_routes] == [
+        ("$cbs", "both"), ("devices/", "both")
+    ]  # fmt: skip
+    assert re.search(r"verifyHostName: no -- host name verification is always on", text)
