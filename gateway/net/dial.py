@@ -211,9 +211,7 @@ def make_direct_tcp(resolver: Resolver | None = None) -> TcpOpener:
             except BaseException:
                 sock.close()
                 raise
-            stream = trio.SocketStream(sock)
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            return stream, _address_text(sockaddr)
+            return trio.SocketStream(sock), _address_text(sockaddr)
         reasons = {reason for reason, _ in failures}
         reason = failures[0][0] if len(reasons) == 1 else "network"
         raise _EndpointFailed(reason, "; ".join(detail for _, detail in failures))
@@ -285,7 +283,9 @@ async def _dial_endpoint(
 ) -> tuple[trio.abc.Stream, str]:
     deadline = trio.current_time() + timeout
     try:
-        with trio.fail_at(deadline):
+        # The opener keeps to `timeout` itself (and says which address timed
+        # out); this only guards against one that does not.
+        with trio.fail_at(deadline + 1.0):
             sock, address = await tcp(endpoint, timeout)
     except trio.TooSlowError:
         raise _EndpointFailed("timeout", "connect timeout") from None
@@ -295,6 +295,8 @@ async def _dial_endpoint(
         raise _EndpointFailed(*_connect_detail(exc, "socket")) from exc
     stream: trio.abc.Stream = sock
     try:
+        # Small frames (acknowledgements, pings) go out at once, whoever opened the socket.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         with trio.fail_at(deadline):
             if ssl_context is not None:
                 stream = await open_tls_stream(sock, ssl_context, server_name)

@@ -272,3 +272,63 @@ async def test_plaintext_needs_allow_plaintext():
     with pytest.raises(TLSConnectError) as info:
         await dial_connector(c, None)
     assert not isinstance(info.value, DialError)
+
+
+@pytest.fixture
+def silent() -> Any:
+    """A port on 127.0.0.5 whose accept queue is full: connects to it hang (SYNs dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.5", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.5", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, listener]:
+        sock.close()
+
+
+async def test_a_silent_address_gets_its_share_then_the_next_is_tried(nursery, silent):
+    with socket.socket() as probe:  # the fixture really makes connects hang
+        probe.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            probe.connect(("127.0.0.5", silent))
+    live = await Server("127.0.0.3").start(nursery, silent)
+    trio.socket.set_custom_hostname_resolver(Resolver({"hub.test": ["127.0.0.5", "127.0.0.3"]}))
+    # Half of connect_timeout for the silent address, the rest for the next one.
+    stream, report = await dial_connector(connector(["hub.test"], silent, connect_timeout=2.0),
+                                          None)  # fmt: skip
+    async with stream:
+        assert await echo(stream) == b"ping"
+    assert (report.address, report.skipped, live.accepted) == ("127.0.0.3", [], 1)
+
+    # A silent endpoint is skipped after connect_timeout.
+    c = connector([f"127.0.0.5:{silent}", f"127.0.0.3:{silent}"], 0, connect_timeout=0.5)
+    stream, report = await dial_connector(c, None)
+    await stream.aclose()
+    assert [(str(f), f.reason) for f in report.skipped] == [
+        (f"127.0.0.5:{silent}: connect timeout (127.0.0.5)", "timeout")
+    ]
+    assert report.endpoint == Endpoint("127.0.0.3", silent)
+
+
+async def test_ipv6_literal_endpoint(nursery):
+    live = await Server("::1").start(nursery)
+    dead, dead_port = refusing("::1")
+    with dead:
+        c = SimpleNamespace(name="hub", connect_timeout=WAIT, allow_plaintext=True, endpoints=[
+            SimpleNamespace(host="::1", port=dead_port),
+            SimpleNamespace(host="::1", port=live.port),
+        ])  # fmt: skip
+        stream, report = await dial_connector(c, None)
+    async with stream:
+        assert await echo(stream) == b"ping"
+    assert str(report.endpoint) == f"[::1]:{live.port}" and report.address == "::1"
+    assert [str(f) for f in report.skipped] == [f"[::1]:{dead_port}: connect refused (::1)"]
