@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # iot-gateway container image: a builder stage makes a virtual environment,
 # the runtime stage is python-slim plus that venv, running as a non-root user.
 #
@@ -7,49 +5,56 @@
 #   docker run -d -p 5672:5672 -p 1883:1883 -p 127.0.0.1:9090:9090 \
 #       -v $PWD/gateway.yaml:/etc/iot-gateway/gateway.yaml:ro iot-gateway
 #
+# Builds with the classic builder (DOCKER_BUILDKIT=0) as well as BuildKit: no
+# frontend image to pull, no BuildKit-only instructions or build arguments.
 # Multi-architecture (amd64, arm64 for a Pi 4/5 with a 64-bit OS, armv7 for
 # 32-bit Raspberry Pi OS), see docs/operations.md:
 #   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 -t REGISTRY/iot-gateway:TAG --push .
+#
+# The base image is pinned by the digest of its multi-platform index, so a
+# rebuild never picks up a moved tag; bump both FROM lines together (see
+# docs/operations.md). Python dependencies come from requirements/runtime.lock,
+# every file checked against its sha256.
 #
 # The built-in configuration (deploy/gateway.yaml) serves the admin endpoint on
 # 0.0.0.0:9090 inside the container, so health checks, Kubernetes probes and
 # Prometheus can reach it; publish that port to the host's loopback only, or
 # not at all.
 
-ARG PYTHON_VERSION=3.11
-
 # --- builder ------------------------------------------------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS builder
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS builder
 
-ARG TARGETARCH
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# 32-bit ARM has no binary wheels for some dependencies (PyYAML): give pip a
-# compiler there. The compiler stays in this stage; the runtime image never sees it.
-RUN if [ "$TARGETARCH" = "arm" ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends gcc libc6-dev libyaml-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# 32-bit ARM has no PyYAML wheel on PyPI: give pip a compiler there for the locked
+# sdist (the image's Python headers are in /usr/local/include). The architecture
+# comes from the image itself, so this works without BuildKit's platform
+# arguments. The compiler stays in this stage; the runtime image never sees it.
+RUN case "$(dpkg --print-architecture)" in \
+        armhf | armel) \
+            apt-get update \
+            && apt-get install -y --no-install-recommends gcc libc6-dev libyaml-dev \
+            && rm -rf /var/lib/apt/lists/* ;; \
+    esac
 
-RUN python -m venv /opt/iot-gateway/venv \
-    && /opt/iot-gateway/venv/bin/pip install --upgrade pip
+RUN python -m venv /opt/iot-gateway/venv
 
 WORKDIR /src
 # Dependencies first, so editing the code does not rebuild this layer.
-COPY pyproject.toml README.md ./
-RUN mkdir gateway && touch gateway/__init__.py \
-    && /opt/iot-gateway/venv/bin/pip install . \
-    && /opt/iot-gateway/venv/bin/pip uninstall -y iot-gateway
+COPY requirements/runtime.lock requirements/runtime.lock
+RUN /opt/iot-gateway/venv/bin/pip install --require-hashes -r requirements/runtime.lock
+# The gateway, built with the locked setuptools; setuptools is not needed at run time.
+COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
-RUN /opt/iot-gateway/venv/bin/pip install --no-deps . \
+RUN /opt/iot-gateway/venv/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/iot-gateway/venv/bin/pip uninstall -y setuptools \
     && /opt/iot-gateway/venv/bin/python -m compileall -q /opt/iot-gateway/venv \
     && /opt/iot-gateway/venv/bin/iot-gateway version
 
 # --- runtime ------------------------------------------------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS runtime
 
 LABEL org.opencontainers.image.title="iot-gateway" \
       org.opencontainers.image.description="Transparent AMQP 1.0 / MQTT gateway: plaintext devices on the LAN, TLS to Azure IoT Hub" \

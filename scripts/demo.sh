@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+. scripts/sim-prereqs.sh
+sim_prereqs .venv/bin/python
 .venv/bin/python -m pip install -q --require-hashes -r requirements/sim.lock
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+sim_check_tls .venv/bin/python
 exec .venv/bin/iot-gateway demo "$@"

@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+. scripts/sim-prereqs.sh
+sim_prereqs .venv/bin/python
 .venv/bin/python -m pip install -q --require-hashes -r requirements/test.lock
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+sim_check_tls .venv/bin/python
 # The Azure device SDKs tests/sdk drives: azure-iot-device (pins paho-mqtt<2) and uamqp
 # in their own environment, the Node.js SDK from its lock file (needs node and npm).
 if [ ! -x .venv-sdk/bin/python ]; then

@@ -95,7 +95,8 @@ def test_install_script_dry_run() -> None:
     )
     out = result.stdout
     assert "-m venv /opt/iot-gateway/venv" in out or "exists" in out
-    assert "pip install --quiet --upgrade " + str(ROOT) in out
+    assert f"--require-hashes -r {ROOT}/requirements/runtime.lock" in out
+    assert f"--no-deps --no-build-isolation --force-reinstall {ROOT}" in out
     assert "/etc/systemd/system/iot-gateway.service" in out
     assert "systemctl enable iot-gateway.service" in out
     assert "/etc/iot-gateway" in out
@@ -155,7 +156,14 @@ def test_dockerignore_keeps_the_context_small() -> None:
         )
 
     # What the build copies must not be excluded.
-    for needed in ("gateway/__init__.py", "pyproject.toml", "README.md", "deploy/gateway.yaml"):
+    for needed in (
+        "gateway/__init__.py",
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "requirements/runtime.lock",
+        "deploy/gateway.yaml",
+    ):
         assert not excluded(needed), needed
     assert excluded("tests/ops/test_deploy.py") and excluded("gateway/__pycache__/x.pyc")
 
