@@ -185,6 +185,9 @@ def test_licence() -> None:
     assert setuptools.specifier.contains("77.0")
 
 
+DOT_SHIPPED = {".ci", ".dockerignore"}
+
+
 def build_sdist(out: Path) -> tuple[Path, str]:
     """Build the sdist with the setuptools installed here, as pip's build would."""
     code = "import sys, setuptools.build_meta as b; print('SDIST=' + b.build_sdist(sys.argv[1]))"
@@ -226,16 +229,20 @@ def test_sdist_carries_the_source_tree(tmp_path: Path) -> None:
         "tests/ops/test_packaging.py",
     ):
         assert needed in names, needed
-    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert not any("__pycache__" in n or n.endswith(".pyc") or "node_modules" in n for n in names)
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         return
     tracked = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
     ).stdout.decode()
-    # Files tracked by git but absent from the checkout (deleted, not yet committed) don't count.
-    missing = {
-        n for n in tracked.split("\0") if n and (ROOT / n).is_file() and n != ".gitignore"
-    } - names
+
+    # Files tracked by git but absent from the checkout (deleted, not yet committed) don't
+    # count, nor hidden top-level entries other than .ci and .dockerignore (git's own, tools').
+    def shipped(name: str) -> bool:
+        top = name.split("/", 1)[0]
+        return (ROOT / name).is_file() and (not top.startswith(".") or top in DOT_SHIPPED)
+
+    missing = {n for n in tracked.split("\0") if n and shipped(n)} - names
     assert not missing, f"add these file types to MANIFEST.in: {sorted(missing)}"
 
 
