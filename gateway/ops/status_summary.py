@@ -196,6 +196,8 @@ def render_summary(snap: Snapshot, base_url: str) -> str:
         + (f" [{c.get('detail')}]" if c.get("detail") else "")
         for c in snap.api.get("connectors", [])
     ]
+    connectors = [line for c, text in zip(snap.api.get("connectors", []), connectors, strict=True)
+                  for line in (text, *_failover_lines(c))]  # fmt: skip
     # The AMQP pool's connections and each MQTT device's own, as the connectors count them.
     per_connector = [(c.get("name"), int(c.get("connections") or 0))
                      for c in snap.api.get("connectors", [])]  # fmt: skip
@@ -242,3 +244,15 @@ def render_summary(snap: Snapshot, base_url: str) -> str:
     if snap.window > 0:
         lines.append(f"  (rates over {snap.window:.1f} s)")
     return "\n".join(lines) + "\n"
+
+
+def _failover_lines(connector: dict[str, Any]) -> list[str]:
+    """With several endpoints (``hosts:``): the one in use, and why others were skipped."""
+    lines = []
+    if len(connector.get("endpoints") or ()) > 1 and connector.get("endpoint"):
+        what = "in use" if connector.get("connections") else "last used"
+        lines.append(f"  {what}: {connector['endpoint']} ({connector.get('address') or '-'})")
+    for skipped in connector.get("skipped") or ():
+        if isinstance(skipped, dict):
+            lines.append(f"  skipped: {skipped.get('endpoint')}: {skipped.get('detail')}")
+    return lines

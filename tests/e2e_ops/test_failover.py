@@ -246,6 +246,10 @@ async def test_dead_first_endpoint_skipped_amqp_and_mqtt_deliver(nursery, hub, k
     row = next(line for line in text.splitlines() if line.strip().startswith("iothub "))
     assert row.split()[6] == live_amqp  # in-use
     assert "Skipped endpoints" in text
+    summary = (await run_status(["--admin", url])).splitlines()  # the one-screen summary
+    assert any(line.rstrip().endswith(f"in use: {live_amqp} (127.0.0.1)") for line in summary)
+    assert any(line.rstrip().endswith(f"skipped: {dead_amqp}: connect refused (127.0.0.3)")
+               for line in summary)  # fmt: skip
     assert any(line.split()[:2] == ["iothub", dead_amqp] and
                line.endswith("connect refused (127.0.0.3)") for line in text.splitlines())  # fmt: skip
 
