@@ -74,7 +74,7 @@ from gateway.mqtt.topics import TopicPolicy
 from gateway.mqtt.tracking import SessionTracker
 from gateway.mqtt.triage import CLIENT, SERVER, Triage
 from gateway.net.ack_batching import AckBatching
-from gateway.net.dial import open_connector_stream
+from gateway.net.dial import dial_connector
 from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
 from gateway.net.tls import ClientContextCache, TLSConnectError
 
@@ -306,6 +306,7 @@ class _Connection:
         self._device_send_lock: trio.Lock | None = None  # two pumps may write to the device
         self._acked: trio.Event | None = None  # a PUBACK freed room in the tracker
         self._connector: Any = None
+        self._dialled: str | None = None  # the connector endpoint reached (failover)
         self._profile: Any = None
         self._nursery: trio.Nursery | None = None
         self._counting = not isinstance(observer, _NullObserver)
@@ -423,12 +424,11 @@ class _Connection:
         stream = await self._open_stream(connect)
         self.link = self._new_link(stream, 0)
         log.info(
-            "mqtt %s: hub %r -> connector %s (%s:%s), protocol level %d, keep-alive %ds%s",
+            "mqtt %s: hub %r -> connector %s (%s), protocol level %d, keep-alive %ds%s",
             self.label,
             hub,
             connector.name,
-            connector.host,
-            connector.port,
+            self._dialled or f"{connector.host}:{connector.port}",
             connect.protocol_level,
             connect.keep_alive,
             _credential_note(decision),
@@ -469,7 +469,9 @@ class _Connection:
             ) from None
 
     async def _connect(self, connector: Any, profile: Any) -> trio.abc.Stream:
-        return await open_connector_stream(connector, profile, contexts=self.contexts)
+        stream, report = await dial_connector(connector, profile, contexts=self.contexts)
+        self._dialled = str(report.endpoint)
+        return stream
 
     def _new_link(self, stream: trio.abc.Stream, generation: int) -> UpstreamLink:
         reader = PacketReader(

@@ -255,7 +255,8 @@ async def test_dead_first_endpoint_skipped_amqp_and_mqtt_deliver(nursery, hub, k
 
 
 async def test_first_endpoint_dies_in_use_next_connect_goes_to_second(nursery, hub, keys,
-                                                                      tmp_path) -> None:  # fmt: skip
+                                                                      tmp_path, caplog) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="gateway")
     amqp_relay = await nursery.start(Relay(hub.amqp_port).run)
     mqtt_relay = await nursery.start(Relay(hub.mqtt_port).run)
     first_amqp, first_mqtt = f"127.0.0.2:{amqp_relay.port}", f"127.0.0.2:{mqtt_relay.port}"
@@ -306,6 +307,10 @@ async def test_first_endpoint_dies_in_use_next_connect_goes_to_second(nursery, h
         {"endpoint": first_amqp, "reason": "refused", "detail": "connect refused (127.0.0.2)"}
     ]
     assert [s["detail"] for s in mqtt["skipped"]] == ["connect refused (127.0.0.2)"]
+    # Each relayed MQTT session names the endpoint it went to.
+    sessions = [r.getMessage() for r in caplog.records if "-> connector iothub-mqtt" in r.getMessage()]
+    assert [f"({first_mqtt})" in m for m in sessions] == [True, False]
+    assert f"({live_mqtt})" in sessions[1]
 
 
 async def test_both_endpoints_down_connector_backs_off_others_carry_on(
