@@ -308,7 +308,9 @@ async def test_first_endpoint_dies_in_use_next_connect_goes_to_second(nursery, h
     ]
     assert [s["detail"] for s in mqtt["skipped"]] == ["connect refused (127.0.0.2)"]
     # Each relayed MQTT session names the endpoint it went to.
-    sessions = [r.getMessage() for r in caplog.records if "-> connector iothub-mqtt" in r.getMessage()]
+    sessions = [
+        r.getMessage() for r in caplog.records if "-> connector iothub-mqtt" in r.getMessage()
+    ]
     assert [f"({first_mqtt})" in m for m in sessions] == [True, False]
     assert f"({live_mqtt})" in sessions[1]
 
