@@ -66,6 +66,9 @@ __all__ = [
 
 log = logging.getLogger("gateway.net.dial")
 
+# The longest a connect to one address may take while others remain to be tried.
+ADDRESS_TIMEOUT = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -196,10 +199,15 @@ def make_direct_tcp(resolver: Resolver | None = None) -> TcpOpener:
             raise _EndpointFailed("dns", "dns: no addresses")
         failures: list[tuple[str, str]] = []
         for i, (family, sockaddr) in enumerate(addresses):
-            # Equal shares of what is left, so one silent address cannot use up
-            # the endpoint's time; the last address gets all that remains.
+            # Equal shares of what is left, at most ADDRESS_TIMEOUT, so one silent
+            # address (say a broken IPv6 route) cannot use up the endpoint's time;
+            # the last address gets all that remains.
             left = deadline - trio.current_time()
-            share = left / (len(addresses) - i)
+            share = (
+                left
+                if i == len(addresses) - 1
+                else min(ADDRESS_TIMEOUT, left / (len(addresses) - i))
+            )
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
             try:
                 with trio.fail_after(max(share, 0.0)):

@@ -17,6 +17,7 @@ import pytest
 import trio
 import trustme
 
+from gateway.net import dial
 from gateway.net.dial import (
     DialError,
     DialReport,
@@ -332,3 +333,16 @@ async def test_ipv6_literal_endpoint(nursery):
         assert await echo(stream) == b"ping"
     assert str(report.endpoint) == f"[::1]:{live.port}" and report.address == "::1"
     assert [str(f) for f in report.skipped] == [f"[::1]:{dead_port}: connect refused (::1)"]
+
+
+async def test_a_silent_address_is_cut_short_while_others_remain(nursery, silent, monkeypatch):
+    """Each address but the last gets at most ADDRESS_TIMEOUT, however long connect_timeout."""
+    monkeypatch.setattr(dial, "ADDRESS_TIMEOUT", 0.3)
+    await Server("127.0.0.3").start(nursery, silent)
+    trio.socket.set_custom_hostname_resolver(Resolver({"hub.test": ["127.0.0.5", "127.0.0.3"]}))
+    started = trio.current_time()
+    stream, report = await dial_connector(connector(["hub.test"], silent, connect_timeout=60.0),
+                                          None)  # fmt: skip
+    await stream.aclose()
+    assert report.address == "127.0.0.3"
+    assert trio.current_time() - started < 20.0  # an equal share would have been 30 s
