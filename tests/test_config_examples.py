@@ -8,7 +8,8 @@ import pytest
 
 from gateway.config import AmqpConnector, load_config
 
-EXAMPLES = ["iothub-amqp.yaml", "iothub-mqtt.yaml", "iothub-both.yaml"]
+EXAMPLES = ["iothub-amqp.yaml", "iothub-mqtt.yaml", "iothub-both.yaml", "iothub-dps.yaml"]
+DPS_HOST = "global.azure-devices-provisioning.net"
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -19,7 +20,7 @@ def test_example_loads(repo_root: Path, name: str) -> None:
         # Examples never ship plaintext upstreams, and rely on the system trust store.
         assert connector.tls_profile is not None and not connector.allow_plaintext
         assert config.tls_profiles[connector.tls_profile].ca_file is None
-        assert connector.host == "myhub.azure-devices.net"
+        assert connector.host in ("myhub.azure-devices.net", DPS_HOST)
 
 
 def test_amqp_example_is_the_dispatch_router_setup(repo_root: Path) -> None:
@@ -50,3 +51,19 @@ def test_mqtt_and_both_examples(repo_root: Path) -> None:
     both = load_config(repo_root / "config" / "iothub-both.yaml")
     assert {listener.protocol for listener in both.listeners} == {"amqp", "mqtt"}
     assert len(both.link_routes) == 2 and len(both.mqtt_routes) == 1
+
+
+def test_dps_example_routes_registrations_to_the_provisioning_service(repo_root: Path) -> None:
+    from gateway.mqtt_relay import select_mqtt_route
+    from gateway.router.routes import RouteTable
+
+    config = load_config(repo_root / "config" / "iothub-dps.yaml")
+    relay = {c.name for c in config.connectors if isinstance(c, AmqpConnector) and c.sasl == "relay"}
+    assert relay == {"dps"}
+    table = RouteTable.from_config(config.link_routes)
+    match = table.match("0ne000ABCD/registrations/sensor-1", "in")
+    assert match is not None and match.route.connector == "dps"
+    user = "0ne000ABCD/registrations/sensor-1/api-version=2019-03-31&ClientVersion=x"
+    assert select_mqtt_route(config.mqtt_routes, user).connector == "dps-mqtt"
+    assert select_mqtt_route(config.mqtt_routes, "myhub.azure-devices.net/d/?api-version=1").connector == "iothub-mqtt"
+    assert select_mqtt_route(config.mqtt_routes, "0ne0OTHER/registrations/x/api-version=1") is None

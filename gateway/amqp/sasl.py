@@ -7,7 +7,10 @@ peer authenticated as; it does not judge PLAIN passwords unless given an
 hub instead). MSSBCBS is the Azure stacks' name for "no credentials here, a token
 follows over CBS" (uamqp-c, the AMQP layer of the Azure IoT C SDK, asks for nothing
 else); it carries no initial response and is handled exactly as ANONYMOUS.
-The client does ANONYMOUS, PLAIN and EXTERNAL.
+The client does ANONYMOUS, PLAIN and EXTERNAL. `SaslRelayClient` is the client
+side of an exchange whose sasl-init is someone else's, relayed byte for byte
+(a device's own login to the Device Provisioning Service); it sees bytes, as
+it must forward the frame unchanged.
 
 A server remembers how its negotiation went (`SaslServer.failure`) so the
 caller can log one line naming both sides' mechanisms when it fails.
@@ -18,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .constants import SASL_AUTH, SASL_OK
-from .errors import AMQPError
+from .constants import SASL_AUTH, SASL_OK, SASL_SYS
+from .errors import AMQPError, FramingError
 from .events import SaslAuthenticated
+from .framing import SASL_HEADER, FrameReader
 from .performatives import SaslChallenge, SaslInit, SaslMechanisms, SaslOutcome, SaslResponse
 from .types import Array, Symbol, as_symbols
 
@@ -28,6 +32,7 @@ __all__ = [
     "SaslServer",
     "SaslClient",
     "SaslDecision",
+    "SaslRelayClient",
     "SERVER_MECHANISMS",
     "CLIENT_MECHANISMS",
     "CBS_MECHANISMS",
@@ -40,8 +45,9 @@ CLIENT_MECHANISMS = ("ANONYMOUS", "PLAIN", "EXTERNAL")
 
 UNAUTHORIZED = "amqp:unauthorized-access"
 
-#: authenticate(mechanism, identity, password, hostname) -> accept?
-Authenticator = Callable[[str, "str | None", "str | None", "str | None"], bool]
+#: authenticate(mechanism, identity, password, hostname) -> accept? True/False, or the
+#: sasl-outcome code to answer (0 ok, 1 auth, 2 sys, 3 sys-perm, 4 sys-temp).
+Authenticator = Callable[[str, "str | None", "str | None", "str | None"], "bool | int"]
 
 
 @dataclass(slots=True)
@@ -101,10 +107,15 @@ class SaslServer:
             if parsed is None:
                 return self._refuse("malformed PLAIN initial response")
             authzid, identity, password = parsed
-        if self._authenticate is not None and not self._authenticate(
-            mechanism, identity, password, hostname
-        ):
-            return self._refuse(f"{mechanism} authentication failed")
+        if self._authenticate is not None:
+            verdict = self._authenticate(mechanism, identity, password, hostname)
+            if verdict is False:
+                return self._refuse(f"{mechanism} authentication failed")
+            if type(verdict) is int and verdict != SASL_OK:
+                # An outcome code: the caller judged (and logged) it, e.g. a relayed login.
+                return SaslDecision(
+                    SaslOutcome(verdict), None, f"{mechanism} authentication failed ({verdict})"
+                )
         event = SaslAuthenticated(mechanism, identity, password, authzid, hostname)
         return SaslDecision(SaslOutcome(SASL_OK), event)
 
@@ -214,3 +225,76 @@ class SaslClient:
         return SaslAuthenticated(
             self.mechanism, self.username, None, self.authzid, self.hostname or hostname
         )
+
+
+class SaslRelayClient:
+    """Client side of a SASL exchange that forwards another peer's sasl-init verbatim.
+
+    ``start()`` gives the SASL protocol header to send; feed the server's bytes to
+    ``receive_data``, which returns bytes to send (the sasl-init frame, once the
+    server's mechanisms arrived). ``outcome`` is the server's sasl-outcome code
+    once it came (or SASL_SYS when the exchange cannot go on: the server did not
+    offer the mechanism, or challenged); ``rest`` holds the bytes that followed it.
+    Raises FramingError on bytes that are not a SASL exchange.
+    """
+
+    MAX_FRAME = 65536
+
+    def __init__(self, init_frame: bytes, mechanism: str) -> None:
+        self.init_frame = bytes(init_frame)
+        self.mechanism = mechanism
+        self.outcome: int | None = None
+        self.description = ""
+        self.rest = b""
+        self._buf = bytearray()
+        self._header = False
+
+    @staticmethod
+    def start() -> bytes:
+        return SASL_HEADER
+
+    def receive_data(self, data: bytes) -> bytes:
+        if self.outcome is not None:
+            self.rest += data
+            return b""
+        self._buf += data
+        out = bytearray()
+        if not self._header:
+            if len(self._buf) < 8:
+                if bytes(self._buf) != SASL_HEADER[: len(self._buf)]:
+                    raise FramingError(f"not a SASL protocol header: {bytes(self._buf)!r}")
+                return b""
+            if bytes(self._buf[:8]) != SASL_HEADER:
+                raise FramingError(f"server answered {bytes(self._buf[:8])!r}, not a SASL header")
+            del self._buf[:8]
+            self._header = True
+        while len(self._buf) >= 8 and self.outcome is None:
+            size = int.from_bytes(self._buf[:4], "big")
+            if size < 8 or size > self.MAX_FRAME:
+                raise FramingError(f"SASL frame of {size} bytes")
+            if len(self._buf) < size:
+                break
+            reader = FrameReader(self.MAX_FRAME)
+            reader.feed(bytes(self._buf[:size]))
+            del self._buf[:size]
+            frame = reader.next_frame()
+            perf = frame.performative if frame is not None else None
+            if type(perf) is SaslMechanisms:
+                offered = [str(m) for m in as_symbols(perf.sasl_server_mechanisms)]
+                if self.mechanism not in offered:
+                    self.outcome = SASL_SYS
+                    self.description = f"server offers {', '.join(offered) or 'nothing'}"
+                    break
+                out += self.init_frame
+            elif type(perf) is SaslOutcome:
+                self.outcome = int(perf.code or 0)
+                self.description = f"sasl-outcome {self.outcome}"
+            elif type(perf) is SaslChallenge:
+                self.outcome = SASL_SYS  # PLAIN has no challenge step
+                self.description = "unexpected sasl-challenge"
+            elif perf is not None:
+                raise FramingError(f"unexpected {type(perf).__name__} in a SASL exchange")
+        if self.outcome is not None:
+            self.rest = bytes(self._buf)
+            self._buf.clear()
+        return bytes(out)

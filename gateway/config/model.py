@@ -298,7 +298,11 @@ class ConnectorBase(Section):
 class AmqpConnector(ConnectorBase):
     protocol: Literal["amqp"]
     port: int = Field(DEFAULT_AMQP_PORT, ge=1, le=65535)
-    sasl: Literal["anonymous", "external", "plain"] = "anonymous"
+    sasl: Literal["anonymous", "external", "plain", "relay"] = Field(
+        "anonymous",
+        description="relay: each device's own SASL PLAIN login is relayed over a connection "
+        "of its own (Device Provisioning Service; pool and cbs do not apply)",
+    )
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     idle_timeout: Duration = Field(120.0, description="0 = none")
@@ -318,6 +322,8 @@ class AmqpConnector(ConnectorBase):
     @property
     def cbs_proxied(self) -> bool:
         """True when the gateway serves `$cbs` itself (see ``cbs``)."""
+        if self.sasl == "relay":
+            return False
         if self.cbs == "auto":
             return self.pool.max_devices_per_connection > 1
         return self.cbs == "proxy"

@@ -100,7 +100,12 @@ def render_summary(config: GatewayConfig) -> str:
     if config.connectors:
         rows = [["NAME", "PROTOCOL", "TARGET", "TLS", "DETAILS"]]
         for connector in config.connectors:
-            if isinstance(connector, AmqpConnector):
+            if isinstance(connector, AmqpConnector) and connector.sasl == "relay":
+                details = (
+                    f"sasl relay: one TLS connection per device, its own login relayed, "
+                    f"hostname {connector.hostname}"
+                )
+            elif isinstance(connector, AmqpConnector):
                 details = (
                     f"sasl {connector.sasl}, hostname {connector.hostname}, pool "
                     f"{connector.pool.max_connections}x"

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar
 
 from gateway.hubsim import HubSim
-from gateway.samples import amqp_device, mqtt_device
+from gateway.samples import amqp_device, dps_device, mqtt_device
 
 RECORD_TIMEOUT = 3.0  # the hub records an outcome right after the device sent it
 
-DeviceResult = TypeVar("DeviceResult", amqp_device.Result, mqtt_device.Result)
+DeviceResult = TypeVar("DeviceResult", amqp_device.Result, mqtt_device.Result, dps_device.Result)
 
 
 @dataclass
@@ -179,6 +179,40 @@ def check_mqtt(
                 report.problems.append(
                     "direct method: the service got a different answer than the device sent"
                 )
+
+
+def check_dps(
+    report: DeviceReport, hub: HubSim, registration_id: str, result: dps_device.Result | None
+) -> None:
+    """The provisioned device's view against the provisioning service's and the hub's records."""
+    if not _device_finished(result, report):
+        return
+    rec = hub.recorder
+    steps = [r for r in rec.dps if r.registration_id == registration_id]
+    for step in steps:
+        what = {"connect": "CONNECT (registration token)", "register": "register",
+                "status": "operation status"}.get(step.operation, step.operation)  # fmt: skip
+        report.hub_lines.append(f"provisioning service: {what} -> {step.status}")
+    if not any(s.operation == "register" and s.status == 202 for s in steps):
+        report.problems.append("the provisioning service recorded no registration")
+    if result.assigned_hub is not None:
+        if result.assigned_hub != hub.hub_host or result.device_id != registration_id:
+            report.problems.append(
+                f"assigned {result.assigned_hub}/{result.device_id}, expected "
+                f"{hub.hub_host}/{registration_id}"
+            )
+    received = [d for d in rec.d2c if d.device_id == registration_id]
+    report.hub_lines.append(f"D2C: {len(received)} message(s) from {registration_id}")
+    at_hub = [(d.topic, d.raw) for d in received]
+    acknowledged = [t for t in result.telemetry if t.acknowledged]
+    missing = [t for t in acknowledged if (t.topic, t.payload) not in at_hub]
+    for _ in missing:
+        report.problems.append("telemetry: PUBACK received, but the hub holds no identical copy")
+    if acknowledged and not missing:
+        report.hub_lines.append(
+            f"  topic and payload identical to what the device sent: yes "
+            f"({len(acknowledged)}/{len(acknowledged)})"
+        )
 
 
 def _app_properties(record: Any) -> dict[str, Any]:

@@ -23,13 +23,17 @@ from gateway.demo.gateway_config import (
     render_config,
 )
 from gateway.demo.gateway_process import GatewayProcess, Readiness
-from gateway.demo.report import DeviceReport, check_amqp, check_mqtt
+from gateway.demo.report import DeviceReport, check_amqp, check_dps, check_mqtt
 from gateway.hubsim import HubSim
-from gateway.samples import amqp_device, mqtt_device
+from gateway.hubsim.dps import derive_key
+from gateway.samples import amqp_device, dps_device, mqtt_device
 
 HUB_HOST = "demo-hub.azure-devices.net"
 AMQP_DEVICE = "amqp-sensor-1"
 MQTT_DEVICE = "mqtt-sensor-1"
+DPS_DEVICE = "dps-sensor-1"  # provisions through the gateway (its hub learns it then)
+DPS_SCOPE = "0ne00DEM0"
+DPS_GROUP = "demo-fleet"  # a symmetric-key enrollment group; its members' keys derive from it
 C2D_COMMAND = b'{"command":"blink","seconds":2}'
 METHOD = ("reboot", {"delaySeconds": 0})
 
@@ -54,6 +58,7 @@ class Demo:
         self.options = options
         self.out = out
         self.keys = {AMQP_DEVICE: _random_key(), MQTT_DEVICE: _random_key()}
+        self.group_key = _random_key()
         self.workdir = Path(tempfile.mkdtemp(prefix="iot-gateway-demo-"))
         self.hub: HubSim | None = None
         self.gateway: GatewayProcess | None = None
@@ -86,7 +91,10 @@ class Demo:
 
     def _run(self) -> bool:
         started = time.monotonic()
-        self.say("iot-gateway demo: an IoT Hub emulator, the gateway and two sample devices")
+        self.say(
+            "iot-gateway demo: an IoT Hub emulator with its provisioning service, the gateway "
+            "and three sample devices"
+        )
         hub = self._start_hub()
         ready = self._start_gateway(hub)
         if not ready.open_ports:
@@ -116,21 +124,28 @@ class Demo:
             self._show_log_tail()
             return False
         self.say(
-            f"Result: OK in {elapsed:.1f} s. Both devices' traffic crossed the gateway in "
-            "plaintext on the device side and TLS towards the hub; the hub recorded every "
-            "message byte for byte."
+            f"Result: OK in {elapsed:.1f} s. Every device's traffic crossed the gateway in "
+            "plaintext on the device side and TLS towards the hub; the provisioning service "
+            "assigned the new device, and the hub recorded every message byte for byte."
         )
         return True
 
     # -- steps ---------------------------------------------------------------------------
 
     def _start_hub(self) -> HubSim:
-        hub = HubSim(dict(self.keys), hub_host=HUB_HOST)
+        hub = HubSim(
+            dict(self.keys), hub_host=HUB_HOST, dps_scope=DPS_SCOPE,
+            dps_group_keys={DPS_GROUP: self.group_key}, dps_amqp_port=None,
+        )  # fmt: skip
         self.hub = hub
         hub.start()
         self.say(
             f"  hub emulator  {HUB_HOST}: amqps {LOOPBACK}:{hub.amqp_port}, "
             f"mqtts {LOOPBACK}:{hub.mqtt_port} (TLS, throwaway CA)"
+        )
+        self.say(
+            f"  provisioning  ID scope {DPS_SCOPE}: mqtts {LOOPBACK}:{hub.dps_mqtt_port}, "
+            f"enrollment group {DPS_GROUP}, assigns to {HUB_HOST}"
         )
         return hub
 
@@ -138,7 +153,8 @@ class Demo:
         assert hub.ca_file is not None and hub.amqp_port and hub.mqtt_port
         amqp, mqtt, admin = pick_free_ports(3)
         self.ports = ports = GatewayPorts(amqp=amqp, mqtt=mqtt, admin=admin)
-        endpoint = HubEndpoint(HUB_HOST, hub.amqp_port, hub.mqtt_port, hub.ca_file)
+        endpoint = HubEndpoint(HUB_HOST, hub.amqp_port, hub.mqtt_port, hub.ca_file,
+                               hub.dps_mqtt_port, DPS_SCOPE, hub.dps_host_name)  # fmt: skip
         config_file = self.workdir / "gateway.yaml"
         config_file.write_text(render_config(endpoint, ports), encoding="utf-8")
         log_file = self.workdir / "gateway.log"
@@ -174,8 +190,8 @@ class Demo:
         assert self.ports is not None
         ports = self.ports
         self.say(
-            f"  devices       {AMQP_DEVICE} (python-qpid-proton) and {MQTT_DEVICE} (paho-mqtt), "
-            "plaintext to the gateway"
+            f"  devices       {AMQP_DEVICE} (python-qpid-proton), {MQTT_DEVICE} and "
+            f"{DPS_DEVICE} (paho-mqtt), plaintext to the gateway"
         )
         amqp_report = DeviceReport(
             f"AMQP device {AMQP_DEVICE}: proton -> gateway amqp://{LOOPBACK}:{ports.amqp} "
@@ -184,6 +200,10 @@ class Demo:
         mqtt_report = DeviceReport(
             f"MQTT device {MQTT_DEVICE}: paho -> gateway mqtt://{LOOPBACK}:{ports.mqtt} "
             f"(plaintext) -> hub (TLS)"
+        )
+        dps_report = DeviceReport(
+            f"Provisioned device {DPS_DEVICE}: paho -> gateway mqtt://{LOOPBACK}:{ports.mqtt} "
+            f"(plaintext) -> provisioning service, then -> its assigned hub (TLS)"
         )
         results: dict[str, Any] = {}
         method_results: list[tuple[int, bytes]] = []
@@ -223,6 +243,13 @@ class Demo:
                 settings, collect(mqtt_report, MQTT_DEVICE), on_method_wait
             )
 
+        def run_dps() -> None:
+            settings = dps_device.Settings(
+                LOOPBACK, ports.mqtt, DPS_SCOPE, DPS_DEVICE, derive_key(self.group_key, DPS_DEVICE),
+                messages=2, timeout=STEP_TIMEOUT,
+            )  # fmt: skip
+            results["dps"] = dps_device.run(settings, collect(dps_report, DPS_DEVICE))
+
         threads = []
         if ready.is_open(ports.amqp):
             threads.append(threading.Thread(target=run_amqp, name="amqp-device", daemon=True))
@@ -233,6 +260,7 @@ class Demo:
             )
         if ready.is_open(ports.mqtt):
             threads.append(threading.Thread(target=run_mqtt, name="mqtt-device", daemon=True))
+            threads.append(threading.Thread(target=run_dps, name="dps-device", daemon=True))
         else:
             mqtt_report.problems.append(
                 f"the gateway is not listening for MQTT on {LOOPBACK}:{ports.mqtt}; "
@@ -253,7 +281,10 @@ class Demo:
                 mqtt_report, hub, MQTT_DEVICE, results.get("mqtt"),
                 method_results[0] if method_results else None,
             )  # fmt: skip
-        return [amqp_report, mqtt_report]
+            check_dps(dps_report, hub, DPS_DEVICE, results.get("dps"))
+        else:
+            dps_report.problems.append("the gateway is not listening for MQTT; not run")
+        return [amqp_report, mqtt_report, dps_report]
 
     # -- keep running --------------------------------------------------------------------
 
@@ -280,6 +311,10 @@ class Demo:
             f"      ({EXTRA_COMMANDS} more C2D commands are queued for {AMQP_DEVICE})",
             f"  python -m gateway.samples.mqtt_device --port {ports.mqtt} --hub-host {HUB_HOST} "
             f"--device-id {MQTT_DEVICE} --key {q(mqtt_key)} --method-timeout 0",
+            f"  python -m gateway.samples.dps_device --port {ports.mqtt} --id-scope {DPS_SCOPE} "
+            f"--registration-id dps-sensor-2 --key {q(derive_key(self.group_key, 'dps-sensor-2'))}",
+            f"      (any registration id: its key derives from the {DPS_GROUP} group key "
+            f"{q(self.group_key)})",
             f"  iot-gateway sas --host {HUB_HOST} --device-id {MQTT_DEVICE} --key {q(mqtt_key)} "
             "--ttl 1h",
             f"  iot-gateway status --admin http://{LOOPBACK}:{ports.admin}",

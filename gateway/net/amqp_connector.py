@@ -379,6 +379,21 @@ def client_engine_for(connector: Any, profile: Any, container_id: str) -> Connec
     )
 
 
+def relay_engine_for(connector: Any, profile: Any, container_id: str) -> Connection:
+    """A client engine for a connection whose SASL exchange was already relayed (a
+    device's own login, `gateway.net.sasl_relay`): it starts at the AMQP header."""
+    idle = float(getattr(connector, "idle_timeout", 0) or 0)
+    return Connection(
+        "client",
+        container_id,
+        sasl=None,
+        hostname=open_hostname_for(connector, profile),
+        max_frame_size=int(getattr(connector, "max_frame_size", 65536)),
+        channel_max=65535,
+        idle_timeout=idle or None,
+    )
+
+
 async def run_upstream(
     stream: trio.abc.Stream,
     engine: Connection,

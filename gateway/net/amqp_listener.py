@@ -9,7 +9,10 @@ When the router holds device credentials, a device's SASL PLAIN login may be
 a local password that must be checked with scrypt. That is too slow for the
 event loop, and the engine judges the sasl-init synchronously, so
 `SaslPlainGate` holds the sasl-init back until the router's check has run in
-a worker thread; the engine then finds the answer ready.
+a worker thread; the engine then finds the answer ready. A provisioning login
+(`{idScope}/registrations/{regId}`) is held back the same way while the router
+relays it to the service over a connection of the device's own
+(`gateway.router.dps`).
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ log = logging.getLogger("gateway.net.amqp")
 # A sasl-init larger than this is passed on unchecked (the engine refuses it).
 MAX_SASL_INIT = 65536
 
-PlainCheck = Callable[[str, str], Awaitable[None]]
+# check(username, password, the sasl-init frame as received)
+PlainCheck = Callable[[str, str, bytes], Awaitable[None]]
 
 
 class SaslPlainGate(trio.abc.Stream):
     """A device stream that holds the device's sasl-init back until
-    ``check(username, password)`` has run for a PLAIN login.
+    ``check(username, password, frame)`` has run for a PLAIN login.
 
     The bytes pass on unchanged: the protocol header at once (the engine must
     offer its mechanisms before the device sends its sasl-init), then the
@@ -118,7 +122,7 @@ class SaslPlainGate(trio.abc.Stream):
         if type(perf) is SaslInit and str(perf.mechanism) == "PLAIN":
             login = _plain_login(perf.initial_response)
             if login is not None:
-                await self._check(*login)
+                await self._check(*login, bytes(held[:size]))
         return self._pass_all()
 
 

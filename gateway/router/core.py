@@ -27,9 +27,12 @@ import trio
 
 from gateway.amqp import Delivery, Link
 from gateway.amqp.performatives import Attach
+from gateway.auth.dps import registration_of
 from gateway.net.amqp_connector import (
+    UpstreamOpenError,
     client_engine_for,
     open_connector_stream,
+    relay_engine_for,
     run_upstream,
 )
 from gateway.net.dial import dial_budget
@@ -37,6 +40,7 @@ from gateway.net.pool import ConnectorPool, Lease, PoolUnavailable
 
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
 from .device import DeviceConn
+from .dps import RegistrationRelay, is_relay
 from .gateway_tokens import GatewayTokens, Grant, Injection
 from .identity import IdentityPath, audience_path, covers, identity_of_address, token_audience
 from .linkpair import (
@@ -224,7 +228,7 @@ class Router:
         # Connector name -> $cbs served by the gateway (True) or link-routed (False).
         self.cbs_proxied: dict[str, bool] = {}
         for connector in config.connectors:
-            if getattr(connector, "protocol", "amqp") != "amqp":
+            if getattr(connector, "protocol", "amqp") != "amqp" or is_relay(connector):
                 continue
             self.cbs_proxied[connector.name] = _cbs_proxied(connector)
             self.pools[connector.name] = ConnectorPool(
@@ -239,6 +243,8 @@ class Router:
                 rng=rng,
                 observer=self.observer,
             )
+        # Connectors with `sasl: relay`: a connection per device, its login relayed.
+        self.relay = RegistrationRelay(self)
         self._nursery: trio.Nursery | None = None
         self.stopping = False
         self._clock = clock
@@ -255,17 +261,39 @@ class Router:
         if self._nursery is not None:
             self._nursery.start_soon(self.tokens.run)
 
-    def sasl_authenticator(self, device: DeviceConn) -> Callable[..., bool] | None:
-        """The SASL ``authenticate`` callback for a device engine (None: accept all,
-        the gateway holds no credentials)."""
-        return self.tokens.sasl_authenticator(device) if self.tokens is not None else None
+    def sasl_authenticator(self, device: DeviceConn) -> Callable[..., bool | int]:
+        """The SASL ``authenticate`` callback for a device engine. A provisioning login
+        (``{idScope}/registrations/{regId}``) gets the relayed outcome (see dps.py);
+        other logins are accepted unless the gateway holds credentials to check."""
+        held = self.tokens.sasl_authenticator(device) if self.tokens is not None else None
 
-    def sasl_precheck(self, device: DeviceConn) -> Callable[[str, str], Awaitable[None]] | None:
-        """What the listener runs on a device's SASL PLAIN login before the engine
-        judges it (None: nothing to check)."""
-        if self.tokens is None or not len(self.tokens.store):
+        def authenticate(mechanism: str, identity: str | None, password: str | None,
+                         hostname: str | None) -> bool | int:  # fmt: skip
+            if mechanism == "PLAIN" and registration_of(identity) is not None:
+                assert identity is not None
+                return self.relay.verdict(device, identity)
+            return held(mechanism, identity, password, hostname) if held is not None else True
+
+        return authenticate
+
+    def sasl_precheck(self, device: DeviceConn) -> Callable[[str, str, bytes], Awaitable[None]] | None:
+        """What the listener runs on a device's SASL PLAIN login (the sasl-init frame
+        held back) before the engine judges it (None: nothing to check)."""
+        held = None
+        if self.tokens is not None and len(self.tokens.store):
+            held = self.tokens.sasl_precheck(device)
+        if held is None and not self.relay.connectors:
             return None
-        return self.tokens.sasl_precheck(device)
+
+        async def precheck(username: str, password: str, frame: bytes) -> None:
+            if registration_of(username) is not None:
+                if self.relay.connectors:
+                    await self.relay.login(device, username, password, frame)
+                return
+            if held is not None:
+                await held(username, password)
+
+        return precheck
 
     # -------------------------------------------------------------- lifecycle
 
@@ -296,6 +324,7 @@ class Router:
         return device
 
     def device_gone(self, device: DeviceConn) -> None:
+        self.relay.device_gone(device, self._nursery)
         self.devices.discard(device)
         self.observer.on_device_closed(device)
 
@@ -352,12 +381,59 @@ class Router:
         b = device.bindings.get(connector)
         if b is not None and (not b.ready.is_set() or b.valid):
             return b
-        pool = self.pools[connector]
+        relay = connector in self.relay.connectors
+        pool: Any = _DEDICATED if relay else self.pools[connector]
         b = Binding(self, device, connector, pool)
         device.bindings[connector] = b
         assert self._nursery is not None
-        self._nursery.start_soon(self._bind, b)
+        self._nursery.start_soon(self._bind_relay if relay else self._bind, b)
         return b
+
+    async def _bind_relay(self, b: Binding) -> None:
+        """Bind a provisioning device to the connection its login was relayed on."""
+        device = b.device
+        taken = self.relay.take_stream(device)
+        if taken is None:
+            b.error = PoolUnavailable("the relayed login's connection is gone", NOT_FOUND)
+            b.ready.set()
+            return
+        connector, stream = taken
+        profile = self.config.tls_profile_for(connector)
+        engine = relay_engine_for(connector, profile, self.container_id)
+        upstream = UpstreamConn(self, connector.name, 0, engine)
+        settled = trio.Event()
+
+        def opened(driver: Any) -> None:
+            self.upstreams.add(upstream)
+            self.observer.on_upstream_open(upstream, connector.target)
+            log.info("connector %s: upstream %s open for device %s", connector.name,
+                     upstream.id, device.id)  # fmt: skip
+            b.lease = _DedicatedLease()
+            b.upstream = upstream
+            upstream.bindings.add(b)
+            settled.set()
+
+        async def run() -> None:
+            try:
+                await run_upstream(stream, engine, upstream.handle, opened, name=upstream.id,
+                                   bind_driver=upstream.set_driver, tracer=self.tracer)  # fmt: skip
+            except UpstreamOpenError as exc:
+                b.error = PoolUnavailable(f"connector {connector.name}: {exc}")
+            finally:
+                driver = upstream.driver
+                why = driver.transport_error if driver is not None else None
+                upstream.fail(None, why or "connection ended")
+                settled.set()
+                # The device's login was for this connection only: it goes too.
+                device.shutdown(f"the connection to {connector.name} ended")
+
+        assert self._nursery is not None
+        self._nursery.start_soon(run)
+        with trio.move_on_after(dial_budget(connector)):
+            await settled.wait()
+        if b.upstream is None and b.error is None:
+            b.error = PoolUnavailable(f"connector {connector.name} did not open in time")
+        b.ready.set()
 
     async def _bind(self, b: Binding) -> None:
         device = b.device
@@ -464,8 +540,16 @@ class Router:
             refuse_attach(link, amqp_error(NOT_FOUND, f"no route for address {address!r}"))
             return
         connector = match.route.connector
+        if connector in self.relay.connectors:
+            why = self.relay.admits(device, connector, str(match.address))
+            if why is not None:
+                self.observer.on_attach_refused(NOT_FOUND)
+                log.info("device %s: attach %r to %r refused: %s", device.id, attach.name,
+                         address, why)  # fmt: skip
+                refuse_attach(link, amqp_error(NOT_FOUND, why))
+                return
         pool = self.pools.get(connector)
-        if pool is None:
+        if pool is None and connector not in self.relay.connectors:
             self.observer.on_attach_refused(NOT_FOUND)
             refuse_attach(link, amqp_error(NOT_FOUND, f"connector {connector!r} is not available"))
             return
@@ -594,6 +678,26 @@ class Router:
         b.put_started()
         b.upstream.cbs_pair().forward(req, pending, settled)
         device.wake()
+
+
+class _Dedicated:
+    """Stands in for a pool where a relayed login's connection serves one device."""
+
+    max_devices_per_connection = 1
+
+
+_DEDICATED = _Dedicated()
+
+
+class _DedicatedLease:
+    """A relayed login's connection belongs to its device: nothing to give back
+    (`Binding.release` retires the connection itself)."""
+
+    def release(self) -> None:
+        pass
+
+    def retire(self) -> None:
+        pass
 
 
 def _cbs_proxied(connector: Any) -> bool:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from gateway.auth.local_auth import LocalAuthResult
 
     from .core import Binding, Router
+    from .dps import RelayedLogin, Verdict
     from .gateway_tokens import PlainCheck
 
 log = logging.getLogger("gateway.router.device")
@@ -80,6 +81,9 @@ class DeviceConn:
         # Local proofs, by identity ("dev1"), checked for the gateway-held credentials.
         self.local_auth: dict[str, LocalAuthResult] = {}
         self.plain_check: PlainCheck | None = None
+        # A provisioning login relayed to its own upstream connection (see dps.py).
+        self.relayed: RelayedLogin | None = None
+        self.relay_verdict: Verdict | None = None
         self.engine = device_engine(
             listener, router.container_id, authenticate=router.sasl_authenticator(self)
         )

@@ -44,6 +44,11 @@ class OpsObserver:
         self.metrics = metrics
         self.registry = registry
 
+    def on_device_refused(self, listener: str, reason: str) -> None:
+        """A device connection refused at SASL time by the router (a provisioning login)."""
+        if self.metrics is not None:
+            self.metrics.on_device_refused(listener, reason)
+
     # ---- links ---------------------------------------------------------------
 
     def on_link_opened(self, pair: LinkPair) -> None:

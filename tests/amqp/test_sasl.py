@@ -298,3 +298,50 @@ def test_client_that_leaves_after_the_mechanisms_is_summarised():
     conn.receive_data(b"")
     summary = server.failure_summary()
     assert "without choosing a mechanism" in summary and "offered ANONYMOUS, PLAIN" in summary
+
+
+# -- relaying another peer's sasl-init (provisioning logins) ---------------------------------
+
+
+def _mechanisms(*names: str) -> bytes:
+    return sasl_frame(0x40, [proton.Array(proton.UNDESCRIBED, proton.Data.SYMBOL, *map(symbol, names))])
+
+
+def _outcome(code: int) -> bytes:
+    return sasl_frame(0x44, [proton.ubyte(code)])
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_relay_client_forwards_the_init_verbatim_and_reports_the_outcome(split: bool) -> None:
+    from gateway.amqp.sasl import SaslRelayClient
+
+    init = sasl_frame(0x41, [symbol("PLAIN"), b"\x00scope/registrations/r1\x00token", None])
+    relay = SaslRelayClient(init, "PLAIN")
+    assert relay.start() == SASL_HEADER
+    server = SASL_HEADER + _mechanisms("EXTERNAL", "PLAIN") + _outcome(0) + AMQP_HEADER
+    chunks = [server[i : i + 1] for i in range(len(server))] if split else [server]
+    sent = b"".join(relay.receive_data(c) for c in chunks)
+    assert sent == init  # byte for byte, once
+    assert relay.outcome == 0
+    assert relay.rest == AMQP_HEADER  # what followed the outcome is the caller's
+
+
+def test_relay_client_refusals() -> None:
+    from gateway.amqp.sasl import SaslRelayClient
+
+    init = sasl_frame(0x41, [symbol("PLAIN"), b"\x00u\x00p", None])
+    relay = SaslRelayClient(init, "PLAIN")
+    assert relay.receive_data(SASL_HEADER + _mechanisms("PLAIN")) == init
+    relay.receive_data(_outcome(1))
+    assert relay.outcome == 1
+    relay = SaslRelayClient(init, "PLAIN")
+    assert relay.receive_data(SASL_HEADER + _mechanisms("ANONYMOUS")) == b""
+    assert relay.outcome == 2  # sys: the mechanism is not offered, nothing was sent
+    with pytest.raises(Exception, match="SASL"):
+        SaslRelayClient(init, "PLAIN").receive_data(AMQP_HEADER)
+
+
+def test_server_answers_an_outcome_code_the_authenticator_gives() -> None:
+    server = SaslServer(["PLAIN"], authenticate=lambda *a: 4)
+    decision = server.on_init(SaslInit(Symbol("PLAIN"), b"\x00u\x00p", None))
+    assert decision.outcome.code == 4 and decision.authenticated is None

@@ -467,9 +467,11 @@ async def test_sasl_gate_holds_the_init_until_checked(split: str) -> None:
     chunks = [data] if split == "whole" else [data[i : i + 1] for i in range(len(data))]
     released: list[bytes] = []
     checked: list[tuple[str, str, int]] = []
+    frames: list[bytes] = []
 
-    async def check(user: str, password: str) -> None:
+    async def check(user: str, password: str, frame: bytes) -> None:
         checked.append((user, password, sum(len(b) for b in released)))
+        frames.append(frame)
 
     gate = amqp_listener.SaslPlainGate(ChunkStream(chunks), check)
     while chunk := await gate.receive_some(65536):
@@ -478,10 +480,11 @@ async def test_sasl_gate_holds_the_init_until_checked(split: str) -> None:
     assert released[0] == SASL_HEADER  # the header at once: mechanisms must go out first
     # The check ran after the header and before the init was released.
     assert checked == [("dev3@sas.hub", PASSWORD, 8)]
+    assert frames == [sasl_init("dev3@sas.hub", PASSWORD)]  # the frame as received
 
 
 async def test_sasl_gate_passes_other_streams_untouched() -> None:
-    async def check(user: str, password: str) -> None:
+    async def check(user: str, password: str, frame: bytes) -> None:
         raise AssertionError("no PLAIN login here")
 
     for data in (b"AMQP\x00\x01\x00\x00garbage", b"GET / HTTP/1.1\r\n"):
