@@ -428,6 +428,8 @@ def _pool_text(connector: Any) -> str:
     pool = getattr(connector, "pool", None)
     if pool is None:
         return ""
+    if getattr(connector, "sasl", None) == "relay":
+        return ", a connection per provisioning device, its own SASL login relayed"
     mode = "on demand" if getattr(connector, "on_demand", True) else "always on"
     return (f", pool {pool.max_connections} x {pool.max_devices_per_connection} devices, "
             f"{mode}")  # fmt: skip

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", help="private key of --cert (PEM)")
     parser.add_argument("--ca", help="CA file to publish for clients (with --cert)")
     parser.add_argument("--token-skew", type=float, default=300, help="seconds of clock skew allowed")
+    parser.add_argument("--dps-scope", help="also serve a Device Provisioning Service for this ID scope")
+    parser.add_argument(
+        "--dps-group-key", action="append", default=[], metavar="BASE64",
+        help="a symmetric-key enrollment group's key (repeatable); members' keys derive from it",
+    )  # fmt: skip
+    parser.add_argument("--dps-amqp", default="127.0.0.1:0", help="DPS AMQPS address, or 'off'")
+    parser.add_argument("--dps-mqtt", default="127.0.0.1:0", help="DPS MQTTS address, or 'off'")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -78,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.cert) != bool(args.key):
             raise UsageError("--cert and --key go together")
         cert = CertPair.from_files(args.cert, args.key, args.ca) if args.cert else None
+        dps_amqp = None if args.dps_amqp == "off" else parse_endpoint(args.dps_amqp)
+        dps_mqtt = None if args.dps_mqtt == "off" else parse_endpoint(args.dps_mqtt)
+        if dps_amqp and dps_mqtt and dps_amqp[0] != dps_mqtt[0]:
+            raise UsageError("--dps-amqp and --dps-mqtt must be on the same host")
+        for key in args.dps_group_key:
+            try:
+                base64.b64decode(key, validate=True)
+            except (ValueError, binascii.Error):
+                raise UsageError("--dps-group-key: not base64") from None
+        if args.dps_scope and not args.dps_group_key:
+            raise UsageError("--dps-scope needs at least one --dps-group-key")
     except (UsageError, OSError) as exc:
         print(f"iot-gateway hubsim: {exc}", file=sys.stderr)
         return 2
@@ -95,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         token_skew=args.token_skew,
         host=amqp[0] if amqp else "127.0.0.1",
         mqtt_host=mqtt[0] if mqtt else None,
+        dps_scope=args.dps_scope,
+        dps_group_keys={f"group-{i + 1}": k for i, k in enumerate(args.dps_group_key)},
+        dps_host=(dps_amqp or dps_mqtt or ("127.0.0.1", 0))[0],
+        dps_amqp_port=dps_amqp[1] if dps_amqp else None,
+        dps_mqtt_port=dps_mqtt[1] if dps_mqtt else None,
     )
     stop = threading.Event()
 
@@ -113,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hubsim: amqps on {_show(hub.host)}:{hub.amqp_port}")
         if mqtt:
             print(f"hubsim: mqtts on {_show(hub.mqtt_host)}:{hub.mqtt_port}")
+        if args.dps_scope:
+            print(f"hubsim: provisioning service, ID scope {args.dps_scope}, "
+                  f"{len(args.dps_group_key)} enrollment group(s)")  # fmt: skip
+            if hub.dps_amqp_port is not None:
+                print(f"hubsim: dps amqps on {_show(hub.dps_host)}:{hub.dps_amqp_port}")
+            if hub.dps_mqtt_port is not None:
+                print(f"hubsim: dps mqtts on {_show(hub.dps_host)}:{hub.dps_mqtt_port}")
         if hub.ca_file:
             print(f"hubsim: CA file {hub.ca_file}")
         sys.stdout.flush()

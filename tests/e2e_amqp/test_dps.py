@@ -83,11 +83,13 @@ def reg_token(registration_id: str, key: str, scope: str = SCOPE) -> str:
     return sas_token(f"{scope}/registrations/{registration_id}", key) + "&skn=registration"
 
 
-def provision(url: str, registration_id: str, password: str, scope: str = SCOPE) -> dict:
-    """What the SDKs do: PLAIN login, receiver + sender on the registration, register, poll."""
+def provision(url: str, registration_id: str, password: str, scope: str = SCOPE,
+              prefix: str = "") -> dict:  # fmt: skip
+    """What the SDKs do: PLAIN login, receiver + sender on the registration, register, poll.
+    `prefix`: the C SDK puts ``amqps://{host}/`` before the address."""
     dev = Device(url, mechs="PLAIN", user=f"{scope}/registrations/{registration_id}", password=password)
     try:
-        address = f"{scope}/registrations/{registration_id}"
+        address = f"{prefix}{scope}/registrations/{registration_id}"
         rx = dev.conn.create_receiver(address)
         tx = dev.conn.create_sender(address)
         body = json.dumps({"registrationId": registration_id}).encode()
@@ -204,3 +206,15 @@ async def test_gateway_signs_the_registration_with_the_group_key(dps_hub, group_
     assert answer["registrationState"]["deviceId"] == "fleet-4"
     assert dps_hub.state.devices["fleet-4"] == derive_device_key(group_key, "fleet-4")
 
+
+
+async def test_c_sdk_address_form_with_scheme_and_host(dps_hub, group_key, tmp_path):
+    """The C SDK attaches ``amqps://{provisioning host}/{scope}/registrations/{regId}``;
+    it routes as the bare address, and reaches the service as the device sent it."""
+    key = derive_device_key(group_key, "c-dev-1")
+    prefix = f"amqps://{DPS_HOST}/"
+    async with running_gateway(dps_config(dps_hub, tmp_path)) as gw:
+        answer = await in_thread(provision, gw.url, "c-dev-1", reg_token("c-dev-1", key), prefix=prefix)
+    assert answer["status"] == "assigned"
+    addresses = {r.address for r in dps_hub.recorder.links if r.device_id == "c-dev-1"}
+    assert addresses == {f"{prefix}{SCOPE}/registrations/c-dev-1"}
