@@ -113,23 +113,26 @@ class RegistrationRelay:
         profile = self.router.config.tls_profile_for(connector)
         relay = SaslRelayClient(init, "PLAIN")
         stream: trio.abc.Stream | None = None
+        kept = False
         try:
             with trio.fail_after(dial_budget(connector) + float(connector.connect_timeout)):
                 stream, _dialled = await open_connector_stream(connector, profile)
                 stream = await relay_sasl_login(stream, relay)
+            assert relay.outcome is not None
+            if relay.outcome != SASL_OK:
+                self._refuse(device, username, relay.outcome,
+                             f"connector {connector.name} answered {relay.description}")  # fmt: skip
+                return
+            device.relayed = RelayedLogin(connector, registration, stream)
+            kept = True
         except (TLSConnectError, OSError, trio.TooSlowError, trio.BrokenResourceError, AMQPError) as exc:
-            if stream is not None:
-                await _close(stream)
             self._refuse(device, username, SASL_SYS_TEMP,
                          f"connector {connector.name} unreachable: {exc}")  # fmt: skip
             return
-        assert relay.outcome is not None
-        if relay.outcome != SASL_OK:
-            await _close(stream)
-            self._refuse(device, username, relay.outcome,
-                         f"connector {connector.name} answered {relay.description}")  # fmt: skip
-            return
-        device.relayed = RelayedLogin(connector, registration, stream)
+        finally:
+            # Refused, failed or cancelled (the device's handshake time ran out): not kept.
+            if stream is not None and not kept:
+                await _close(stream)
         device.relay_verdict = Verdict(username, SASL_OK)
         log.info("device %s: registration %r of ID scope %r logged in at connector %s",
                  device.id, reg_id, scope, connector.name)  # fmt: skip

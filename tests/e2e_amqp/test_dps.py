@@ -218,3 +218,25 @@ async def test_c_sdk_address_form_with_scheme_and_host(dps_hub, group_key, tmp_p
     assert answer["status"] == "assigned"
     addresses = {r.address for r in dps_hub.recorder.links if r.device_id == "c-dev-1"}
     assert addresses == {f"{prefix}{SCOPE}/registrations/c-dev-1"}
+
+
+async def test_unreachable_service_gets_sys_temp(dps_hub, group_key, tmp_path, caplog):
+    """The device is told to retry (outcome sys-temp), with one log line."""
+    import socket
+
+    caplog.set_level(logging.INFO)
+    dps_config(dps_hub, tmp_path)  # writes gateway.yaml; its DPS port is swapped below
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        text = (tmp_path / "gateway.yaml").read_text().replace(
+            f"port: {dps_hub.dps_amqp_port}, tls_profile: dps", f"port: {port}, tls_profile: dps"
+        )
+        config = parse_config_text(text, str(tmp_path / "gateway.yaml"))
+        key = derive_device_key(group_key, "amqp-dev-5")
+        async with running_gateway(config) as gw:
+            with pytest.raises(ConnectionException):
+                await in_thread(Device, gw.url, mechs="PLAIN", user=f"{SCOPE}/registrations/amqp-dev-5",
+                                password=reg_token("amqp-dev-5", key))  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "amqp-dev-5" in r.getMessage()]
+    assert len(lines) == 1 and "outcome 4" in lines[0] and "unreachable" in lines[0]
