@@ -30,6 +30,7 @@ def test_schema_covers_every_section_and_forbids_unknown_keys() -> None:
         "link_routes",
         "mqtt_routes",
         "credentials",
+        "proxy",
     }
     assert schema["additionalProperties"] is False
     for name, definition in schema["$defs"].items():

@@ -82,6 +82,10 @@ def _format_errors(exc: ValidationError, doc: YamlDocument, filename: str) -> li
     return unique
 
 
+# Tags of callable-discriminated unions (gateway.config.model.ProxySetting): not YAML keys.
+_HIDDEN_TAGS = frozenset({"proxy_settings", "proxy_keyword"})
+
+
 def _locate(data: Any, loc: list[Any]) -> tuple[list[Any], list[Any]]:
     """Split a pydantic location into the part present in the YAML and the shown key path.
 
@@ -94,7 +98,7 @@ def _locate(data: Any, loc: list[Any]) -> tuple[list[Any], list[Any]]:
     present = True
     previous: Any = None
     for part in loc:
-        if part == "[key]":
+        if part == "[key]" or part in _HIDDEN_TAGS:
             continue
         if (
             present

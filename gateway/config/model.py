@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BeforeValidator,
+    Discriminator,
     Field,
     PlainValidator,
     PrivateAttr,
     SecretStr,
+    Tag,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -31,6 +33,7 @@ from gateway.config.hostport import HostPort
 
 DEFAULT_AMQP_PORT = 5671
 DEFAULT_MQTT_PORT = 8883
+DEFAULT_WEBSOCKET_PORT = 443  # IoT Hub serves AMQP and MQTT over WebSockets on 443
 DEFAULT_MQTT_MAX_PACKET_SIZE = 262144 + 1024  # IoT Hub's 256 KiB message limit + header room
 
 
@@ -165,6 +168,54 @@ Listener = Annotated[AmqpListener | MqttListener, Field(discriminator="protocol"
 # --- connectors ------------------------------------------------------------------------------
 
 
+class ProxySettings(Section):
+    """An HTTP proxy reached with CONNECT (see gateway.net.http_proxy)."""
+
+    url: str = Field(description="http://host:port of the proxy (https:// proxies unsupported)")
+    username: str | None = Field(None, min_length=1, description="Basic auth user name")
+    password_file: Path | None = Field(
+        None, description="file holding the Basic auth password (read at each connect)"
+    )
+
+    @field_validator("url", mode="after")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from gateway.net.http_proxy import parse_proxy_url
+
+        parse_proxy_url(value)  # raises ValueError with a readable message
+        return value
+
+    @field_validator("password_file", mode="after")
+    @classmethod
+    def _readable_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        return readable_file(value, (info.context or {}).get("base_dir"))
+
+    @model_validator(mode="after")
+    def _user_and_password(self) -> ProxySettings:
+        if (self.username is None) != (self.password_file is None):
+            missing = "password_file" if self.password_file is None else "username"
+            present = "username" if missing == "password_file" else "password_file"
+            raise errors_at(
+                "ProxySettings", [((present,), f"{present} needs {missing} too (both or neither)")]
+            )
+        return self
+
+
+def _proxy_kind(value: Any) -> str:
+    return "proxy_keyword" if isinstance(value, str) else "proxy_settings"
+
+
+# `env`: HTTPS_PROXY / NO_PROXY from the environment; `none`: direct, even with a default.
+# The discriminator keeps errors to the branch the YAML meant (the loader hides the tags).
+ProxySetting = Annotated[
+    Annotated[ProxySettings, Tag("proxy_settings")]
+    | Annotated[Literal["env", "none"], Tag("proxy_keyword")],
+    Discriminator(_proxy_kind),
+]
+
+
 class ReconnectSettings(Section):
     initial: Duration = Field(1.0, description="first retry delay; doubles up to max")
     max: Duration = 30.0
@@ -244,6 +295,16 @@ class ConnectorBase(Section):
         min_length=1,
         description="failover: endpoints tried in order on every connect, instead of host",
     )
+    transport: Literal["tcp", "websockets"] = Field(
+        "tcp",
+        description="websockets: the protocol over wss://host/$iothub/websocket (port 443), "
+        "for firewalls that open 443 only",
+    )
+    proxy: ProxySetting | None = Field(
+        None,
+        description="HTTP CONNECT proxy: {url, username, password_file}, env (HTTPS_PROXY, "
+        "NO_PROXY) or none; default: the top-level proxy",
+    )
     tls_profile: str | None = None
     allow_plaintext: bool = Field(False, description="permit a connector without TLS")
     connect_timeout: Duration = 10.0
@@ -257,6 +318,16 @@ class ConnectorBase(Section):
             "are in flight that the wait cannot slow them (0 = relay each at once)"
         ),
     )
+
+    # The port when none is given and the transport is tcp (each protocol sets it).
+    _tcp_port: ClassVar[int] = 0
+
+    @model_validator(mode="after")
+    def _default_port(self) -> ConnectorBase:
+        # Before _host_or_hosts: endpoints take this port when theirs is not given.
+        if self.port is None:  # type: ignore[has-type]
+            self.port = DEFAULT_WEBSOCKET_PORT if self.websockets else self._tcp_port
+        return self
 
     @model_validator(mode="after")
     def _host_or_hosts(self) -> ConnectorBase:
@@ -294,10 +365,28 @@ class ConnectorBase(Section):
         """``host:port``, or every endpoint comma-separated (no spaces) with ``hosts``."""
         return ",".join(str(HostPort(e.host, e.port)) for e in self.endpoints)
 
+    @property
+    def websockets(self) -> bool:
+        return self.transport == "websockets"
+
+
+def _port_schema(schema: dict[str, Any]) -> None:
+    # The default depends on transport: say so in the description, not as a null default.
+    schema.pop("default", None)
+    schema["type"] = "integer"
+
 
 class AmqpConnector(ConnectorBase):
+    _tcp_port: ClassVar[int] = DEFAULT_AMQP_PORT
     protocol: Literal["amqp"]
-    port: int = Field(DEFAULT_AMQP_PORT, ge=1, le=65535)
+    port: int = Field(
+        None,  # type: ignore[assignment]  # filled in below: 5671, or 443 with websockets
+        ge=1,
+        le=65535,
+        description=f"default {DEFAULT_AMQP_PORT} ({DEFAULT_WEBSOCKET_PORT} with transport: "
+        "websockets)",
+        json_schema_extra=_port_schema,
+    )
     sasl: Literal["anonymous", "external", "plain", "relay"] = Field(
         "anonymous",
         description="relay: each device's own SASL PLAIN login is relayed over a connection "
@@ -363,7 +452,16 @@ class AmqpConnector(ConnectorBase):
 
 class MqttConnector(ConnectorBase):
     protocol: Literal["mqtt"]
-    port: int = Field(DEFAULT_MQTT_PORT, ge=1, le=65535)
+    port: int = Field(
+        None,  # type: ignore[assignment]  # filled in below: 8883, or 443 with websockets
+        ge=1,
+        le=65535,
+        description=f"default {DEFAULT_MQTT_PORT} ({DEFAULT_WEBSOCKET_PORT} with transport: "
+        "websockets)",
+        json_schema_extra=_port_schema,
+    )
+
+    _tcp_port: ClassVar[int] = DEFAULT_MQTT_PORT
 
 
 Connector = Annotated[AmqpConnector | MqttConnector, Field(discriminator="protocol")]
@@ -465,6 +563,11 @@ class GatewayConfig(Section):
     credentials: CredentialsSection | None = Field(
         None, description="keys and certificates the gateway holds for devices"
     )
+    proxy: ProxySetting | None = Field(
+        None,
+        description="default HTTP CONNECT proxy of connectors without their own proxy "
+        "setting: {url, username, password_file} or env (HTTPS_PROXY, NO_PROXY)",
+    )
 
     _source_path: Path | None = PrivateAttr(default=None)
 
@@ -494,6 +597,8 @@ class GatewayConfig(Section):
         if problems:
             raise errors_at("GatewayConfig", problems)
         for connector in self.connectors:
+            if connector.proxy is None and self.proxy is not None:
+                connector.proxy = self.proxy  # the top-level default
             if isinstance(connector, AmqpConnector) and connector.hostname is None:
                 profile = self.tls_profile_for(connector)
                 connector.hostname = (profile and profile.server_name) or connector.host

@@ -115,6 +115,14 @@ def render_summary(config: GatewayConfig) -> str:
                 )
             else:
                 details = "one TLS connection per device"
+            if connector.websockets:
+                details += ", over WebSockets"
+            if connector.proxy == "env":
+                details += ", proxy from HTTPS_PROXY"
+            elif connector.proxy is not None and connector.proxy != "none":
+                from gateway.net.http_proxy import redact_proxy_url
+
+                details += f", via proxy {redact_proxy_url(connector.proxy.url)}"
             tls = connector.tls_profile or "PLAINTEXT"
             rows.append([connector.name, connector.protocol, connector.target, tls, details])
         out.extend(table(rows))

@@ -45,6 +45,7 @@ __all__ = [
     "open_tunnel",
     "parse_proxy_url",
     "proxy_from_env",
+    "redact_proxy_url",
     "resolve_proxy",
 ]
 
@@ -123,24 +124,24 @@ def parse_proxy_url(url: str) -> tuple[str, int, str | None, str | None]:
     parts = urlsplit(text)
     if parts.scheme.lower() != "http":
         raise ValueError(
-            f"unsupported proxy scheme {parts.scheme!r} in {_redact(url)!r}: "
+            f"unsupported proxy scheme {parts.scheme!r} in {redact_proxy_url(url)!r}: "
             "only http:// proxies (CONNECT over plain HTTP)"
         )
     try:
         port = parts.port or 80
     except ValueError:
-        raise ValueError(f"invalid port in proxy URL {_redact(url)!r}") from None
+        raise ValueError(f"invalid port in proxy URL {redact_proxy_url(url)!r}") from None
     host = parts.hostname
     if not host:
-        raise ValueError(f"no host in proxy URL {_redact(url)!r}")
+        raise ValueError(f"no host in proxy URL {redact_proxy_url(url)!r}")
     if parts.path not in ("", "/"):
-        raise ValueError(f"a proxy URL has no path: {_redact(url)!r}")
+        raise ValueError(f"a proxy URL has no path: {redact_proxy_url(url)!r}")
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
     return host, port, user, password
 
 
-def _redact(url: str) -> str:
+def redact_proxy_url(url: str) -> str:
     """The URL without its password, fit for a message."""
     parts = urlsplit(url if "://" in url else "http://" + url)
     if parts.password is None:
