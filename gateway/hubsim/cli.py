@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub-host", default=DEFAULT_HUB, help=f"hub host name (default {DEFAULT_HUB})")
     parser.add_argument("--amqp", default="127.0.0.1:5671", help="AMQPS listen address, or 'off'")
     parser.add_argument("--mqtt", default="127.0.0.1:8883", help="MQTTS listen address, or 'off'")
+    parser.add_argument(
+        "--ws", default="off", help="WebSockets (AMQP and MQTT, wss://HOST:PORT/$iothub/websocket) "
+        "listen address, or 'off' (default)"
+    )
     parser.add_argument("--cert", help="server certificate chain (PEM); default: a throwaway CA")
     parser.add_argument("--key", help="private key of --cert (PEM)")
     parser.add_argument("--ca", help="CA file to publish for clients (with --cert)")
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         devices = load_devices(args.devices)
         amqp = None if args.amqp == "off" else parse_endpoint(args.amqp)
         mqtt = None if args.mqtt == "off" else parse_endpoint(args.mqtt)
+        ws = None if args.ws == "off" else parse_endpoint(args.ws)
         if bool(args.cert) != bool(args.key):
             raise UsageError("--cert and --key go together")
         cert = CertPair.from_files(args.cert, args.key, args.ca) if args.cert else None
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         dps_host=(dps_amqp or dps_mqtt or ("127.0.0.1", 0))[0],
         dps_amqp_port=dps_amqp[1] if dps_amqp else None,
         dps_mqtt_port=dps_mqtt[1] if dps_mqtt else None,
+        ws_port=ws[1] if ws else None,
+        ws_host=ws[0] if ws else None,
     )
     stop = threading.Event()
 
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"hubsim: dps amqps on {_show(hub.dps_host)}:{hub.dps_amqp_port}")
             if hub.dps_mqtt_port is not None:
                 print(f"hubsim: dps mqtts on {_show(hub.dps_host)}:{hub.dps_mqtt_port}")
+        if ws:
+            print(f"hubsim: wss on {_show(hub.ws_host)}:{hub.ws_port}/$iothub/websocket")
         if hub.ca_file:
             print(f"hubsim: CA file {hub.ca_file}")
         sys.stdout.flush()

@@ -27,6 +27,7 @@ from .mqtt_server import DEFAULT_MAX_MESSAGE_SIZE as MQTT_MAX_MESSAGE_SIZE
 from .mqtt_server import MqttServer
 from .records import LinkRecord, Recorder
 from .state import HubState
+from .websocket import start_websocket_server
 
 log = logging.getLogger("gateway.hubsim")
 T = TypeVar("T")
@@ -43,6 +44,8 @@ class HubSim:
     ``start()``); None disables that protocol. ``host`` is the bind address
     (``mqtt_host`` overrides it for MQTT). ``policies`` are shared access
     policies (name -> key) whose tokens (``skn``) the hub also accepts.
+    ``ws_port`` (default None: off) serves both protocols over WebSockets at
+    ``/$iothub/websocket`` as IoT Hub does on 443 (``ws_host`` defaults to ``host``).
     """
 
     def __init__(
@@ -71,8 +74,13 @@ class HubSim:
         dps_mqtt_port: int | None = 0,
         dps_retry_after: int = 1,
         dps_host_name: str = "global.azure-devices-provisioning.net",
+        ws_port: int | None = None,
+        ws_host: str | None = None,
     ) -> None:
         self.hub_host = hub_host
+        self.ws_port = ws_port
+        self.ws_host = ws_host or host
+        self._ws_server: asyncio.Server | None = None
         self.host = host
         self.mqtt_host = mqtt_host or host
         self.amqp_port = amqp_port
@@ -156,8 +164,20 @@ class HubSim:
             self.dps_amqp_port = await self._dps_amqp.start(self.dps_host, self.dps_amqp_port, ctx)
         if self._dps_mqtt is not None and self.dps_mqtt_port is not None:
             self.dps_mqtt_port = await self._dps_mqtt.start(self.dps_host, self.dps_mqtt_port, ctx)
+        if self.ws_port is not None:
+            self._ws_server = await start_websocket_server(
+                self.ws_host,
+                self.ws_port,
+                ctx,
+                self._amqp if self.amqp_port is not None else None,
+                self._mqtt if self.mqtt_port is not None else None,
+            )
+            self.ws_port = int(self._ws_server.sockets[0].getsockname()[1])
 
     async def _stop_servers(self) -> None:
+        if self._ws_server is not None:
+            self._ws_server.close()
+            self._ws_server = None
         if self._dps_mqtt is not None:
             await self._dps_mqtt.stop()
         if self._dps_amqp is not None:
