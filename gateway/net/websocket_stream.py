@@ -27,6 +27,9 @@ RFC 6455 requires); this module moves bytes and decides what is an error:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -51,6 +54,8 @@ __all__ = [
     "WebSocketHandshakeError",
     "WebSocketStream",
     "open_websocket_stream",
+    "subprotocol_for",
+    "websocket_wrapper",
 ]
 
 IOTHUB_WEBSOCKET_PATH = "/$iothub/websocket"
@@ -410,6 +415,28 @@ async def open_websocket_stream(
     is not a valid upgrade; `trio.BrokenResourceError` from the inner stream as is.
     The caller bounds the time (the connect timeout) and closes `inner` on failure.
     """
+    try:
+        return await _upgrade(
+            inner, host, port, subprotocol, resource, secure, extra_headers, max_message_size
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        where = f"wss://{_host_header(host, port, True)}{resource}"
+        cause = exc.__cause__ or exc
+        raise WebSocketHandshakeError(
+            "closed", f"WebSocket upgrade at {where}: connection lost ({cause})"
+        ) from exc
+
+
+async def _upgrade(
+    inner: trio.abc.Stream,
+    host: str,
+    port: int,
+    subprotocol: str,
+    resource: str,
+    secure: bool,
+    extra_headers: list[tuple[bytes, bytes]] | None,
+    max_message_size: int,
+) -> WebSocketStream:
     ws = WSConnection(ConnectionType.CLIENT)
     request = Request(
         host=_host_header(host, port, secure),
@@ -475,3 +502,31 @@ def _refused(where: str, event: RejectConnection, body: bytes) -> WebSocketHands
         f"WebSocket upgrade at {where} refused: HTTP {event.status_code}{suffix}",
         status=event.status_code,
     )
+
+
+def subprotocol_for(protocol: str) -> str:
+    """IoT Hub's WebSocket subprotocol for a connector protocol."""
+    return "AMQPWSB10" if protocol == "amqp" else "mqtt"
+
+
+def websocket_wrapper(
+    connector: Any,
+) -> Callable[[trio.abc.Stream, Any, float], Awaitable[WebSocketStream]] | None:
+    """The stream wrapper (see `gateway.net.dial`) of a ``transport: websockets``
+    connector, None for TCP. The upgrade goes to the endpoint's host (the Host
+    header IoT Hub routes by) at `IOTHUB_WEBSOCKET_PATH`."""
+    if getattr(connector, "transport", "tcp") != "websockets":
+        return None
+    subprotocol = subprotocol_for(str(connector.protocol))
+    secure = getattr(connector, "tls_profile", None) is not None
+
+    async def wrap(stream: trio.abc.Stream, endpoint: Any, timeout: float) -> WebSocketStream:
+        return await open_websocket_stream(
+            stream,
+            host=str(endpoint.host),
+            port=int(endpoint.port),
+            subprotocol=subprotocol,
+            secure=secure,
+        )
+
+    return wrap
