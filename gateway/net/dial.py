@@ -43,8 +43,11 @@ import trio
 
 from gateway.ops.hooks import report_dial
 
+from .http_proxy import proxy_tcp_opener
 from .tls import ClientContextCache, TLSConnectError, classify_tls_error
+from .tls_diagnose import PROBE_TIMEOUT, untrusted_ca_hint
 from .tls_stream import open_tls_stream
+from .websocket_stream import websocket_wrapper
 
 __all__ = [
     "DialError",
@@ -240,12 +243,12 @@ def tcp_opener_for(connector: Any) -> TcpOpener | None:
     endpoint to the proxy by name (the proxy resolves it) and returns the
     tunnelled socket and the proxy's address as the address reached.
     """
-    return None
+    return proxy_tcp_opener(connector, open_direct_tcp)
 
 
 def stream_wrapper_for(connector: Any) -> StreamWrapper | None:
     """SEAM (``transport: websockets``): what wraps the TLS stream. None: nothing."""
-    return None
+    return websocket_wrapper(connector)
 
 
 # ---------------------------------------------------------------------- dial
@@ -380,9 +383,19 @@ async def dial_connector(
                 wrap=wrapper,
             )
         except _EndpointFailed as exc:
-            failure = EndpointFailure(endpoint, exc.reason, exc.detail)
+            detail = exc.detail
+            if exc.reason == "certificate_verify_failed":
+                # Name the CA that signed what was presented (TLS inspection by a proxy).
+                detail += await untrusted_ca_hint(
+                    opener,
+                    endpoint,
+                    server_name_for_endpoint(profile, endpoint),
+                    getattr(connector, "tls_profile", None),
+                    min(timeout, PROBE_TIMEOUT),
+                )
+            failure = EndpointFailure(endpoint, exc.reason, detail)
             report.skipped.append(failure)
-            log.warning("connector %s: endpoint %s failed: %s", name, endpoint, exc.detail)
+            log.warning("connector %s: endpoint %s failed: %s", name, endpoint, detail)
             continue
         report.endpoint = endpoint
         report.address = address
