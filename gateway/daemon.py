@@ -168,7 +168,7 @@ class Daemon:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
                          connector.target,
                          f"tls {connector.tls_profile}" if connector.tls_profile else "plaintext",
-                         _pool_text(connector))  # fmt: skip
+                         _pool_text(connector) + _transport_text(connector))  # fmt: skip
             for listener in config.listeners:
                 bound = await nursery.start(self._serve_listener, listener)
                 self.listener_addresses[listener.name] = bound
@@ -422,6 +422,19 @@ def _level(name: str) -> int:
 
 def _traced(tracer: FrameTracer) -> list[str]:
     return [p for p, on in (("amqp", tracer.amqp_enabled), ("mqtt", tracer.mqtt_enabled)) if on]
+
+
+def _transport_text(connector: Any) -> str:
+    """", over WebSockets", ", via proxy http://host:port" (no credentials), or nothing."""
+    text = ", over WebSockets" if getattr(connector, "transport", "tcp") == "websockets" else ""
+    proxy = getattr(connector, "proxy", None)
+    if proxy == "env":
+        text += ", proxy from HTTPS_PROXY/NO_PROXY"
+    elif proxy is not None and proxy != "none":
+        from gateway.net.http_proxy import redact_proxy_url
+
+        text += f", via proxy {redact_proxy_url(str(proxy.url))}"
+    return text
 
 
 def _pool_text(connector: Any) -> str:

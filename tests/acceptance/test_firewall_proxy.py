@@ -1,0 +1,258 @@
+"""`iot-gateway run` behind a firewall that opens 443 only, through an HTTP proxy.
+
+Peers we did not write: mosquitto's own WebSocket listener (TLS) as the MQTT hub,
+Debian's tinyproxy as the proxy (with and without Basic auth), paho clients as
+devices and as an observer connected to mosquitto directly. The errors a user
+sees for the common mistakes are read from the log and ``/api/connectors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import Pki
+from .gateway_proc import start_gateway, wait_until, write_config
+from .mqtt_peers import MOSQUITTO, PahoClient, free_port
+
+TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed"),
+    pytest.mark.skipif(not Path(TINYPROXY).exists(), reason="tinyproxy is not installed"),
+]
+
+HUB = "myhub.azure-devices.net"
+TOKEN = "SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fdev1&sig=abc%3D&se=4102444800"
+USERNAME = f"{HUB}/dev1/?api-version=2021-04-12"
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], ports: list[int], log_path: Path) -> bool:
+    deadline = time.monotonic() + 15
+    pending = list(ports)
+    while pending and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", pending[0]), timeout=0.5):
+                pending.pop(0)
+        except OSError:
+            time.sleep(0.05)
+    return not pending
+
+
+@dataclass
+class WsBroker:
+    process: Process
+    tls_port: int
+    ws_port: int
+
+
+def start_mosquitto_websockets(directory: Path, pki: Pki) -> WsBroker:
+    """mosquitto with a TLS listener (for the observer) and a WebSocket TLS listener.
+
+    mosquitto 2.0.11 refuses to start with a websockets listener only, and
+    cannot bind port 0 itself: ports are picked here, retried if taken.
+    """
+    log_path = directory / "mosquitto-ws.log"
+    for _ in range(5):
+        tls_port, ws_port = free_port(), free_port()
+        tls = f"certfile {pki.cert_file}\nkeyfile {pki.key_file}\n"
+        conf = directory / "mosquitto-ws.conf"
+        conf.write_text(
+            f"listener {tls_port} 127.0.0.1\n{tls}"
+            f"listener {ws_port} 127.0.0.1\nprotocol websockets\n{tls}"
+            "allow_anonymous true\npersistence false\nlog_dest stdout\nlog_type all\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+        log = open(log_path, "wb")
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if _wait_listening(proc, [tls_port, ws_port], log_path):
+            return WsBroker(Process(proc, ws_port, log_path), tls_port, ws_port)
+        Process(proc, 0, log_path).stop()
+    raise RuntimeError("mosquitto did not start:\n" + log_path.read_text(errors="replace"))
+
+
+def start_tinyproxy(
+    directory: Path, connect_ports: list[int], auth: tuple[str, str] | None = None
+) -> Process:
+    log_path = directory / "tinyproxy.log"
+    for _ in range(5):
+        port = free_port()
+        lines = [f"Port {port}", "Listen 127.0.0.1", "Timeout 60", "LogLevel Connect",
+                 "Allow 127.0.0.1", "DisableViaHeader Yes"]  # fmt: skip
+        lines += [f"ConnectPort {p}" for p in connect_ports]
+        if auth:
+            lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+        conf = directory / f"tinyproxy-{port}.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        log = open(log_path, "wb")
+        proc = subprocess.Popen(
+            [TINYPROXY, "-d", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        if _wait_listening(proc, [port], log_path):
+            return Process(proc, port, log_path)
+        Process(proc, 0, log_path).stop()
+    raise RuntimeError("tinyproxy did not start:\n" + log_path.read_text(errors="replace"))
+
+
+def gateway_yaml(pki: Pki, ws_port: int, proxy: str) -> str:
+    return f"""\
+gateway: {{id: acceptance-gw-firewall}}
+admin: {{listen: "127.0.0.1:0"}}
+log: {{level: info, format: text}}
+tls_profiles:
+  hub:
+    ca_file: {pki.ca_file}
+    server_name: {pki.server_name}
+listeners:
+  - {{name: mqtt, protocol: mqtt, bind: "127.0.0.1:0"}}
+connectors:
+  - name: hub-ws
+    protocol: mqtt
+    host: 127.0.0.1
+    port: {ws_port}
+    transport: websockets
+    tls_profile: hub
+    connect_timeout: 10s
+    proxy: {proxy}
+mqtt_routes:
+  - {{hub: "*", connector: hub-ws}}
+"""
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[WsBroker]:
+    started = start_mosquitto_websockets(tmp_path_factory.mktemp("mosquitto-ws"), pki)
+    yield started
+    started.process.stop()
+
+
+def test_mqtt_over_websockets_through_tinyproxy_with_auth(
+    broker: WsBroker, pki: Pki, tmp_path: Path
+) -> None:
+    secret = tmp_path / "proxy-password"
+    secret.write_text("s3cret\n")
+    proxy = start_tinyproxy(tmp_path, [broker.ws_port], auth=("gw", "s3cret"))
+    observer = PahoClient("observer")
+    gw = None
+    device = None
+    try:
+        assert observer.connect_tls(broker.tls_port, pki.ca_file, pki.server_name) == 0
+        assert observer.subscribe("devices/#", qos=1) == [1]
+        proxy_yaml = (
+            f"{{url: 'http://127.0.0.1:{proxy.port}', username: gw, password_file: '{secret}'}}"
+        )
+        gw = start_gateway(
+            write_config(tmp_path, gateway_yaml(pki, broker.ws_port, proxy_yaml)),
+            listeners=("mqtt",),
+        )
+        device = PahoClient("dev1", username=USERNAME, password=TOKEN)
+        assert device.connect_plain(gw.port("mqtt")) == 0
+        assert device.subscribe("devices/dev1/messages/devicebound/#", qos=1) == [1]
+        payloads = [bytes(range(256)), b'{"t": 21.5}', b"x" * 200_000]
+        for i, payload in enumerate(payloads):
+            device.publish("devices/dev1/messages/events/", payload, qos=i % 2)
+        seen = observer.receive_n(len(payloads), timeout=30)
+        assert [(m.topic, m.payload) for m in seen] == [
+            ("devices/dev1/messages/events/", p) for p in payloads
+        ]
+        # Cloud to device, back through the WebSocket and the proxy.
+        observer.publish("devices/dev1/messages/devicebound/%24.mid=1", b"c2d", qos=1)
+        got = device.receive(timeout=30)
+        assert (got.topic, got.payload) == ("devices/dev1/messages/devicebound/%24.mid=1", b"c2d")
+        assert f"CONNECT 127.0.0.1:{broker.ws_port}" in proxy.log()
+        assert "s3cret" not in gw.log()
+    finally:
+        if device is not None:
+            device.close()
+        observer.close()
+        if gw is not None:
+            gw.stop()
+        proxy.stop()
+
+
+def _connector_failure(gw: object) -> dict[str, str]:
+    def failed() -> dict[str, str] | None:
+        status, body, _ = gw.http_get("/api/connectors")  # type: ignore[attr-defined]
+        assert status == 200, body
+        for connector in json.loads(body):
+            if connector["name"] == "hub-ws" and connector["skipped"]:
+                return connector["skipped"][0]
+        return None
+
+    return wait_until(failed, timeout=30, what="a failed connect in /api/connectors")
+
+
+@pytest.mark.parametrize(
+    ("auth", "allowed_port", "reason", "words"),
+    [
+        (("gw", "s3cret"), None, "proxy_auth_required", "407 Proxy Authentication Required"),
+        (None, 443, "proxy_refused", "403 Access violation"),
+    ],
+    ids=["proxy-needs-auth", "proxy-blocks-port"],
+)
+def test_proxy_refusal_is_a_connector_error(
+    broker: WsBroker,
+    pki: Pki,
+    tmp_path: Path,
+    auth: tuple[str, str] | None,
+    allowed_port: int | None,
+    reason: str,
+    words: str,
+) -> None:
+    proxy = start_tinyproxy(tmp_path, [allowed_port or broker.ws_port], auth=auth)
+    gw = None
+    device = None
+    try:
+        gw = start_gateway(
+            write_config(
+                tmp_path,
+                gateway_yaml(pki, broker.ws_port, f"{{url: 'http://127.0.0.1:{proxy.port}'}}"),
+            ),
+            listeners=("mqtt",),
+        )
+        device = PahoClient("dev1", username=USERNAME, password=TOKEN)
+        rc = device.connect_plain(gw.port("mqtt"), timeout=30)
+        assert rc != 0  # refused (server unavailable), the gateway carries on
+        failure = _connector_failure(gw)
+        assert failure["reason"] == reason
+        assert words in failure["detail"]
+        assert words in gw.log()
+        assert gw.proc.poll() is None
+    finally:
+        if device is not None:
+            device.close()
+        if gw is not None:
+            gw.stop()
+        proxy.stop()
