@@ -39,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep the generated config and the gateway log (kept anyway on failure)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=("tcp", "websockets"),
+        default="tcp",
+        help="how the gateway reaches the hub: tcp (AMQPS 5671 / MQTTS 8883 style ports) or "
+        "websockets (both protocols over wss://.../$iothub/websocket, as through a firewall "
+        "that opens 443 only); devices speak plain AMQP/MQTT to the gateway either way",
+    )
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     try:
@@ -60,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_running=options.keep_running,
             verbose=options.verbose,
             keep_files=options.keep_files,
+            transport=options.transport,
         ),
         sys.stdout,
     )

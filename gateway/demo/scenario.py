@@ -49,6 +49,7 @@ class Options:
     keep_running: bool = False
     verbose: bool = False
     keep_files: bool = False
+    transport: str = "tcp"  # or "websockets": the gateway reaches the hub over WebSockets
     # Default: python -m gateway run -c {config}; "{config}" is replaced by the file's path.
     gateway_command: Sequence[str] | None = None
 
@@ -125,23 +126,28 @@ class Demo:
             return False
         self.say(
             f"Result: OK in {elapsed:.1f} s. Every device's traffic crossed the gateway in "
-            "plaintext on the device side and TLS towards the hub; the provisioning service "
-            "assigned the new device, and the hub recorded every message byte for byte."
+            "plaintext on the device side and TLS towards the hub"
+            + (" (over WebSockets)" if self.options.transport == "websockets" else "")
+            + "; the provisioning service assigned the new device, and the hub recorded every "
+            "message byte for byte."
         )
         return True
 
     # -- steps ---------------------------------------------------------------------------
 
     def _start_hub(self) -> HubSim:
+        websockets = self.options.transport == "websockets"
         hub = HubSim(
             dict(self.keys), hub_host=HUB_HOST, dps_scope=DPS_SCOPE,
             dps_group_keys={DPS_GROUP: self.group_key}, dps_amqp_port=None,
+            ws_port=0 if websockets else None,
         )  # fmt: skip
         self.hub = hub
         hub.start()
+        ws = f", wss {LOOPBACK}:{hub.ws_port}/$iothub/websocket" if websockets else ""
         self.say(
             f"  hub emulator  {HUB_HOST}: amqps {LOOPBACK}:{hub.amqp_port}, "
-            f"mqtts {LOOPBACK}:{hub.mqtt_port} (TLS, throwaway CA)"
+            f"mqtts {LOOPBACK}:{hub.mqtt_port}{ws} (TLS, throwaway CA)"
         )
         self.say(
             f"  provisioning  ID scope {DPS_SCOPE}: mqtts {LOOPBACK}:{hub.dps_mqtt_port}, "
@@ -154,7 +160,8 @@ class Demo:
         amqp, mqtt, admin = pick_free_ports(3)
         self.ports = ports = GatewayPorts(amqp=amqp, mqtt=mqtt, admin=admin)
         endpoint = HubEndpoint(HUB_HOST, hub.amqp_port, hub.mqtt_port, hub.ca_file,
-                               hub.dps_mqtt_port, DPS_SCOPE, hub.dps_host_name)  # fmt: skip
+                               hub.dps_mqtt_port, DPS_SCOPE, hub.dps_host_name,
+                               ws_port=hub.ws_port)  # fmt: skip
         config_file = self.workdir / "gateway.yaml"
         config_file.write_text(render_config(endpoint, ports), encoding="utf-8")
         log_file = self.workdir / "gateway.log"
