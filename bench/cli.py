@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ack-batching", metavar="DURATION",
                         help="the gateway connectors' ack_batching (default: the gateway's "
                         "default, 1ms); 0 relays every hub answer at once")
+    parser.add_argument("--transport", choices=("tcp", "websockets"), default="tcp",
+                        help="websockets: scenarios 1 and 3 (hubsim) also run the gateway with "
+                        "its connectors over WebSockets (hubsim serving /$iothub/websocket), "
+                        "reported as [websockets] rows against stunnel and the gateway over TCP")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the work directory (configs, child logs) after the run")
     for number, title in TITLES.items():
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rounds: list[list[ScenarioResult]] = []
     bench = Bench(work, params, runner=args.gateway_runner, paths=paths,
-                  profile_dir=args.profile_gateway, ack_batching=args.ack_batching)  # fmt: skip
+                  profile_dir=args.profile_gateway, ack_batching=args.ack_batching,
+                  transport=args.transport)  # fmt: skip
     interrupted = False
     try:
         for round_number in range(1, args.repeat + 1):

@@ -33,15 +33,19 @@ class MqttRoute:
 
 def gateway_config(ca_file: Path, *, amqp: AmqpRoute | None = None,
                    mqtt: MqttRoute | None = None, max_connections: int = 1000,
-                   log_level: str = "warning",
-                   ack_batching: str | None = None) -> tuple[str, dict[str, int]]:  # fmt: skip
+                   log_level: str = "warning", ack_batching: str | None = None,
+                   transport: str = "tcp") -> tuple[str, dict[str, int]]:  # fmt: skip
     """YAML text and the listener ports (protocol -> port) it binds.
 
     `ack_batching` is set on the connectors when given (the gateway's default
-    otherwise), e.g. "0" to relay every hub answer at once.
+    otherwise), e.g. "0" to relay every hub answer at once. `transport`
+    "websockets" makes the connectors reach the upstream port over WebSockets.
     """
     batching = "" if ack_batching is None else f", ack_batching: {ack_batching}"
     batching_key = "" if ack_batching is None else f"\n    ack_batching: {ack_batching}"
+    if transport != "tcp":
+        batching += f", transport: {transport}"
+        batching_key += f"\n    transport: {transport}"
     ports: dict[str, int] = {}
     listeners: list[str] = []
     connectors: list[str] = []

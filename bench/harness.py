@@ -21,7 +21,7 @@ from typing import Any
 from .devices import new_key
 from .gateway_proc import AmqpRoute, MqttRoute, gateway_config, start_gateway
 from .procs import BenchError, Child, Usage
-from .results import PATHS, ScenarioResult
+from .results import PATHS, WS_PATH, ScenarioResult
 from .stunnel import start_stunnel, stunnel_binary
 from .upstreams import (
     Certs,
@@ -94,6 +94,9 @@ class Bench:
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
     profile_dir: Path | None = None  # run the gateway under cProfile, stats here
     ack_batching: str | None = None  # the connectors' ack_batching; None: the default
+    # "websockets": scenarios 1 and 3 also run the gateway with its connectors over
+    # WebSockets (path gateway-ws), beside the gateway over TCP.
+    transport: str = "tcp"
     runners_used: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -103,6 +106,8 @@ class Bench:
     # -- what exists ---------------------------------------------------------------------
 
     def skip_reason(self, path: str) -> str | None:
+        if path == WS_PATH:
+            return None if self.websockets else "not selected"
         if path not in self.paths:
             return "not selected"
         if path == "stunnel" and stunnel_binary() is None:
@@ -115,9 +120,17 @@ class Bench:
 
     # -- upstreams and hops ----------------------------------------------------------------
 
+    @property
+    def websockets(self) -> bool:
+        return self.transport == "websockets" and "gateway" in self.paths
+
+    def throughput_paths(self) -> tuple[str, ...]:
+        return PATHS + ((WS_PATH,) if self.websockets else ())
+
     @contextmanager
     def hub(self, devices: int, *, amqp: bool = False, mqtt: bool = False) -> Iterator[Upstream]:
-        upstream = start_hub(self.certs, self.key, devices, self.work, amqp=amqp, mqtt=mqtt)
+        upstream = start_hub(self.certs, self.key, devices, self.work, amqp=amqp, mqtt=mqtt,
+                             ws=self.websockets)  # fmt: skip
         try:
             yield upstream
         finally:
@@ -147,10 +160,12 @@ class Bench:
             return
         amqp = AmqpRoute(upstream_port, *pool) if protocol == "amqp" else None
         mqtt = MqttRoute(upstream_port) if protocol == "mqtt" else None
+        transport = "websockets" if path == WS_PATH else "tcp"
         text, ports = gateway_config(self.certs.ca_file, amqp=amqp, mqtt=mqtt,
                                      max_connections=max_connections,
-                                     ack_batching=self.ack_batching)  # fmt: skip
-        gateway = start_gateway(text, ports, self.work, runner=self.runner, name=f"{tag}-gateway",
+                                     ack_batching=self.ack_batching,
+                                     transport=transport)  # fmt: skip
+        gateway = start_gateway(text, ports, self.work, runner=self.runner, name=f"{tag}-{path}",
                                 profile_dir=self.profile_dir)  # fmt: skip
         self.runners_used.add(gateway.runner)
         try:

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca", required=True)
     parser.add_argument("--amqp", action="store_true")
     parser.add_argument("--mqtt", action="store_true")
+    parser.add_argument("--ws", action="store_true",
+                        help="also serve the enabled protocols over WebSockets (/$iothub/websocket)")
     args = parser.parse_args(argv)
     raise_fd_limit()
     _deep_listen_backlog()
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         amqp_port=0 if args.amqp else None,
         mqtt_port=0 if args.mqtt else None,
         cert=CertPair.from_files(args.cert, args.cert_key, args.ca),
+        ws_port=0 if args.ws else None,
     )
     hub.recorder.keep_d2c = False
     stop = threading.Event()
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     hub.start()
     try:
-        emit("ready", amqp_port=hub.amqp_port, mqtt_port=hub.mqtt_port)
+        emit("ready", amqp_port=hub.amqp_port, mqtt_port=hub.mqtt_port, ws_port=hub.ws_port)
         reader = threading.Thread(target=_answer_stdin, args=(hub, stop), daemon=True)
         reader.start()
         while not stop.wait(0.5):

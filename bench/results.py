@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PATHS = ("direct", "stunnel", "gateway")
+# The gateway again, its connectors over WebSockets (`--transport websockets`).
+WS_PATH = "gateway-ws"
 
 
 @dataclass
@@ -17,10 +19,12 @@ class Metric:
     target: tuple[str, float] | None = None
     # Differences (added latency) have no meaningful ratio.
     has_ratio: bool = True
+    # The two values the ratio (and a ratio target) compares.
+    ratio_paths: tuple[str, str] = ("gateway", "stunnel")
 
     @property
     def ratio(self) -> float | None:
-        gateway, stunnel = self.values.get("gateway"), self.values.get("stunnel")
+        gateway, stunnel = (self.values.get(p) for p in self.ratio_paths)
         if not self.has_ratio or gateway is None or stunnel is None or stunnel == 0:
             return None
         return gateway / stunnel

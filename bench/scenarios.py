@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .harness import Bench
-from .results import PATHS, Metric, ScenarioResult
+from .results import PATHS, WS_PATH, Metric, ScenarioResult
 from .upstreams import Upstream
 
 TITLES = {
@@ -51,6 +51,35 @@ def throughput_metrics(reports: dict[str, Any], label: str = "", *, throughput_t
     ]  # fmt: skip
 
 
+def websocket_metrics(reports: dict[str, Any], label: str = "") -> list[Metric]:
+    """The gateway over WebSockets (`--transport websockets`): its figures in the gateway
+    column against stunnel, and its throughput against the gateway over TCP in the same
+    run (target: WebSockets costs at most 15%)."""
+    if WS_PATH not in reports:
+        return []
+    prefix = f"{label} " if label else ""
+
+    def values(get: Callable[[dict[str, Any]], Any]) -> dict[str, float | None]:
+        swapped = dict(reports)
+        swapped["gateway"] = reports[WS_PATH]
+        out = _values(swapped, get)
+        out["gateway-tcp"] = _values(reports, get)["gateway"]
+        return out
+
+    def throughput(r: dict[str, Any]) -> Any:
+        return r["msgs_per_s"]
+
+    def cpu(r: dict[str, Any]) -> Any:
+        return r["cpu_per_10k_s"]["hop"]
+
+    return [
+        Metric(f"{prefix}[websockets] throughput", "msg/s", values(throughput)),
+        Metric(f"{prefix}[websockets] hop CPU per 10k msgs", "s", values(cpu)),
+        Metric(f"{prefix}[websockets] throughput / gateway over TCP (ratio column)", "msg/s",
+               values(throughput), ("ratio_min", 0.85), ratio_paths=("gateway", "gateway-tcp")),
+    ]  # fmt: skip
+
+
 def scenario_1(bench: Bench) -> ScenarioResult:
     result = ScenarioResult(1, TITLES[1])
     with bench.hub(1, amqp=True) as hub:
@@ -58,13 +87,16 @@ def scenario_1(bench: Bench) -> ScenarioResult:
         port = hub.amqp_port
 
         def run(path: str) -> dict[str, Any]:
-            with bench.hop(path, "amqp", port, "s1") as hop:
+            upstream_port = hub.ws_port if path == WS_PATH else port
+            assert upstream_port is not None
+            with bench.hop(path, "amqp", upstream_port, "s1") as hop:
                 return bench.traffic("s1", "amqp", hop, hub, mode="throughput", devices=1,
                                      window=bench.params.s1_window, size=1024)  # fmt: skip
 
-        reports = bench.each_path(result, run)
+        reports = bench.each_path(result, run, bench.throughput_paths())
     result.details = reports
     result.metrics = throughput_metrics(reports, throughput_target=0.9, cpu_target=None)
+    result.metrics += websocket_metrics(reports)
     return result
 
 
@@ -106,16 +138,22 @@ def scenario_3(bench: Bench) -> ScenarioResult:
             port = upstream.mqtt_port
 
             def run(path: str, upstream: Upstream = upstream, port: int = port) -> dict[str, Any]:
-                with bench.hop(path, "mqtt", port, f"s3-{upstream.name}") as hop:
+                upstream_port = upstream.ws_port if path == WS_PATH else port
+                assert upstream_port is not None
+                with bench.hop(path, "mqtt", upstream_port, f"s3-{upstream.name}") as hop:
                     return bench.traffic(f"s3-{upstream.name}", "mqtt", hop, upstream,
                                          mode="throughput", devices=1,
                                          window=bench.params.s3_window, size=256)  # fmt: skip
 
             bench.progress(f" upstream {name}")
-            reports = bench.each_path(result, run)
+            # Over WebSockets against hubsim only: mosquitto's WebSocket listener would
+            # measure mosquitto's own WebSocket code, not the gateway's.
+            paths = bench.throughput_paths() if name == "hubsim" else PATHS
+            reports = bench.each_path(result, run, paths)
         result.details[name] = reports
         result.metrics += throughput_metrics(reports, f"[{name}]", throughput_target=0.9,
                                              cpu_target=1.5)  # fmt: skip
+        result.metrics += websocket_metrics(reports, f"[{name}]")
     return result
 
 

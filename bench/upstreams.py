@@ -45,6 +45,7 @@ class Upstream:
     child: Child
     amqp_port: int | None = None
     mqtt_port: int | None = None
+    ws_port: int | None = None  # both protocols over WebSockets (hubsim with --ws)
 
     def stop(self) -> None:
         self.child.stop()
@@ -58,7 +59,7 @@ def write_secret(path: Path, text: str) -> Path:
 
 
 def start_hub(certs: Certs, key: str, devices: int, log_dir: Path, *, amqp: bool,
-              mqtt: bool) -> Upstream:  # fmt: skip
+              mqtt: bool, ws: bool = False) -> Upstream:  # fmt: skip
     key_file = write_secret(log_dir / "device-key", key)
     argv = [sys.executable, "-m", "bench.hub_main", "--devices", str(devices),
             "--key-file", str(key_file),
@@ -66,13 +67,15 @@ def start_hub(certs: Certs, key: str, devices: int, log_dir: Path, *, amqp: bool
             "--ca", str(certs.ca_file)]  # fmt: skip
     argv += ["--amqp"] if amqp else []
     argv += ["--mqtt"] if mqtt else []
+    argv += ["--ws"] if ws else []
     child = Child("hubsim", argv, log_dir, json_lines=True, stdin=True)
     try:
         ready = child.expect("ready", START_TIMEOUT)
     except BaseException:
         child.stop()
         raise
-    return Upstream("hubsim", child, ready.get("amqp_port"), ready.get("mqtt_port"))
+    return Upstream("hubsim", child, ready.get("amqp_port"), ready.get("mqtt_port"),
+                    ready.get("ws_port"))  # fmt: skip
 
 
 def hub_stats(upstream: Upstream) -> dict[str, object]:

@@ -92,6 +92,10 @@ class WebSocketBridge(asyncio.Protocol):
         self.inner_amqp: AmqpConnection | None = None
         self.mqtt_reader: asyncio.StreamReader | None = None
         self.message_transport = _MessageTransport(self)
+        # Writes made in one event-loop turn leave as one binary message, as bytes
+        # written to a TCP socket in one turn leave together (MQTT writes a packet
+        # at a time: one frame per PUBACK would cost both ends a frame each).
+        self.outgoing: list[bytes] = []
 
     # -- from the socket ------------------------------------------------------------
 
@@ -199,14 +203,24 @@ class WebSocketBridge(asyncio.Protocol):
             self.transport.close()
 
     def send_binary(self, data: bytes) -> None:
-        if self.ws.state is ConnectionState.OPEN:
+        if self.ws.state is not ConnectionState.OPEN:
+            return
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outgoing.append(data)
+
+    def _flush(self) -> None:
+        if self.outgoing and self.ws.state is ConnectionState.OPEN:
+            data = b"".join(self.outgoing)
             self._write(self.ws.send(Message(data=data)))
+        self.outgoing.clear()
 
     def closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
     def close(self, code: int) -> None:
         """Close handshake from the hub's side, then the socket (flushed)."""
+        self._flush()
         if self.ws.state is ConnectionState.OPEN:
             self._write(self.ws.send(CloseConnection(code=code)))
         if self.transport is not None:
