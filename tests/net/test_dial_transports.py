@@ -26,7 +26,7 @@ from gateway.net.dial import DialError, dial_connector
 from gateway.net.http_proxy import ProxyConnectError, proxy_tcp_opener
 from gateway.net.websocket_stream import WebSocketStream
 
-from .proxies import needs_tinyproxy, tinyproxy
+from .proxies import needs_squid, needs_tinyproxy, squid, tinyproxy
 
 HUB = "myhub.azure-devices.net"
 WAIT = 60.0  # fail-safe only
@@ -224,3 +224,46 @@ async def test_env_proxy_honours_no_proxy() -> None:
     assert "connect to proxy 127.0.0.1:1 failed" in info.value.detail
     assert proxy_tcp_opener(SimpleNamespace(proxy=None), direct) is None
     assert proxy_tcp_opener(SimpleNamespace(proxy="none"), direct) is None
+
+
+@needs_squid
+async def test_amqp_header_over_websockets_through_squid_with_auth(
+    hub: HubSim, tmp_path: Path
+) -> None:
+    secret = tmp_path / "proxy-password"
+    secret.write_text("s3cret\n")
+    with trio.fail_after(WAIT):
+        async with squid(tmp_path, connect_ports=[hub.ws_port], auth=("gw", "s3cret")) as p:
+            proxy = SimpleNamespace(url=p.url, username="gw", password_file=secret)
+            connector = ws_connector(hub.ws_port, protocol="amqp", proxy=proxy)
+            stream, report = await dial_connector(connector, profile(hub.ca_file))
+            assert stream.subprotocol == "AMQPWSB10"
+            await stream.send_all(b"AMQP\x03\x01\x00\x00")
+            assert await receive_exactly(stream, 8) == b"AMQP\x03\x01\x00\x00"
+            await stream.aclose()
+
+
+@needs_squid
+async def test_mqtt_over_websockets_through_squid(
+    hub: HubSim, keys: dict[str, str], tmp_path: Path
+) -> None:
+    with trio.fail_after(WAIT):
+        async with squid(tmp_path, connect_ports=[hub.ws_port]) as p:
+            connector = ws_connector(hub.ws_port, proxy=SimpleNamespace(url=p.url))
+            stream, _ = await dial_connector(connector, profile(hub.ca_file))
+            await publish_through(stream, keys)
+            assert (await d2c(hub)).raw == b"via ws"
+            await stream.aclose()
+
+
+@needs_squid
+async def test_squid_refusals(hub: HubSim, tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with squid(tmp_path, connect_ports=[443], auth=("gw", "s3cret")) as p:
+            connector = ws_connector(hub.ws_port, proxy=SimpleNamespace(url=p.url))
+            with pytest.raises(DialError) as info:
+                await dial_connector(connector, profile(hub.ca_file))
+    failure = info.value.failures[0]
+    # squid checks the port before asking for credentials.
+    assert failure.reason == "proxy_refused"
+    assert "HTTP/1.1 403 Forbidden" in failure.detail
