@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from .bad_hub import BadHub
 from .conftest import Pki
 from .gateway_proc import start_gateway, wait_until, write_config
 from .mqtt_peers import MOSQUITTO, PahoClient, free_port
@@ -256,3 +257,79 @@ def test_proxy_refusal_is_a_connector_error(
         if gw is not None:
             gw.stop()
         proxy.stop()
+
+
+def two_hubs_yaml(pki: Pki, bad_port: int, good_port: int) -> str:
+    return f"""\
+gateway: {{id: acceptance-gw-bad-hub}}
+admin: {{listen: "127.0.0.1:0"}}
+log: {{level: info, format: text}}
+tls_profiles:
+  hub:
+    ca_file: {pki.ca_file}
+    server_name: {pki.server_name}
+listeners:
+  - {{name: mqtt, protocol: mqtt, bind: "127.0.0.1:0"}}
+connectors:
+  - {{name: bad, protocol: mqtt, host: 127.0.0.1, port: {bad_port}, transport: websockets,
+     tls_profile: hub, connect_timeout: 10s}}
+  - {{name: good, protocol: mqtt, host: 127.0.0.1, port: {good_port}, transport: websockets,
+     tls_profile: hub, connect_timeout: 10s}}
+mqtt_routes:
+  - {{hub: bad.example, connector: bad}}
+  - {{hub: "*", connector: good}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        (
+            "text",
+            "the hub sent a WebSocket text message (only binary is expected); closed with 1003",
+        ),
+        # The frame's first bytes are already no MQTT: the relay stops there, before the
+        # WebSocket size limit (1009, covered in tests/net/test_websocket_stream.py).
+        ("oversized", "closed: upstream_protocol_error (reserved packet type 0)"),
+        ("close", "the hub closed the WebSocket (1011 INTERNAL_ERROR): going down"),
+        ("garbage", "invalid answer from the hub"),
+        ("refuse", "refused: HTTP 403: Forbidden by policy"),
+    ],
+)
+def test_bad_hub_is_one_connector_error(
+    broker: WsBroker, pki: Pki, tmp_path: Path, mode: str, words: str
+) -> None:
+    bad = BadHub(mode, pki.cert_file, pki.key_file)
+    observer = PahoClient("observer-bad-hub")
+    gw = None
+    victim = None
+    bystander = None
+    try:
+        assert observer.connect_tls(broker.tls_port, pki.ca_file, pki.server_name) == 0
+        assert observer.subscribe("devices/dev2/#", qos=1) == [1]
+        gw = start_gateway(
+            write_config(tmp_path, two_hubs_yaml(pki, bad.port, broker.ws_port)),
+            listeners=("mqtt",),
+        )
+        bystander = PahoClient("dev2", username=USERNAME.replace("dev1", "dev2"), password=TOKEN)
+        assert bystander.connect_plain(gw.port("mqtt")) == 0
+        victim = PahoClient("dev1", username="bad.example/dev1/?api-version=2021-04-12",
+                            password=TOKEN)  # fmt: skip
+        victim.client.connect("127.0.0.1", gw.port("mqtt"), keepalive=30)
+        victim.client.loop_start()
+        # The victim is refused or dropped; the line naming the cause is in the log.
+        wait_until(lambda: words in gw.log(), timeout=30, what=f"{words!r} in the gateway log")
+        assert victim.connacks.empty() or victim.connacks.get(timeout=1) != 0
+        # The other hub's device carries on.
+        bystander.publish("devices/dev2/messages/events/", b"unaffected", qos=1)
+        got = observer.receive(timeout=30)
+        assert (got.topic, got.payload) == ("devices/dev2/messages/events/", b"unaffected")
+        assert gw.proc.poll() is None
+        assert gw.log().count(words) <= 2  # one line per failed connection, not a flood
+    finally:
+        for client in (victim, bystander, observer):
+            if client is not None:
+                client.close()
+        if gw is not None:
+            gw.stop()
+        bad.close()
