@@ -225,6 +225,17 @@ async def squid(
                 await ready.wait()
             if not any("Accepting HTTP Socket connections" in s for s in log):
                 raise RuntimeError("squid did not start:\n" + "\n".join(log[-20:]))
+            # squid logs that line as it sets the listener up; connects may be refused
+            # for a moment after it.
+            with trio.fail_after(START_WAIT):
+                while True:
+                    try:
+                        probe = await trio.open_tcp_stream(host, port)
+                    except OSError:
+                        await trio.sleep(0.05)
+                        continue
+                    await probe.aclose()
+                    break
             try:
                 yield RunningProxy(host, port, log)
             finally:
