@@ -684,6 +684,12 @@ class _Converter:
             others = [m for m in mechanisms if m.upper() not in ("ANONYMOUS", "PLAIN")]
             if authenticate and "anonymous" in offered:
                 offered.remove("anonymous")
+            if "anonymous" in offered:
+                # Same trust as ANONYMOUS (tokens go over $cbs); the Azure C stack asks
+                # for it by name, and the gateway offers it first by default.
+                offered.insert(0, "mssbcbs")
+                item.remarks.append("mssbcbs added before anonymous: the Azure C SDK's name "
+                                    "for putting tokens over $cbs, as the gateway's default")  # fmt: skip
             if offered:
                 item.fields["sasl"] = offered
             else:

@@ -52,7 +52,7 @@ def test_iothub_article_setup(tmp_path: Path) -> None:
     assert config.gateway.id == "Router.IoTGateway"
     (listener,) = config.listeners
     assert (listener.protocol, str(listener.bind), listener.sasl) == (
-        "amqp", "0.0.0.0:5672", ["anonymous"]
+        "amqp", "0.0.0.0:5672", ["mssbcbs", "anonymous"]
     )  # fmt: skip
     assert listener.tls_profile is None
     (connector,) = config.connectors
@@ -73,7 +73,8 @@ def test_dispatch_05_link_route_patterns_and_inline_tls(tmp_path: Path) -> None:
     config = load_config(out)
     assert config.gateway.id == "Router.Edge"  # router.routerId wins over containerName
     (listener,) = config.listeners
-    assert str(listener.bind) == "0.0.0.0:5672" and listener.sasl == ["anonymous", "plain"]
+    assert str(listener.bind) == "0.0.0.0:5672"
+    assert listener.sasl == ["mssbcbs", "anonymous", "plain"]
     (connector,) = config.connectors
     assert (connector.host, connector.port) == ("myhub.azure-devices.net", 5671)  # amqps
     assert config.tls_profiles[connector.tls_profile].ca_file == tmp_path / "ca.pem"  # certDb
