@@ -17,6 +17,11 @@ def drop(transport: asyncio.BaseTransport, reset: bool) -> None:
         except (AttributeError, OSError):
             pass  # a TLS transport that is already shutting down
     if reset:
-        transport.abort()  # type: ignore[attr-defined]
+        try:
+            transport.abort()  # type: ignore[attr-defined]
+        except AttributeError:
+            # Python 3.11.2 (Debian 12's) raises from a TLS transport whose connection is
+            # already lost (its protocol is gone): there is nothing left to abort.
+            pass
     else:
         transport.close()
