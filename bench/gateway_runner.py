@@ -27,7 +27,7 @@ log = logging.getLogger("bench.gateway_runner")
 
 
 async def serve(config: Any) -> None:
-    from gateway.mqtt_relay import serve_mqtt_listener
+    from gateway.daemon import serve_mqtt_listener
 
     amqp_listeners = [item for item in config.listeners if item.protocol == "amqp"]
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

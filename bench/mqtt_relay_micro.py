@@ -41,7 +41,8 @@ from typing import Any
 import trio
 
 from gateway.config import parse_config_text
-from gateway.mqtt_relay import CloseReason, relay_mqtt_connection
+from gateway.mqtt_relay import CloseReason, Opened, relay_mqtt_connection
+from gateway.net.ack_batching import AckBatching
 from gateway.net.plain_stream import PlainStream
 from gateway.ops.metrics import Metrics
 from gateway.ops.trace import FrameTracer
@@ -256,8 +257,8 @@ class Gateway:
         return value or 0.0
 
     async def relay(self, device: PlainStream, upstream: PlainStream) -> str:
-        async def open_upstream(connector: Any, profile: Any) -> trio.abc.Stream:
-            return upstream
+        async def open_upstream(connector: Any, profile: Any) -> Opened:
+            return Opened(upstream)
 
         return await relay_mqtt_connection(
             device,
@@ -266,6 +267,7 @@ class Gateway:
             self.config,
             self.observer,
             open_upstream=open_upstream,
+            ack_batching=AckBatching,
             tracer=self.tracer,
         )
 

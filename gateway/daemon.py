@@ -33,7 +33,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -42,7 +43,10 @@ from gateway import mqtt_relay
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.net import dial
+from gateway.net.ack_batching import AckBatching
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
+from gateway.net.tls import ClientContextCache, TLSConnectError
 from gateway.ops import sdnotify
 from gateway.ops.connections import ListenerConnections
 from gateway.ops.credentials_api import credentials_snapshot
@@ -372,7 +376,7 @@ class Daemon:
         observer = (self.metrics.mqtt_observer(listener.name, registry=self.registry)
                     if self.metrics is not None else None)  # fmt: skip
         # Routes are read from the configuration in force for every new connection.
-        await mqtt_relay.serve_mqtt_listener(
+        await serve_mqtt_listener(
             listener, self.live_config, task_status=task_status, observer=observer,
             listener_observer=self.listener_observer, tracer=self.tracer,
             credentials=self.live_credentials, settings=settings,  # type: ignore[arg-type]
@@ -387,6 +391,69 @@ class Daemon:
             )
         except OSError as exc:
             log.error("admin endpoint %s: %s", self.config.admin.listen, exc)
+
+
+# ---------------------------------------------------------------- MQTT listeners
+
+
+class MqttUpstreams:
+    """Opens the MQTT relay's upstream connections (`gateway.mqtt_relay.OpenUpstream`)
+    with `gateway.net.dial`; one TLS context per profile, made once."""
+
+    def __init__(self) -> None:
+        self.contexts = ClientContextCache()
+
+    async def __call__(self, connector: Any, profile: Any) -> mqtt_relay.Opened:
+        try:
+            stream, report = await dial.dial_connector(connector, profile, contexts=self.contexts)
+        except TLSConnectError as exc:
+            raise mqtt_relay.UpstreamUnavailable(exc.reason, exc.detail) from None
+        return mqtt_relay.Opened(stream, str(report.endpoint))
+
+
+async def serve_mqtt_listener(
+    listener_cfg: Any,
+    config: Any,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    observer: mqtt_relay.RelayObserver | None = None,
+    listener_observer: ListenerObserver | None = None,
+    stats: ListenerStats | None = None,
+    tracer: mqtt_relay.PacketTracer | None = None,
+    credentials: CredentialStore | None = None,
+    clock: Callable[[], float] = time.time,
+    renewal_mode: mqtt_relay.RenewalMode = mqtt_relay.RenewalMode.AUTO,
+    settings: ListenerSettings | None = None,
+) -> None:
+    """Serve one `protocol: mqtt` listener until cancelled: the listener
+    (`gateway.net.listeners`) hands each device connection to the MQTT relay.
+
+    `task_status.started()` receives the bound (host, port) addresses.
+    `observer` gets every connection's packets and close reason,
+    `listener_observer` the admissions (`gateway.ops.metrics.Metrics` fits),
+    `stats` live listener counters, `tracer` the packet trace.
+    `credentials`: the store built from the config's `credentials:` section
+    (`CredentialStore.from_config`); None or an empty store: devices bring their
+    own credentials. `clock`: wall-clock Unix seconds for SAS token expiries
+    (sleeping until a renewal uses trio's clock). `settings`: the daemon passes
+    its own live `ListenerSettings` so a reload can change limits and a drain
+    can stop admissions; by default they are built from `listener_cfg`.
+    """
+    settings = settings or ListenerSettings.from_config(listener_cfg, config)
+    handler = mqtt_relay.connection_handler(
+        listener_cfg,
+        config,
+        open_upstream=MqttUpstreams(),
+        ack_batching=AckBatching,
+        observer=observer,
+        tracer=tracer,
+        credentials=credentials,
+        clock=clock,
+        renewal_mode=renewal_mode,
+    )
+    await serve_listener(
+        settings, handler, observer=listener_observer, stats=stats, task_status=task_status
+    )
 
 
 def _route_rows(routes: RouteTable, mqtt_routes: Iterable[Any]) -> list[dict[str, Any]]:

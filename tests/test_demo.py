@@ -292,7 +292,7 @@ MQTT_ONLY_GATEWAY = """
 import signal, sys
 import trio
 from gateway.config import load_config
-from gateway.mqtt_relay import serve_mqtt_listener
+from gateway.daemon import serve_mqtt_listener
 
 async def main(path):
     config = load_config(path)

@@ -1,30 +1,45 @@
 """The MQTT relay: each device connection relayed over its own upstream connection.
 
-The peer of `gateway.router` (the AMQP link router). `session` runs one device
-connection; `credentials` and `renewal` hold the rules for credentials the
-gateway keeps for its devices.
+The peer of `gateway.router` (the AMQP link router). The daemon hands it what
+it does not do itself (listening, opening upstream connections, the
+connectors' `ack_batching` policy) and gets back a handler per listener.
+
+- `handler`: the entry points (`connection_handler`, `relay_mqtt_connection`);
+- `session`: one device connection: CONNECT, route, upstream connection(s),
+  keep-alive, close;
+- `routes`: which route a CONNECT takes (pure);
+- `pump`: the byte pump, one direction of a session;
+- `in_flight`: the relay's side of `ack_batching`;
+- `credentials`, `renewal`: credentials the gateway holds for its devices,
+  and renewing their tokens under a live session;
+- `upstream`: an upstream connection and how one is opened;
+- `observer`: what the relay reports to metrics and the packet trace;
+- `closing`: why a session ends.
 """
 
 from __future__ import annotations
 
-from .session import (
-    CloseReason,
-    PacketTracer,
-    RelayObserver,
-    hub_host_from_username,
-    relay_mqtt_connection,
-    select_mqtt_route,
-    select_route,
-    serve_mqtt_listener,
-)
+from .closing import CloseReason
+from .handler import ConnectionHandler, connection_handler, relay_mqtt_connection
+from .in_flight import AckPolicy
+from .observer import PacketTracer, RelayObserver
+from .renewal import RenewalMode
+from .routes import hub_host_from_username, select_mqtt_route, select_route
+from .upstream import Opened, OpenUpstream, UpstreamUnavailable
 
 __all__ = [
+    "AckPolicy",
     "CloseReason",
+    "ConnectionHandler",
+    "OpenUpstream",
+    "Opened",
     "PacketTracer",
     "RelayObserver",
+    "RenewalMode",
+    "UpstreamUnavailable",
+    "connection_handler",
     "hub_host_from_username",
     "relay_mqtt_connection",
     "select_mqtt_route",
     "select_route",
-    "serve_mqtt_listener",
 ]

@@ -74,17 +74,15 @@ from gateway.auth.credentials import CredentialError, DeviceCredential
 from gateway.auth.tokens import IssuedToken
 from gateway.mqtt import encode
 from gateway.mqtt.packets import Connect
-from gateway.mqtt.reader import PacketReader
 from gateway.mqtt.tracking import SessionTracker
-from gateway.net.tls import TLSConnectError
 
 from .credentials import MqttCredentials
+from .upstream import UpstreamLink, UpstreamUnavailable
 
 __all__ = [
     "RenewalMode",
     "SessionLost",
     "TokenRenewal",
-    "UpstreamLink",
 ]
 
 log = logging.getLogger("gateway.mqtt.renewal")
@@ -117,61 +115,8 @@ class _Failed(Exception):
     """One renewal attempt failed; the old session may still be usable."""
 
 
-class UpstreamLink:
-    """One upstream connection of a relayed session, and how far along it is.
-
-    A session normally has one; during a renewal it has two, the old one
-    `retired` (its end is expected) and the new one `awaiting_connack`.
-    `generation` numbers them, as `SessionTracker.generation` does.
-    """
-
-    __slots__ = (
-        "stream",
-        "reader",
-        "generation",
-        "retired",
-        "awaiting_connack",
-        "connack_code",
-        "connack_received",
-        "ended",
-        "_stop_reading",
-        "_receive_scope",
-    )
-
-    def __init__(self, stream: trio.abc.Stream, reader: PacketReader, generation: int) -> None:
-        self.stream = stream
-        self.reader = reader
-        self.generation = generation
-        self.retired = False
-        self.awaiting_connack = False
-        self.connack_code: int | None = None
-        self.connack_received = trio.Event()
-        self.ended = trio.Event()  # its pump has finished
-        self._stop_reading = False
-        self._receive_scope: trio.CancelScope | None = None
-
-    async def receive_some(self, max_bytes: int) -> bytes | bytearray | None:
-        """The next bytes from the hub; None once `stop_reading()` was called."""
-        if self._stop_reading:
-            return None
-        with trio.CancelScope() as scope:
-            self._receive_scope = scope
-            try:
-                return await self.stream.receive_some(max_bytes)
-            finally:
-                self._receive_scope = None
-        return None
-
-    def stop_reading(self) -> None:
-        """End the pump at its next (or current) read, never in the middle of a
-        write to the device, which would corrupt the device's stream."""
-        self._stop_reading = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
-
-
 class RelayHost(Protocol):
-    """What a renewal needs from the relayed connection (`session._Connection`)."""
+    """What a renewal needs from the relayed connection (`session.Session`)."""
 
     label: str
     link: UpstreamLink
@@ -273,7 +218,7 @@ class TokenRenewal:
         tracker = host.tracker
         try:
             link = await host.open_link(tracker.generation + 1)
-        except TLSConnectError as exc:
+        except UpstreamUnavailable as exc:
             raise _Failed(f"new hub connection failed ({exc.reason}): {exc.detail}") from None
         try:
             connect_raw, token = self.credentials.connect_with_token(

@@ -23,8 +23,9 @@ import trio
 from gateway.auth.credentials import CredentialStore
 from gateway.auth.local_auth import hash_password
 from gateway.config import parse_config_text
+from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
-from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason
 from gateway.ops.trace import FrameTracer
 
 from .paho_device import PahoDevice

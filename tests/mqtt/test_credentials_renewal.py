@@ -23,11 +23,11 @@ from paho.mqtt.properties import Properties
 
 from gateway.auth.credentials import CredentialStore
 from gateway.config import parse_config_text
+from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
-from gateway.mqtt_relay import CloseReason, relay_mqtt_connection, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason, Opened, UpstreamUnavailable, relay_mqtt_connection
 from gateway.mqtt_relay.credentials import MqttCredentials
 from gateway.mqtt_relay.renewal import RenewalMode
-from gateway.net.tls import TLSConnectError
 
 from .paho_device import PahoDevice
 from .test_credentials_hubsim import (
@@ -263,11 +263,11 @@ async def test_failed_renewals_keep_the_session_until_the_token_expires(keys, tm
 
         async def open_upstream(connector, profile):
             if opened:
-                raise TLSConnectError("refused", "hub unreachable (test)")
+                raise UpstreamUnavailable("refused", "hub unreachable (test)")
             tcp = await trio.open_tcp_stream("127.0.0.1", sim.mqtt_port)
             stream = trio.SSLStream(tcp, context, server_hostname=HUB)
             opened.append(stream)
-            return stream
+            return Opened(stream)
 
         async def handler(stream):
             await relay_mqtt_connection(

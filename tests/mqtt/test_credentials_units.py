@@ -19,9 +19,9 @@ from paho.mqtt.properties import Properties
 
 from gateway.auth.credentials import CredentialStore
 from gateway.config import parse_config_text
+from gateway.daemon import serve_mqtt_listener
 from gateway.mqtt import PacketReader, encode
 from gateway.mqtt.tracking import SessionTracker
-from gateway.mqtt_relay import serve_mqtt_listener
 
 from .paho_capture import PahoCapture
 from .paho_device import PahoDevice

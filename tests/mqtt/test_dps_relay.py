@@ -24,8 +24,9 @@ import trio
 
 from gateway.auth.credentials import CredentialStore
 from gateway.config import parse_config_text
+from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
-from gateway.mqtt_relay import CloseReason, select_mqtt_route, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason, select_mqtt_route
 
 from .paho_device import PahoDevice
 

@@ -16,7 +16,8 @@ import trio
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.puback import PubackPacket
 
-from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.daemon import serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason
 
 from .test_relay_tls_stub import WAIT, connect_bytes, read_until_closed
 

@@ -20,9 +20,10 @@ import pytest
 import trio
 
 from gateway.config import parse_config_text
+from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
 from gateway.mqtt import encode
-from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason
 from gateway.net.listeners import ListenerStats
 from tests.net.forced_waits import ForcedWaits
 

@@ -20,7 +20,8 @@ from amqtt.mqtt.subscribe import SubscribePacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.daemon import serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason
 from gateway.net.listeners import ListenerStats
 
 from .paho_device import PahoDevice

@@ -14,7 +14,8 @@ import trio
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
 
-from gateway.mqtt_relay import CloseReason, serve_mqtt_listener
+from gateway.daemon import serve_mqtt_listener
+from gateway.mqtt_relay import CloseReason
 
 WAIT = 10.0
 

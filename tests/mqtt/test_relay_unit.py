@@ -16,8 +16,9 @@ import trio.testing
 
 from gateway.mqtt import MQTT_5, encode
 from gateway.mqtt.properties import Property
-from gateway.mqtt_relay.session import RECEIVE_SIZE, CloseReason, relay_mqtt_connection
-from gateway.net.tls import TLSConnectError
+from gateway.mqtt_relay import CloseReason, Opened, UpstreamUnavailable, relay_mqtt_connection
+from gateway.mqtt_relay.session import RECEIVE_SIZE
+from gateway.net.ack_batching import AckBatching
 
 CONNECT = encode.connect(
     "dev1",
@@ -109,9 +110,9 @@ class Harness:
 
     async def open_upstream(self, connector, profile):
         if self.fail_connect:
-            raise TLSConnectError(self.fail_connect, "test says no")
+            raise UpstreamUnavailable(self.fail_connect, "test says no")
         self.upstream_opened.set()
-        return self.relay_upstream
+        return Opened(self.relay_upstream)
 
     async def run(self, tracer=None):
         try:
@@ -122,6 +123,7 @@ class Harness:
                 self.config,
                 self.observer,
                 open_upstream=self.open_upstream,
+                ack_batching=AckBatching,
                 tracer=tracer,
             )
         finally:
@@ -451,7 +453,7 @@ async def test_trace_shows_packets_but_no_secrets(nursery, config, caplog):
 def test_counts_for_ack_batching_only_answerable_publishes_and_their_answers():
     """QoS 0 PUBLISHes are never answered; PUBACK and PUBREC answer QoS 1 and 2."""
     from gateway.mqtt.reader import PacketReader
-    from gateway.mqtt_relay.session import _answerable_publishes, _publish_answers
+    from gateway.mqtt_relay.in_flight import answerable_publishes, publish_answers
 
     reader = PacketReader(1 << 20)
     reader.feed(
@@ -464,7 +466,7 @@ def test_counts_for_ack_batching_only_answerable_publishes_and_their_answers():
     )
     buf, spans = reader.next_spans()
     assert len(spans) == 6
-    assert _answerable_publishes(spans, 6) == 2
-    assert _answerable_publishes(spans, 2) == 1
-    assert _publish_answers(spans, 6) == 2
-    assert _publish_answers(spans, 4) == 1
+    assert answerable_publishes(spans, 6) == 2
+    assert answerable_publishes(spans, 2) == 1
+    assert publish_answers(spans, 6) == 2
+    assert publish_answers(spans, 4) == 1

@@ -12,7 +12,6 @@ import pytest
 import trio
 
 from gateway import daemon as daemon_module
-from gateway import mqtt_relay
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import parse_config_text
 from gateway.ops.lifecycle import LiveCredentials, LiveListenerSettings
@@ -61,7 +60,7 @@ async def test_listeners_get_live_settings_and_the_store_router_gets_the_store(
         task_status.started([("127.0.0.1", 1883)])
         await trio.sleep_forever()
 
-    monkeypatch.setattr(mqtt_relay, "serve_mqtt_listener", serve_mqtt_listener)
+    monkeypatch.setattr(daemon_module, "serve_mqtt_listener", serve_mqtt_listener)
     store = CredentialStore()
     async with trio.open_nursery() as nursery:
         gw = daemon_module.Daemon(config, (), store)

@@ -12,7 +12,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.mqtt_relay import serve_mqtt_listener
+from gateway.daemon import serve_mqtt_listener
 from gateway.ops.admin import serve_admin
 from gateway.ops.health import Readiness
 from gateway.ops.metrics import Metrics
