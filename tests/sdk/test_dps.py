@@ -179,3 +179,45 @@ def test_node_sdk_provisions_then_sends(node_sdk: Path, stack: DpsStack, transpo
         log = stack.gateway.log()
         assert f"registration {registration_id!r} of ID scope {SCOPE!r} logged in" in log
         assert "refused" not in log
+
+
+def expect_error(device: DeviceProcess) -> str:
+    """The script's error line (a refusal), then its exit."""
+    try:
+        while True:
+            item = device.lines.get(timeout=90)
+            if item is None:
+                raise AssertionError(f"{device.name}: exited without an error\n{device.transcript()}")
+            if item.get("event") == "error":
+                return str(item.get("error"))
+            if item.get("event") in ("registered", "done"):
+                raise AssertionError(f"{device.name}: provisioned through an unrouted scope")
+    finally:
+        device.close()
+
+
+def test_unrouted_scope_is_refused_each_with_one_log_line(
+    sdk_py: Path, node_sdk: Path, stack: DpsStack
+) -> None:
+    spec = stack.spec("lost-py", id_scope="0ne0NOROUTE")
+    python = DeviceProcess.start([str(sdk_py), str(SDK_DIR / "dps_python_device.py")], spec,
+                                 name="python dps unrouted")  # fmt: skip
+    expect_error(python)
+    spec = stack.spec("lost-node", id_scope="0ne0NOROUTE", transport="amqp")
+    node = DeviceProcess.start(
+        ["node", str(NODE_DIR / "dps_device.js")], spec, name="node dps unrouted", cwd=NODE_DIR,
+        env={"NODE_EXTRA_CA_CERTS": str(stack.ca_file)},
+    )  # fmt: skip
+    expect_error(node)
+    log = stack.gateway.log()
+    for registration in ("lost-py", "lost-node"):
+        lines = [line for line in log.splitlines() if repr(registration) in line]
+        assert len(lines) == 1, lines  # refused once: the SDK gives up, no retry loop
+        assert "0ne0NOROUTE" in lines[0]
+    assert not [r for r in stack.hub.recorder.dps if r.scope == "0ne0NOROUTE"]
+    # The same gateway still provisions a device of a routed scope.
+    device = DeviceProcess.start([str(sdk_py), str(SDK_DIR / "dps_python_device.py")],
+                                 stack.spec("py-after-1", messages=["still here"]),
+                                 name="python dps after")  # fmt: skip
+    run_device(device, 1)
+    assert [r.body for r in stack.hub.recorder.d2c_for("py-after-1")] == [b"still here"]
