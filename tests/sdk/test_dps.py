@@ -221,3 +221,18 @@ def test_unrouted_scope_is_refused_each_with_one_log_line(
                                  name="python dps after")  # fmt: skip
     run_device(device, 1)
     assert [r.body for r in stack.hub.recorder.d2c_for("py-after-1")] == [b"still here"]
+
+
+def test_c_amqp_stack_provisions_as_the_c_sdk_then_sends(sdk_py: Path, stack: DpsStack) -> None:
+    """uamqp-c (the C SDK's AMQP layer) with the C SDK's provisioning login and links."""
+    device = DeviceProcess.start(
+        [str(sdk_py), str(SDK_DIR / "dps_uamqp_device.py")], stack.spec("c-amqp-1"),
+        name="uamqp dps",
+    )  # fmt: skip
+    registered = run_device(device, len(BODIES))
+    assert (registered["assigned_hub"], registered["device_id"]) == (HUB_HOST, "c-amqp-1")
+    check_hub_side(stack, "c-amqp-1", "dps-amqp")
+    links = {(r.address, r.name.split("@")[0]) for r in stack.hub.recorder.links
+             if r.device_id == "c-amqp-1" and r.address and "registrations" in r.address}  # fmt: skip
+    address = f"amqps://{stack.address}/{SCOPE}/registrations/c-amqp-1"
+    assert links == {(address, "recv_link"), (address, "sender_link")}
