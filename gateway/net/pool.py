@@ -27,6 +27,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
+from gateway.ops.hooks import report_connect_failure
+
 log = logging.getLogger("gateway.net.pool")
 
 C = TypeVar("C")
@@ -332,6 +334,9 @@ class ConnectorPool(Generic[C]):
                     await self._connect(slot.id, on_up)
                 if scope.cancelled_caught:
                     error = "connect timeout"
+                    # The dial's own timeout never fired (this scope ends first): count the
+                    # failure by the same metric as the dial's, so a silent hub shows up.
+                    report_connect_failure(self.name, "timeout")
             except Exception as exc:  # one upstream failure never takes the pool down
                 error = _describe(exc)
             was_up = up_since is not None
