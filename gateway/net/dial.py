@@ -150,9 +150,14 @@ def connector_endpoints(connector: Any) -> list[Endpoint]:
     return [Endpoint(str(connector.host), int(connector.port))]
 
 
+# What a caller bounding a whole connect adds to the endpoints' time, so the
+# dial's own per-endpoint timeout fires first and the endpoint is named.
+DIAL_GRACE = 1.0
+
+
 def dial_budget(connector: Any) -> float:
-    """The longest one dial may take: ``connect_timeout`` per endpoint."""
-    return float(connector.connect_timeout) * len(connector_endpoints(connector))
+    """The longest one connect may take: ``connect_timeout`` per endpoint, and a little."""
+    return float(connector.connect_timeout) * len(connector_endpoints(connector)) + DIAL_GRACE
 
 
 async def system_resolver(host: str, port: int) -> list[tuple[int, Any]]:

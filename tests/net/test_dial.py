@@ -128,7 +128,7 @@ def test_endpoints_from_host_or_hosts():
     assert connector_endpoints(SimpleNamespace(host="h", port=5671)) == [Endpoint("h", 5671)]
     c = connector(["a", "b:5672"], 5671, connect_timeout=3.0)
     assert connector_endpoints(c) == [Endpoint("a", 5671), Endpoint("b", 5672)]
-    assert dial_budget(c) == 6.0
+    assert dial_budget(c) == 6.0 + dial.DIAL_GRACE
     assert str(Endpoint("::1", 5671)) == "[::1]:5671"
 
 
