@@ -334,8 +334,8 @@ class ConnectorPool(Generic[C]):
                     await self._connect(slot.id, on_up)
                 if scope.cancelled_caught:
                     error = "connect timeout"
-                    # The dial's own timeout never fired (this scope ends first): count the
-                    # failure by the same metric as the dial's, so a silent hub shows up.
+                    # Stalled past the dial's own timeouts (in SASL or open, say): count
+                    # it by the same metric as the dial's, so a silent hub shows up.
                     report_connect_failure(self.name, "timeout")
             except Exception as exc:  # one upstream failure never takes the pool down
                 error = _describe(exc)
