@@ -107,6 +107,7 @@ class ConnectDecision:
     refuse: ConnackCode | None = None
     close_reason: str = ""
     detail: str = ""
+    registration: bool = False  # a provisioning registration the gateway signed (no renewal)
 
 
 # Close reasons of refusals decided here (fit for metric labels, like CloseReason).
@@ -203,7 +204,7 @@ class MqttCredentials:
             )
         token = self.store.issue_registration_token(entry, id_scope, self.clock())
         raw = encode.connect_with_password(connect, token.token.encode("utf-8"))
-        return ConnectDecision(raw, entry)
+        return ConnectDecision(raw, entry, registration=True)
 
     def connect_with_token(
         self, connect: Connect, entry: DeviceCredential, hub_host: str

@@ -290,9 +290,11 @@ class Session:
         stream = await self._open_stream(connect)
         self.link = self._new_link(stream, 0)
         log.info(
-            "mqtt %s: hub %r -> connector %s (%s), protocol level %d, keep-alive %ds%s",
+            "mqtt %s: %s -> connector %s (%s), protocol level %d, keep-alive %ds%s",
             self.label,
-            hub,
+            f"registration {registration[1]!r} of ID scope {registration[0]!r}"
+            if registration is not None
+            else f"hub {hub!r}",
             connector.name,
             self._dialled or f"{connector.host}:{connector.port}",
             connect.protocol_level,
@@ -497,6 +499,8 @@ def _credential_note(decision: ConnectDecision | None) -> str:
     if decision is None or decision.entry is None:
         return ""
     entry = decision.entry
+    if decision.registration:
+        return f", registration signed by the gateway ({entry.source})"
     if decision.token is not None:
         return f", token issued by the gateway ({entry.source}, {decision.token.lifetime:.0f}s)"
     return f", client certificate held by the gateway ({entry.source})"

@@ -203,10 +203,14 @@ async def test_device_with_its_own_key_provisions_then_sends_to_the_assigned_hub
     ]
 
 
-async def test_gateway_signs_the_registration_with_the_group_key(nursery, hub, env, tmp_path):
+async def test_gateway_signs_the_registration_with_the_group_key(nursery, hub, env, tmp_path, caplog):
     """The device holds nothing: the gateway signs its registration, then its hub token."""
+    caplog.set_level(logging.INFO)
     port, _ = await start_relay(nursery, hub, env, tmp_path)
     state = await provision(port, "fleet-9", None)
+    line = next(r.getMessage() for r in caplog.records if "-> connector dps-mqtt" in r.getMessage())
+    assert f"registration 'fleet-9' of ID scope '{SCOPE}'" in line
+    assert "registration signed by the gateway (group fleet-*" in line
     assert state["deviceId"] == "fleet-9"
     await send_telemetry(port, "fleet-9", None, b"signed by the gateway")
     record = await wait_for(hub, lambda: hub.recorder.d2c and hub.recorder.d2c[0])
