@@ -26,6 +26,7 @@ from gateway.net.dial import (
     dial_budget,
     dial_connector,
 )
+from gateway.net.pool import ConnectorPool
 from gateway.net.tls import TLSConnectError
 from gateway.ops.hooks import set_dial_hook
 
@@ -346,3 +347,41 @@ async def test_a_silent_address_is_cut_short_while_others_remain(nursery, silent
     await stream.aclose()
     assert report.address == "127.0.0.3"
     assert trio.current_time() - started < 20.0  # an equal share would have been 30 s
+
+
+async def test_rounds_in_order_with_the_pool_backoff_between(autojump_clock, reports):
+    """Each connect tries every endpoint in order; the connector's backoff separates
+    the rounds (mock clock; the opener stands in for the sockets)."""
+    attempts: list[tuple[float, str]] = []
+
+    async def opener(endpoint: Endpoint, timeout: float) -> tuple[trio.SocketStream, str]:
+        attempts.append((trio.current_time(), endpoint.host))
+        if endpoint.host == "silent.test":
+            await trio.sleep(timeout)
+            raise TLSConnectError("timeout", "connect timeout (10.0.0.2)")
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    c = connector(["a.test", "silent.test", "c.test"], 5671, connect_timeout=10.0)
+
+    async def connect(slot: int, on_up: Any) -> None:
+        await dial_connector(c, None, tcp=opener)
+
+    pool = ConnectorPool("hub", connect, max_connections=1, connect_timeout=dial_budget(c),
+                         backoff_initial=1.0, backoff_max=4.0, on_demand=False,
+                         rng=lambda: 1.0)  # fmt: skip
+    async with trio.open_nursery() as n:
+        await n.start(pool.run)
+        await trio.sleep(60)
+        n.cancel_scope.cancel()
+    hosts = [host for _, host in attempts]
+    rounds = len(hosts) // 3
+    assert rounds >= 3 and hosts[: 3 * rounds] == ["a.test", "silent.test", "c.test"] * rounds
+    starts = [at for at, host in attempts if host == "a.test"]
+    # A round: a refused at once, silent.test's 10 s, c refused; then 1, 2, 4, 4 s of backoff.
+    assert [round(b - a, 3) for a, b in zip(starts, starts[1:], strict=False)][:3] == [
+        11.0,
+        12.0,
+        14.0,
+    ]
+    assert all(r.endpoint is None and len(r.skipped) == 3 for r in reports)
+    assert [f.reason for f in reports[0].skipped] == ["refused", "timeout", "refused"]
