@@ -89,3 +89,15 @@ def test_errors_point_at_the_key(snippet: str, message: str, tmp_path: Path) -> 
         parse_config_text(text, "gw.yaml", base_dir=tmp_path)
     assert message in str(info.value)
     assert "gw.yaml:2:" in str(info.value)
+
+
+def test_firewall_example(repo_root: Path) -> None:
+    from gateway.config import load_config
+
+    config = load_config(repo_root / "config" / "iothub-firewall.yaml")
+    assert [(c.transport, c.port, c.proxy) for c in config.connectors] == [
+        ("websockets", 443, "env"),
+        ("websockets", 443, "env"),
+    ]
+    assert all(c.host == "myhub.azure-devices.net" for c in config.connectors)
+    assert config.tls_profiles["azure"].ca_file is None

@@ -139,7 +139,10 @@ class TLSConnectError(Exception):
 
     `reason` is one word from a small fixed set, fit for a metric label:
     timeout, refused, dns, network, certificate_verify_failed,
-    hostname_mismatch, peer_rejected_certificate, protocol, closed, error.
+    hostname_mismatch, peer_rejected_certificate, protocol, closed, error;
+    subclasses add proxy_auth_required, proxy_refused, proxy_protocol
+    (`gateway.net.http_proxy`) and websocket_refused, websocket_protocol
+    (`gateway.net.websocket_stream`).
     `detail` is a readable description for logs.
     """
 

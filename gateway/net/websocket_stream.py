@@ -168,7 +168,10 @@ class WebSocketStream(trio.abc.Stream):
         if self._ws.state is not ConnectionState.OPEN:
             await trio.lowlevel.checkpoint()
             raise trio.BrokenResourceError("the WebSocket connection is closing")
-        frame = self._ws.send(BytesMessage(data=bytes(data))) if data else b""
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)  # a memoryview: wsproto takes bytes or bytearray
+        # wsproto copies the payload once while masking it; no copy here before that.
+        frame = self._ws.send(BytesMessage(data=data)) if data else b""
         if self._sending:
             await self._acquire_send()
         else:
