@@ -516,17 +516,21 @@ def websocket_wrapper(
     connector: Any,
 ) -> Callable[[trio.abc.Stream, Any, float], Awaitable[WebSocketStream]] | None:
     """The stream wrapper (see `gateway.net.dial`) of a ``transport: websockets``
-    connector, None for TCP. The upgrade goes to the endpoint's host (the Host
-    header IoT Hub routes by) at `IOTHUB_WEBSOCKET_PATH`."""
+    connector, None for TCP. The upgrade names the hub in the Host header as
+    the TLS handshake did, at `IOTHUB_WEBSOCKET_PATH`."""
     if getattr(connector, "transport", "tcp") != "websockets":
         return None
     subprotocol = subprotocol_for(str(connector.protocol))
     secure = getattr(connector, "tls_profile", None) is not None
 
     async def wrap(stream: trio.abc.Stream, endpoint: Any, timeout: float) -> WebSocketStream:
+        # The Host header names the hub as TLS did (SNI: the profile's server_name
+        # if it has one), even when the endpoint is an address.
+        ssl_object = getattr(stream, "ssl_object", None)
+        host = getattr(ssl_object, "server_hostname", None) or str(endpoint.host)
         return await open_websocket_stream(
             stream,
-            host=str(endpoint.host),
+            host=host,
             port=int(endpoint.port),
             subprotocol=subprotocol,
             secure=secure,

@@ -130,6 +130,31 @@ async def test_mqtt_over_websockets_direct(hub: HubSim, keys: dict[str, str]) ->
         await stream.aclose()
 
 
+async def test_host_header_names_the_tls_server_name(keys: dict[str, str]) -> None:
+    # hubsim's certificate is for the hub name and 127.0.0.1: the profile names the hub.
+    seen: list[str] = []
+    with HubSim(keys, hub_host=HUB, ws_port=0) as sim:
+        import gateway.hubsim.websocket as hub_ws
+
+        original = hub_ws.WebSocketBridge._on_request
+
+        def spy(self: Any, request: Any) -> bool:
+            seen.append(request.host)
+            return original(self, request)
+
+        hub_ws.WebSocketBridge._on_request = spy  # type: ignore[method-assign]
+        try:
+            named = profile(sim.ca_file)
+            named.server_name = HUB
+            with trio.fail_after(WAIT):
+                stream, _ = await dial_connector(ws_connector(sim.ws_port), named)
+                await stream.aclose()
+        finally:
+            hub_ws.WebSocketBridge._on_request = original  # type: ignore[method-assign]
+    sim.close()
+    assert seen == [f"{HUB}:{sim.ws_port}"]
+
+
 @needs_tinyproxy
 async def test_mqtt_over_websockets_through_tinyproxy_with_auth(
     hub: HubSim, keys: dict[str, str], tmp_path: Path
