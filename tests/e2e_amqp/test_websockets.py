@@ -38,7 +38,9 @@ def ws_hub(keys: dict[str, str]) -> Iterator[HubSim]:
     sim.close()
 
 
-def ws_config(hub: HubSim, tmp_path: Path, proxy_url: str, secret: Path) -> object:
+def ws_config(
+    hub: HubSim, tmp_path: Path, proxy_url: str, secret: Path, *, on_demand: bool = True
+) -> object:
     config = gateway_config(
         hub,
         tmp_path,
@@ -46,6 +48,7 @@ def ws_config(hub: HubSim, tmp_path: Path, proxy_url: str, secret: Path) -> obje
         connector_extra=(
             "    transport: websockets\n"
             f"    proxy: {{url: '{proxy_url}', username: gw, password_file: '{secret}'}}\n"
+            f"    on_demand: {'true' if on_demand else 'false'}\n"
         ),
     )
     # gateway_config names the TCP port; over WebSockets the hub listens elsewhere.
@@ -91,20 +94,19 @@ async def test_hub_closing_the_websocket_is_a_lost_connection(
     secret = tmp_path / "proxy-password"
     secret.write_text("s3cret")
     async with tinyproxy(tmp_path, connect_ports=[ws_hub.ws_port], auth=("gw", "s3cret")) as p:
-        config = ws_config(ws_hub, tmp_path, p.url, secret)
+        config = ws_config(ws_hub, tmp_path, p.url, secret, on_demand=False)
         async with running_gateway(config) as gw:
             first = await in_thread(send_telemetry, gw.url, "dev1", keys["dev1"], [b"before"])
+            opened = ws_hub.recorder.connections["amqp"].opened
             ws_hub.disconnect_all()  # AMQP close, then a WebSocket close from the hub
-            with trio.fail_after(60):
-                # Devices were detached; the next one gets a fresh hub connection.
-                while True:
-                    try:
-                        second = await in_thread(
-                            send_telemetry, gw.url, "dev3", keys["dev3"], [b"after"]
-                        )
-                        break
-                    except Exception:  # the attach raced the pool's reconnect backoff
-                        await trio.sleep(0.2)
+            # The pool (always on) reconnects by itself, through the proxy again.
+            await trio.to_thread.run_sync(
+                ws_hub.recorder.wait_for,
+                lambda: ws_hub.recorder.connections["amqp"].opened > opened
+                and ws_hub.recorder.connections["amqp"].open == 1,
+                30,
+            )
+            second = await in_thread(send_telemetry, gw.url, "dev3", keys["dev3"], [b"after"])
         tunnels = [line for line in p.log if f"CONNECT 127.0.0.1:{ws_hub.ws_port}" in line]
         assert len(tunnels) >= 2
     raws = [r.raw for r in ws_hub.recorder.d2c]
