@@ -174,6 +174,10 @@ class WebSocketStream(trio.abc.Stream):
         frame = self._ws.send(BytesMessage(data=data)) if data else b""
         if self._sending:
             await self._acquire_send()
+            if self._ws.state is not ConnectionState.OPEN:
+                # A close frame went out meanwhile: nothing may follow it.
+                self._release_send()
+                raise trio.BrokenResourceError("the WebSocket connection is closing")
         else:
             self._sending = True  # uncontended: no task switch for the lock
         try:
