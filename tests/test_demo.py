@@ -233,6 +233,11 @@ def test_demo_runs_end_to_end_through_the_gateway() -> None:
     assert "topic and payload identical to what the device sent: yes (2/2)" in out
     assert re.search(r"hub +twin reported properties: .*\"firmwareVersion\": \"1\.0\.3\"", out)
     assert re.search(r"hub +direct method reboot: status 200", out)
+    # Provisioning: through the gateway to the provisioning service, then to the assigned hub.
+    dps_part = out.split("Provisioned device dps-sensor-1")[1]
+    assert "device  assigned to hub demo-hub.azure-devices.net as device dps-sensor-1" in dps_part
+    assert re.search(r"hub +provisioning service: register -> 202", dps_part)
+    assert "topic and payload identical to what the device sent: yes (2/2)" in dps_part
     assert "FAILED" not in out
     # Everything torn down: no files left behind.
     workdir = re.search(r"gateway files (\S+)/gateway\.yaml", out)
