@@ -43,12 +43,13 @@ from proton import Delivery, Event
 from bench.amqp_relay_micro import ProtonPeer
 from gateway.config import parse_config_text
 from gateway.net.amqp_connector import EngineDriver, client_engine_for
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.ops.metrics import Metrics
 from gateway.ops.registry import Registry
+from gateway.ops.router_observer import OpsObserver
 from gateway.ops.trace import FrameTracer
 from gateway.router.core import Binding, Router
 from gateway.router.linkpair import timed_handler
-from gateway.router.observe import OpsObserver
 from gateway.router.upstream import UpstreamConn
 
 HUB_HOST = "myhub.azure-devices.net"
@@ -139,7 +140,8 @@ class RouterBench:
         self.metrics = Metrics(gateway_id="bench-gateway")
         self.registry = Registry()
         self.observer = OpsObserver(self.metrics, self.registry)
-        self.router = Router(config, observer=self.observer, tracer=FrameTracer(protocols=()))
+        self.router = Router(config, connector_io=AmqpConnectorIO(), observer=self.observer,
+                             tracer=FrameTracer(protocols=()))
         connector = config.connectors[0]
         report = self.observer.on_relay_latency
 

@@ -34,9 +34,10 @@ async def serve(config: Any) -> None:
         async with trio.open_nursery() as nursery:
             if amqp_listeners:
                 from gateway.net.amqp_listener import serve_amqp_listener
+                from gateway.net.upstream_io import AmqpConnectorIO
                 from gateway.router.core import Router
 
-                router = Router(config)
+                router = Router(config, connector_io=AmqpConnectorIO())
                 await nursery.start(router.run)
                 for listener in amqp_listeners:
                     await nursery.start(serve_amqp_listener, listener, config, router)

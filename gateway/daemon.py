@@ -45,13 +45,14 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.net import dial
 from gateway.net.ack_batching import AckBatching
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.hooks import set_connect_failure_hook, set_dial_hook
 from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
 from gateway.net.tls import ClientContextCache, TLSConnectError
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.ops import sdnotify
 from gateway.ops.connections import ListenerConnections
 from gateway.ops.credentials_api import credentials_snapshot
 from gateway.ops.health import Readiness
-from gateway.ops.hooks import set_connect_failure_hook, set_dial_hook
 from gateway.ops.lifecycle import (
     LiveConfig,
     LiveCredentials,
@@ -62,9 +63,9 @@ from gateway.ops.lifecycle import (
 )
 from gateway.ops.registry import Registry
 from gateway.ops.reload import ReloadPlan, plan_reload
+from gateway.ops.router_observer import OpsObserver
 from gateway.ops.trace import FrameTracer
 from gateway.router.core import Router
-from gateway.router.observe import OpsObserver
 from gateway.router.routes import RouteTable
 
 log = logging.getLogger("gateway.daemon")
@@ -136,8 +137,8 @@ class Daemon:
         self.observer = OpsObserver(self.metrics, self.registry)
         self.listener_observer = ListenerConnections(self.metrics, self.registry)
         self.tracer = FrameTracer(protocols=trace)
-        self.router = Router(config, observer=self.observer, tracer=self.tracer,
-                             credentials=self.credentials)  # fmt: skip
+        self.router = Router(config, connector_io=AmqpConnectorIO(), observer=self.observer,
+                             tracer=self.tracer, credentials=self.credentials)  # fmt: skip
         self.readiness = Readiness.from_config(self.registry, config)
         self.listener_settings: dict[str, LiveListenerSettings] = {}
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}

@@ -25,10 +25,10 @@ import trio
 
 from gateway.amqp import Connection, ConnectionError, RemoteClose, RemoteOpen, SaslClient
 from gateway.amqp.events import Event
-from gateway.ops.hooks import report_connect_failure
 
 from . import dial
 from .ack_batching import AckBatching
+from .hooks import report_connect_failure
 from .tls import ClientContextCache, TLSConnectError, server_name_for
 
 log = logging.getLogger("gateway.net.amqp")

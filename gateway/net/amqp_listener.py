@@ -5,6 +5,11 @@ Binding, `allowed_networks`, `max_connections` and device-side TLS come from
 open must complete within the listener's ``handshake_timeout``; after that
 the engine's idle timeouts apply both ways.
 
+The router is handed in by the daemon (`AmqpDeviceRouter`, which
+`gateway.router.core.Router` implements): this module imports no relay. Per
+connection the router makes a `DeviceSide` (its engine and event handler);
+this loop owns the socket and feeds the engine's events to it.
+
 When the router holds device credentials, a device's SASL PLAIN login may be
 a local password that must be checked with scrypt. That is too slow for the
 event loop, and the engine judges the sasl-init synchronously, so
@@ -19,20 +24,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from gateway.amqp import AMQPError, SaslServer
+from gateway.amqp import AMQPError, Connection, SaslServer
+from gateway.amqp.events import Event
 from gateway.amqp.framing import SASL_HEADER, FrameReader
 from gateway.amqp.performatives import SaslInit
-from gateway.router.linkpair import timed_handler
 
-from .amqp_connector import EngineDriver
+from .amqp_connector import EngineDriver, EventHandler
 from .listeners import ListenerSettings, serve_listener
-
-if TYPE_CHECKING:
-    from gateway.router.core import Router
 
 log = logging.getLogger("gateway.net.amqp")
 
@@ -41,6 +43,37 @@ MAX_SASL_INIT = 65536
 
 # check(username, password, the sasl-init frame as received)
 PlainCheck = Callable[[str, str, bytes], Awaitable[None]]
+
+
+class DeviceSide(Protocol):
+    """The router's side of one device connection (`gateway.router.device.DeviceConn`)."""
+
+    driver: Any  # set to the connection's EngineDriver
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def listener(self) -> str: ...
+    @property
+    def engine(self) -> Connection: ...
+    @property
+    def opened(self) -> trio.Event: ...  # set when the device's open arrived
+    def handle(self, events: list[Event]) -> None: ...
+    def shutdown(self, description: str) -> None: ...
+    def lost(self, reason: str) -> None: ...
+
+
+class AmqpDeviceRouter(Protocol):
+    """What the AMQP listener needs of the router (`gateway.router.core.Router`)."""
+
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def tracer(self) -> Any: ...  # frame tracer (gateway.ops.trace.FrameTracer), or None
+    def new_device(self, listener: Any, peer: tuple[str, int]) -> DeviceSide: ...
+    def sasl_precheck(self, device: Any) -> PlainCheck | None: ...
+    def device_handler(self, device: Any) -> EventHandler:
+        """The handler the device's engine events go to (the relay latency timed)."""
 
 
 class SaslPlainGate(trio.abc.Stream):
@@ -140,17 +173,14 @@ def _plain_login(response: bytes | None) -> tuple[str, str] | None:
 
 
 async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener: Any,
-                        router: Router, observer: Any = None) -> None:  # fmt: skip
+                        router: AmqpDeviceRouter, observer: Any = None) -> None:  # fmt: skip
     """Run one device connection until it ends; `observer` (the listener's, optional)
     counts a failed SASL negotiation as a refusal with reason ``sasl``."""
     device = router.new_device(listener, peer)
     check = router.sasl_precheck(device)
     if check is not None and device.engine.sasl is not None:
         stream = SaslPlainGate(stream, check)
-    handler = device.handle
-    report = getattr(router.observer, "on_relay_latency", None)  # optional observer hook
-    if report is not None:
-        handler = timed_handler(handler, report)
+    handler = router.device_handler(device)
     driver = EngineDriver(stream, device.engine, handler, name=device.id,
                           tracer=router.tracer)  # fmt: skip
     device.driver = driver
@@ -193,7 +223,7 @@ def _report_sasl_failure(sasl: Any, listener: str, peer: tuple[str, int], observ
 async def serve_amqp_listener(
     listener: Any,
     config: Any,
-    router: Router,
+    router: AmqpDeviceRouter,
     *,
     observer: Any = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,

@@ -16,7 +16,7 @@ most ``len(endpoints) x connect_timeout`` (`dial_budget`). Every endpoint that
 fails is logged once with its reason; when all fail the dial raises
 `DialError` (a `TLSConnectError`) and the caller's backoff applies (the AMQP
 connector pool; an MQTT device is refused with "server unavailable" and
-retries). What happened is reported through `gateway.ops.hooks.report_dial`
+retries). What happened is reported through `gateway.net.hooks.report_dial`
 for ``/api/connectors`` and ``iot-gateway status``.
 
 Seams for other transports, per connector:
@@ -41,8 +41,7 @@ from typing import Any
 
 import trio
 
-from gateway.ops.hooks import report_dial
-
+from .hooks import report_dial
 from .http_proxy import proxy_tcp_opener
 from .tls import ClientContextCache, TLSConnectError, classify_tls_error
 from .tls_diagnose import PROBE_TIMEOUT, untrusted_ca_hint

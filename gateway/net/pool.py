@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from gateway.ops.hooks import report_connect_failure
+from .hooks import report_connect_failure
 
 log = logging.getLogger("gateway.net.pool")
 

@@ -5,7 +5,7 @@ registry record for every device connection the router does not record itself.
 ``on_device_disconnect`` and ``on_device_refused`` (the metrics), and
 ``on_connection_open(listener, protocol, peer)`` / ``on_connection_close(key)``
 around each accepted connection's handler. AMQP device connections are
-recorded by the router (`gateway.router.observe.OpsObserver.on_device_open`,
+recorded by the router (`gateway.ops.router_observer.OpsObserver.on_device_open`,
 with their links and message counts); MQTT sessions only exist at the
 listener, so they are recorded here, under `gateway.ops.registry.connection_id`
 (``{listener}/{host}:{port}``), which is also the key the MQTT relay's

@@ -1,5 +1,9 @@
 """CBS on shared upstream connections (design items 7 and 8).
 
+Direction: below the connections; imports only `linkpair` (error helpers).
+What CBS needs of the router, the connections and a binding is declared here
+(`CbsRouter`, `CbsDevice`, `CbsUpstream`, `CbsBinding`).
+
 SDKs reuse CBS link names, reply-to values and message-ids, so on an
 upstream connection shared by many devices `$cbs` cannot be tunnelled link
 for link. Instead:
@@ -31,9 +35,9 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, Session
 from gateway.amqp.errors import AMQPError
 from gateway.amqp.message import (
     APPLICATION_PROPERTIES,
@@ -51,12 +55,54 @@ from gateway.amqp.types import Int
 
 from .linkpair import RESOURCE_LIMIT, amqp_error
 
-if TYPE_CHECKING:
-    from .core import Binding
-    from .device import DeviceConn
-    from .upstream import UpstreamConn
-
 log = logging.getLogger("gateway.router.cbs")
+
+
+class CbsRouter(Protocol):
+    """What CBS needs of the router (`core.Router`)."""
+
+    @property
+    def container_id(self) -> str: ...
+    def forward_cbs_request(self, device: Any, connector: str, req: CbsRequest,
+                            delivery: Delivery, settled: bool) -> None: ...  # fmt: skip
+
+
+class CbsDevice(Protocol):
+    """A device connection served `$cbs` (`device.DeviceConn`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def router(self) -> CbsRouter: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def cbs(self) -> DeviceCbs | None: ...
+    def remember_token(self, connector: str, audience: str, request: CbsRequest) -> None: ...
+    def wake(self) -> None: ...
+
+
+class CbsUpstream(Protocol):
+    """An upstream connection carrying the gateway's CBS links (`upstream.UpstreamConn`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def router(self) -> CbsRouter: ...
+    def control_session(self) -> Session: ...
+    def drop_cbs(self, cbs: GatewayCbs) -> None: ...
+    def wake(self) -> None: ...
+
+
+class CbsBinding(Protocol):
+    """A device's place on an upstream connection (`core.Binding`)."""
+
+    @property
+    def device(self) -> CbsDevice: ...
+    @property
+    def connector(self) -> str: ...
+    def authorise(self, audience: str) -> None: ...
+    def put_finished(self) -> None: ...
 
 CBS_ADDRESS = "$cbs"
 PUT_TOKEN = "put-token"
@@ -190,7 +236,7 @@ def put_token_message(audience: str, token: str, message_id: str, reply_to: str)
 class DeviceCbs:
     """The `$cbs` node as one device connection sees it, served by the gateway."""
 
-    def __init__(self, device: DeviceConn) -> None:
+    def __init__(self, device: CbsDevice) -> None:
         self.device = device
         self.senders: list[Link] = []  # the device's request links (we receive)
         self.receivers: list[Link] = []  # the device's reply links (we send)
@@ -321,7 +367,7 @@ class DeviceCbs:
 
 @dataclass(slots=True, eq=False)
 class PendingPut:
-    binding: Binding
+    binding: CbsBinding
     audience: str | None
     original_message_id: Any
     original_reply_to: Any
@@ -336,7 +382,7 @@ class GatewayCbs:
 
     _serial = itertools.count(1)
 
-    def __init__(self, upstream: UpstreamConn) -> None:
+    def __init__(self, upstream: CbsUpstream) -> None:
         self.upstream = upstream
         n = next(self._serial)
         gw = upstream.router.container_id

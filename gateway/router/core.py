@@ -1,5 +1,10 @@
 """The link-routing core: routes attaches, binds devices to upstream connections.
 
+Direction: the top of the router; it imports every other piece and owns the
+wiring. Its I/O comes in through `ports.ConnectorIO` (the pools and the
+upstream connections' drivers), its reporting goes out through
+`observe.RouterObserver`; it imports neither `gateway.net` nor `gateway.ops`.
+
 A device connection gets one `Binding` per connector it uses: a lease on one
 upstream connection from that connector's pool, taken at its first routed
 attach or CBS request and kept until the device (or the upstream connection)
@@ -21,22 +26,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from gateway.amqp import Delivery, Link
+from gateway.amqp import Connection, Delivery, Link
 from gateway.amqp.performatives import Attach
 from gateway.auth.dps import registration_of
-from gateway.net.amqp_connector import (
-    UpstreamOpenError,
-    client_engine_for,
-    open_connector_stream,
-    relay_engine_for,
-    run_upstream,
-)
-from gateway.net.dial import dial_budget
-from gateway.net.pool import ConnectorPool, Lease, PoolUnavailable
 
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
 from .device import DeviceConn
@@ -53,6 +49,8 @@ from .linkpair import (
     refuse_attach,
     timed_handler,
 )
+from .observe import NullObserver, RouterObserver, observes_relay_latency
+from .ports import ConnectorIO, EventHandler, Lease, Pool, Unavailable, UpstreamEnd
 from .routes import RouteTable, attach_direction_and_address
 from .upstream import UpstreamConn
 
@@ -66,64 +64,11 @@ ADMIT_WAIT = PUT_WAIT + 5.0
 CLOSE_WAIT = 5.0
 
 
-class RouterObserver(Protocol):
-    """Hooks for metrics and the live registry; every method is optional."""
-
-    def on_link_opened(self, pair: LinkPair) -> None: ...
-    def on_link_closed(self, pair: LinkPair) -> None: ...
-    def on_message(self, pair: LinkPair, nbytes: int, count: int = 1) -> None: ...
-    def on_attach_refused(self, reason: str) -> None: ...
-    def on_connector_state(self, connector: str, state: str, detail: str) -> None: ...
-    def on_reconnect(self, connector: str) -> None: ...
-    def on_device_open(self, device: DeviceConn) -> None: ...
-    def on_device_closed(self, device: DeviceConn) -> None: ...
-    def on_upstream_open(self, upstream: UpstreamConn, remote: str) -> None: ...
-    def on_upstream_closed(self, upstream: UpstreamConn) -> None: ...
-    # Optional, looked up with getattr:
-    #   on_disposition(pair, outcome: str[, count: int])   receivers' outcomes relayed
-    #   on_relay_latency(seconds: float, deliveries: int)  per handled chunk
-    # (gateway-held tokens):
-    #   on_token_expiry(seconds: float | None)   soonest expiry, None when none held
-    #   on_token_renewal_failure(identity: str)
-
-
-class NullObserver:
-    def on_link_opened(self, pair: LinkPair) -> None:
-        pass
-
-    def on_link_closed(self, pair: LinkPair) -> None:
-        pass
-
-    def on_message(self, pair: LinkPair, nbytes: int, count: int = 1) -> None:
-        pass
-
-    def on_attach_refused(self, reason: str) -> None:
-        pass
-
-    def on_connector_state(self, connector: str, state: str, detail: str) -> None:
-        pass
-
-    def on_reconnect(self, connector: str) -> None:
-        pass
-
-    def on_device_open(self, device: DeviceConn) -> None:
-        pass
-
-    def on_device_closed(self, device: DeviceConn) -> None:
-        pass
-
-    def on_upstream_open(self, upstream: UpstreamConn, remote: str) -> None:
-        pass
-
-    def on_upstream_closed(self, upstream: UpstreamConn) -> None:
-        pass
-
-
 class Binding:
     """A device connection's place on one upstream connection of one connector."""
 
     def __init__(self, router: Router, device: DeviceConn, connector: str,
-                 pool: ConnectorPool[UpstreamConn]) -> None:  # fmt: skip
+                 pool: Pool[UpstreamConn]) -> None:  # fmt: skip
         self.router = router
         self.device = device
         self.connector = connector
@@ -132,7 +77,7 @@ class Binding:
         self.proxy_cbs = router.cbs_proxied.get(connector, self.shared)
         self.lease: Lease[UpstreamConn] | None = None
         self.upstream: UpstreamConn | None = None
-        self.error: PoolUnavailable | None = None
+        self.error: Unavailable | None = None
         self.ready = trio.Event()
         self.authorised: list[IdentityPath] = []
         self.puts_in_flight = 0
@@ -209,39 +154,36 @@ class Binding:
 class Router:
     """Routes device attaches over pooled upstream connections.
 
-    ``credentials`` (a `CredentialStore`, or None: no gateway-held tokens) lets
-    the gateway put tokens for devices it holds keys for; ``clock`` is the
-    wall clock those tokens' expiry is reckoned in.
+    ``connector_io`` reaches the connectors (see `ports.ConnectorIO`; the
+    daemon hands in `gateway.net.upstream_io.AmqpConnectorIO`). ``credentials``
+    (a `CredentialStore`, or None: no gateway-held tokens) lets the gateway put
+    tokens for devices it holds keys for; ``clock`` is the wall clock those
+    tokens' expiry is reckoned in.
     """
 
-    def __init__(self, config: Any, *, observer: Any = None,
+    def __init__(self, config: Any, *, connector_io: ConnectorIO,
+                 observer: RouterObserver | None = None,
                  rng: Callable[[], float] = random.random, tracer: Any = None,
                  credentials: Any = None, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.config = config
         self.tracer = tracer  # frame trace (gateway.ops.trace.FrameTracer), or None
         self.container_id = str(config.gateway.id)
         self.routes = RouteTable.from_config(config.link_routes)
-        self.observer = observer if observer is not None else NullObserver()
+        self.observer: RouterObserver = observer if observer is not None else NullObserver()
+        # Handlers read the clock for the relay latency only for an observer of it.
+        self._latency = observes_relay_latency(self.observer)
+        self.io = connector_io
         self.devices: set[DeviceConn] = set()
         self.upstreams: set[UpstreamConn] = set()
-        self.pools: dict[str, ConnectorPool[UpstreamConn]] = {}
+        self.pools: dict[str, Pool[UpstreamConn]] = {}
         # Connector name -> $cbs served by the gateway (True) or link-routed (False).
         self.cbs_proxied: dict[str, bool] = {}
         for connector in config.connectors:
             if getattr(connector, "protocol", "amqp") != "amqp" or is_relay(connector):
                 continue
             self.cbs_proxied[connector.name] = _cbs_proxied(connector)
-            self.pools[connector.name] = ConnectorPool(
-                connector.name,
-                self._connect_fn(connector),
-                max_connections=connector.pool.max_connections,
-                max_devices_per_connection=connector.pool.max_devices_per_connection,
-                connect_timeout=dial_budget(connector),  # connect_timeout per endpoint
-                backoff_initial=float(connector.reconnect.initial),
-                backoff_max=float(connector.reconnect.max),
-                on_demand=bool(connector.on_demand),
-                rng=rng,
-                observer=self.observer,
+            self.pools[connector.name] = connector_io.pool(
+                connector, self._connect_fn(connector), rng=rng, observer=self.observer
             )
         # Connectors with `sasl: relay`: a connection per device, its login relayed.
         self.relay = RegistrationRelay(self)
@@ -323,6 +265,13 @@ class Router:
         self.observer.on_device_open(device)
         return device
 
+    def device_handler(self, device: DeviceConn) -> EventHandler:
+        """What the device's engine driver hands its events to: the device's
+        handler, timed for the observer's relay latency if it observes it."""
+        if self._latency:
+            return timed_handler(device.handle, self.observer.on_relay_latency)
+        return device.handle
+
     def device_gone(self, device: DeviceConn) -> None:
         self.relay.device_gone(device, self._nursery)
         self.devices.discard(device)
@@ -348,30 +297,32 @@ class Router:
     def _connect_fn(self, connector: Any) -> Callable[[int, Callable[[Any], None]], Any]:
         async def connect(slot: int, on_up: Callable[[Any], None]) -> None:
             profile = self.config.tls_profile_for(connector)
-            stream, dialled = await open_connector_stream(connector, profile)
-            engine = client_engine_for(connector, profile, self.container_id)
-            upstream = UpstreamConn(self, connector.name, slot, engine)
-            remote = str(dialled.endpoint)
+            made: list[UpstreamConn] = []
 
-            def opened(driver: Any) -> None:
-                self.upstreams.add(upstream)
-                self.observer.on_upstream_open(upstream, remote)
-                log.info("connector %s: upstream %s open to %s", connector.name,
-                         upstream.id, remote)  # fmt: skip
-                on_up(upstream)
+            def start(engine: Connection, remote: str) -> UpstreamEnd:
+                upstream = UpstreamConn(self, connector.name, slot, engine)
+                made.append(upstream)
 
-            handler: Any = upstream.handle
-            report = getattr(self.observer, "on_relay_latency", None)
-            if report is not None:  # hub -> device relay latency, as the listener does
-                handler = timed_handler(handler, report)
+                def opened(driver: Any) -> None:
+                    self.upstreams.add(upstream)
+                    self.observer.on_upstream_open(upstream, remote)
+                    log.info("connector %s: upstream %s open to %s", connector.name,
+                             upstream.id, remote)  # fmt: skip
+                    on_up(upstream)
+
+                handler: EventHandler = upstream.handle
+                if self._latency:  # hub -> device relay latency, as for devices
+                    handler = timed_handler(handler, self.observer.on_relay_latency)
+                return UpstreamEnd(upstream.id, handler, opened, upstream.set_driver)
+
             try:
-                await run_upstream(stream, engine, handler, opened, name=upstream.id,
-                                   bind_driver=upstream.set_driver, tracer=self.tracer,
-                                   ack_batching=float(connector.ack_batching))  # fmt: skip
+                await self.io.connect(connector, profile, self.container_id, start,
+                                      tracer=self.tracer)  # fmt: skip
             finally:
-                driver = upstream.driver
-                why = driver.transport_error if driver is not None else None
-                upstream.fail(None, why or "connection ended")
+                if made:  # the connection got as far as its engine
+                    driver = made[0].driver
+                    why = driver.transport_error if driver is not None else None
+                    made[0].fail(None, why or "connection ended")
 
         return connect
 
@@ -394,60 +345,66 @@ class Router:
         device = b.device
         taken = self.relay.take_stream(device)
         if taken is None:
-            b.error = PoolUnavailable("the relayed login's connection is gone", NOT_FOUND)
+            b.error = self.io.unavailable("the relayed login's connection is gone", NOT_FOUND)  # type: ignore[assignment]
             b.ready.set()
             return
         connector, stream = taken
         profile = self.config.tls_profile_for(connector)
-        engine = relay_engine_for(connector, profile, self.container_id)
-        upstream = UpstreamConn(self, connector.name, 0, engine)
         settled = trio.Event()
+        made: list[UpstreamConn] = []
 
-        def opened(driver: Any) -> None:
-            self.upstreams.add(upstream)
-            self.observer.on_upstream_open(upstream, connector.target)
-            log.info("connector %s: upstream %s open for device %s", connector.name,
-                     upstream.id, device.id)  # fmt: skip
-            b.lease = _DedicatedLease()
-            b.upstream = upstream
-            upstream.bindings.add(b)
-            settled.set()
+        def start(engine: Connection, remote: str) -> UpstreamEnd:
+            upstream = UpstreamConn(self, connector.name, 0, engine)
+            made.append(upstream)
+
+            def opened(driver: Any) -> None:
+                self.upstreams.add(upstream)
+                self.observer.on_upstream_open(upstream, connector.target)
+                log.info("connector %s: upstream %s open for device %s", connector.name,
+                         upstream.id, device.id)  # fmt: skip
+                b.lease = _DedicatedLease()
+                b.upstream = upstream
+                upstream.bindings.add(b)
+                settled.set()
+
+            return UpstreamEnd(upstream.id, upstream.handle, opened, upstream.set_driver)
 
         async def run() -> None:
             try:
-                await run_upstream(stream, engine, upstream.handle, opened, name=upstream.id,
-                                   bind_driver=upstream.set_driver, tracer=self.tracer)  # fmt: skip
-            except UpstreamOpenError as exc:
-                b.error = PoolUnavailable(f"connector {connector.name}: {exc}")
+                await self.io.connect_relayed(connector, profile, self.container_id, stream,
+                                              start, tracer=self.tracer)  # fmt: skip
+            except self.io.unavailable as exc:  # it ended before the service's open
+                b.error = self.io.unavailable(f"connector {connector.name}: {exc}")  # type: ignore[assignment]
             finally:
-                driver = upstream.driver
-                why = driver.transport_error if driver is not None else None
-                upstream.fail(None, why or "connection ended")
+                if made:
+                    driver = made[0].driver
+                    why = driver.transport_error if driver is not None else None
+                    made[0].fail(None, why or "connection ended")
                 settled.set()
                 # The device's login was for this connection only: it goes too.
                 device.shutdown(f"the connection to {connector.name} ended")
 
         assert self._nursery is not None
         self._nursery.start_soon(run)
-        with trio.move_on_after(dial_budget(connector)):
+        with trio.move_on_after(self.io.open_budget(connector)):
             await settled.wait()
         if b.upstream is None and b.error is None:
-            b.error = PoolUnavailable(f"connector {connector.name} did not open in time")
+            b.error = self.io.unavailable(f"connector {connector.name} did not open in time")  # type: ignore[assignment]
         b.ready.set()
 
     async def _bind(self, b: Binding) -> None:
         device = b.device
         try:
             lease = await self._acquire(b.pool, device)
-        except PoolUnavailable as exc:
+        except self.io.unavailable as exc:
             log.warning("device %s: connector %s unavailable: %s", device.id, b.connector,
                         exc.description)  # fmt: skip
-            b.error = exc
+            b.error = exc  # type: ignore[assignment]
             b.ready.set()
             return
         if device.closed:
             lease.release()
-            b.error = PoolUnavailable("device gone")
+            b.error = self.io.unavailable("device gone")  # type: ignore[assignment]
             b.ready.set()
             return
         b.lease = lease
@@ -460,7 +417,7 @@ class Router:
         b.ready.set()
 
     @staticmethod
-    async def _acquire(pool: ConnectorPool[UpstreamConn], device: DeviceConn) -> Lease[UpstreamConn]:
+    async def _acquire(pool: Pool[UpstreamConn], device: DeviceConn) -> Lease[UpstreamConn]:
         """A lease on a usable connection. Right after an upstream connection is lost
         its pool slot may not have noticed yet: wait for that, then lease again."""
         for _ in range(3):

@@ -1,5 +1,9 @@
 """The router's side of one device connection: its engine and its events.
 
+Direction: above `linkpair` and `cbs`, beside `upstream` (neither imports the
+other); what it needs of the router and of a binding is declared here
+(`DeviceRouter`, `DeviceBinding`).
+
 The gateway is the device's AMQP peer (server role, SASL ANONYMOUS/PLAIN or
 none). A PLAIN login with a local password (not a SAS token) for an identity
 the gateway holds credentials for is judged at SASL time (see
@@ -13,14 +17,17 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
 from gateway.amqp import (
     Connection,
     ConnectionError,
+    Delivery,
     DispositionReceived,
+    Link,
     LinkError,
     LinkState,
     RemoteAttach,
@@ -32,23 +39,77 @@ from gateway.amqp import (
     RemoteOpen,
     SaslAuthenticated,
     SaslServer,
+    Session,
     SessionState,
     TransferReceived,
 )
 from gateway.amqp.events import Event
+from gateway.amqp.performatives import Attach
+from gateway.auth.dps import registration_resource
+from gateway.auth.local_auth import LocalAuthResult
 
 from .cbs import CbsRequest, DeviceCbs
 from .identity import PlainIdentity, parse_plain_username
 from .linkpair import FORCED, LinkPair, amqp_error, flush_relay_counts, relay_disposition
-
-if TYPE_CHECKING:
-    from gateway.auth.local_auth import LocalAuthResult
-
-    from .core import Binding, Router
-    from .dps import RelayedLogin, Verdict
-    from .gateway_tokens import PlainCheck
+from .observe import RouterObserver
 
 log = logging.getLogger("gateway.router.device")
+
+
+class DeviceRouter(Protocol):
+    """What a device connection needs of the router (`core.Router`)."""
+
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def observer(self) -> RouterObserver: ...
+    def sasl_authenticator(self, device: DeviceConn) -> Callable[..., bool] | None: ...
+    def device_attach(self, device: DeviceConn, link: Link, attach: Attach) -> None: ...
+    def device_gone(self, device: DeviceConn) -> None: ...
+    def forward_cbs_request(self, device: DeviceConn, connector: str, req: CbsRequest,
+                            delivery: Delivery, settled: bool) -> None: ...  # fmt: skip
+
+
+class _UpstreamSessions(Protocol):
+    def end_session_for(self, device_session: Session) -> None: ...
+
+
+class DeviceBinding(Protocol):
+    """The device's place on one connector's upstream connection (`core.Binding`)."""
+
+    @property
+    def upstream(self) -> _UpstreamSessions | None: ...
+    def release(self) -> None: ...
+
+
+@dataclass(eq=False)
+class RelayedLogin:
+    """A device's login the provisioning service accepted: the connection it is on."""
+
+    connector: Any
+    registration: tuple[str, str]
+    stream: Any = field(default=None, repr=False)  # the I/O's connection, until taken
+
+    @property
+    def address(self) -> str:
+        return registration_resource(*self.registration)
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The SASL outcome code for a provisioning login (see `dps.py`)."""
+
+    username: str
+    code: int
+
+
+@dataclass(slots=True)
+class PlainCheck:
+    """A SASL PLAIN local login checked before the engine saw it (see the listener's gate)."""
+
+    username: str
+    digest: bytes = field(repr=False)
+    result: LocalAuthResult
 
 
 def device_engine(listener: Any, container_id: str, *,
@@ -73,7 +134,7 @@ def device_engine(listener: Any, container_id: str, *,
 class DeviceConn:
     _serial = itertools.count(1)
 
-    def __init__(self, router: Router, listener: Any, peer: tuple[str, int]) -> None:
+    def __init__(self, router: DeviceRouter, listener: Any, peer: tuple[str, int]) -> None:
         self.id = f"d{next(self._serial)}"
         self.router = router
         self.listener = str(getattr(listener, "name", "amqp"))
@@ -91,7 +152,7 @@ class DeviceConn:
         self.engine.open()  # our open goes out as soon as the device's header arrives
         self.driver: Any = None
         self.pairs: set[LinkPair] = set()
-        self.bindings: dict[str, Binding] = {}
+        self.bindings: dict[str, DeviceBinding] = {}
         self.cbs = DeviceCbs(self)
         self.plain: PlainIdentity | None = None
         self.plain_token: str | None = None

@@ -24,17 +24,19 @@ over a shared hub connection:
    ``amqp:not-found``. When either side ends, the other is closed.
 
 An unreachable connector gives SASL outcome ``sys-temp`` (the device retries).
+
+Direction: above `device` and `gateway_tokens`, below `core`; the connection
+of the device's own comes from the router's I/O (`ports.ConnectorIO`), and
+what it needs of the router is declared here (`RelayRouter`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from gateway.amqp import AMQPError
 from gateway.amqp.constants import SASL_AUTH, SASL_OK, SASL_SYS_TEMP
 from gateway.amqp.framing import FRAME_SASL, FrameReader, encode_frame
 from gateway.amqp.performatives import SaslInit
@@ -43,35 +45,29 @@ from gateway.amqp.types import Symbol
 from gateway.auth.credentials import CredentialError
 from gateway.auth.dps import registration_of, registration_resource
 from gateway.auth.tokens import looks_like_sas_token
-from gateway.net.amqp_connector import open_connector_stream
-from gateway.net.dial import dial_budget
-from gateway.net.sasl_relay import relay_sasl_login
-from gateway.net.tls import TLSConnectError
 
-if TYPE_CHECKING:
-    from .core import Router
-    from .device import DeviceConn
+from .device import DeviceConn, RelayedLogin, Verdict
+from .gateway_tokens import GatewayTokens
+from .observe import RouterObserver
+from .ports import ConnectorIO
+from .routes import RouteTable
 
 log = logging.getLogger("gateway.router.dps")
 
 
-@dataclass(eq=False)
-class RelayedLogin:
-    """A device's login the provisioning service accepted: the connection it is on."""
-
-    connector: Any
-    registration: tuple[str, str]
-    stream: trio.abc.Stream | None = field(default=None, repr=False)
+class RelayRouter(Protocol):
+    """What the provisioning relay needs of the router (`core.Router`)."""
 
     @property
-    def address(self) -> str:
-        return registration_resource(*self.registration)
-
-
-@dataclass(slots=True)
-class Verdict:
-    username: str
-    code: int
+    def config(self) -> Any: ...  # gateway.config.GatewayConfig
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def tokens(self) -> GatewayTokens | None: ...
+    @property
+    def observer(self) -> RouterObserver: ...
+    @property
+    def io(self) -> ConnectorIO: ...
 
 
 def is_relay(connector: Any) -> bool:
@@ -81,7 +77,7 @@ def is_relay(connector: Any) -> bool:
 class RegistrationRelay:
     """The router's provisioning-login relay (see the module docstring)."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: RelayRouter) -> None:
         self.router = router
         self.connectors = {c.name: c for c in router.config.connectors if is_relay(c)}
 
@@ -110,14 +106,17 @@ class RegistrationRelay:
             if signed is None:
                 return
             init = signed
+        io = self.router.io
         profile = self.router.config.tls_profile_for(connector)
         relay = SaslRelayClient(init, "PLAIN")
-        stream: trio.abc.Stream | None = None
+        try:
+            stream = await io.relay_login(connector, profile, relay)
+        except io.unavailable as exc:
+            self._refuse(device, username, SASL_SYS_TEMP,
+                         f"connector {connector.name} unreachable: {exc}")  # fmt: skip
+            return
         kept = False
         try:
-            with trio.fail_after(dial_budget(connector) + float(connector.connect_timeout)):
-                stream, _dialled = await open_connector_stream(connector, profile)
-                stream = await relay_sasl_login(stream, relay)
             assert relay.outcome is not None
             if relay.outcome != SASL_OK:
                 self._refuse(device, username, relay.outcome,
@@ -125,14 +124,10 @@ class RegistrationRelay:
                 return
             device.relayed = RelayedLogin(connector, registration, stream)
             kept = True
-        except (TLSConnectError, OSError, trio.TooSlowError, trio.BrokenResourceError, AMQPError) as exc:
-            self._refuse(device, username, SASL_SYS_TEMP,
-                         f"connector {connector.name} unreachable: {exc}")  # fmt: skip
-            return
         finally:
             # Refused, failed or cancelled (the device's handshake time ran out): not kept.
-            if stream is not None and not kept:
-                await _close(stream)
+            if not kept:
+                await io.close(stream)
         device.relay_verdict = Verdict(username, SASL_OK)
         log.info("device %s: registration %r of ID scope %r logged in at connector %s",
                  device.id, reg_id, scope, connector.name)  # fmt: skip
@@ -163,9 +158,7 @@ class RegistrationRelay:
     def _refuse(self, device: DeviceConn, username: str, code: int, why: str) -> None:
         """Answer the device's login with `code`: one log line and one count."""
         device.relay_verdict = Verdict(username, code)
-        refused = getattr(self.router.observer, "on_device_refused", None)
-        if refused is not None:
-            refused(device.listener, "registration")
+        self.router.observer.on_device_refused(device.listener, "registration")
         registration = registration_of(username)
         assert registration is not None
         log.warning("device %s (%s:%d): SASL login for registration %r of ID scope %r refused "
@@ -198,7 +191,7 @@ class RegistrationRelay:
             return f"this connection logged in for registration {login.registration[1]!r}"
         return None
 
-    def take_stream(self, device: DeviceConn) -> tuple[Any, trio.abc.Stream] | None:
+    def take_stream(self, device: DeviceConn) -> tuple[Any, Any] | None:
         """The relayed login's connection, once (the binding runs the upstream on it)."""
         login = device.relayed
         if login is None or login.stream is None:
@@ -210,7 +203,7 @@ class RegistrationRelay:
         """Close a relayed connection no attach used."""
         login = device.relayed
         if login is not None and login.stream is not None and nursery is not None:
-            nursery.start_soon(_close, login.stream)
+            nursery.start_soon(self.router.io.close, login.stream)
             login.stream = None
 
 
@@ -221,11 +214,3 @@ def _init_hostname(frame: bytes) -> str | None:
     perf = parsed.performative if parsed is not None else None
     return perf.hostname if isinstance(perf, SaslInit) else None
 
-
-async def _close(stream: trio.abc.Stream) -> None:
-    with trio.move_on_after(1) as scope:
-        scope.shield = True
-        try:
-            await stream.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass

@@ -1,5 +1,8 @@
 """Tokens the gateway puts for devices whose keys it holds (``credentials:``).
 
+Direction: above `device` and `upstream` (it uses both); what it needs of the
+router and of a binding is declared here (`TokensRouter`, `Binding`).
+
 When a device connection attaches ``devices/{id}/...`` for an identity it has
 no token for on its upstream connection, and the credential store has an
 entry for that identity, the gateway checks the device's local proof (source
@@ -24,7 +27,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -35,12 +38,11 @@ from gateway.auth.local_auth import LocalAuthResult
 from gateway.auth.tokens import IssuedToken, looks_like_sas_token
 
 from .cbs import PendingPut
+from .device import DeviceConn, PlainCheck
 from .identity import IdentityPath, audience_path, covers, identity_of_address, parse_plain_username
 from .linkpair import FORCED, UNAUTHORIZED, PairState, amqp_error
-
-if TYPE_CHECKING:
-    from .core import Binding, Router
-    from .device import DeviceConn
+from .observe import RouterObserver
+from .upstream import UpstreamConn
 
 log = logging.getLogger("gateway.router.tokens")
 
@@ -59,6 +61,36 @@ def who(identity: IdentityPath) -> str:
 
 def _digest(password: str) -> bytes:
     return hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest()
+
+
+class TokensRouter(Protocol):
+    """What the gateway's tokens need of the router (`core.Router`)."""
+
+    @property
+    def config(self) -> Any: ...  # gateway.config.GatewayConfig
+    @property
+    def observer(self) -> RouterObserver: ...
+
+
+class Binding(Protocol):
+    """A device's place on one upstream connection (`core.Binding`)."""
+
+    @property
+    def device(self) -> DeviceConn: ...
+    @property
+    def connector(self) -> str: ...
+    @property
+    def upstream(self) -> UpstreamConn | None: ...
+    @property
+    def valid(self) -> bool: ...
+    @property
+    def grants(self) -> dict[IdentityPath, Grant]: ...
+    @property
+    def injections(self) -> dict[IdentityPath, Injection]: ...
+    def authorise(self, audience: str) -> None: ...
+    def deauthorise(self, path: IdentityPath) -> None: ...
+    def put_started(self) -> None: ...
+    def put_finished(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -81,19 +113,10 @@ class Injection:
     error: Error | None = None
 
 
-@dataclass(slots=True)
-class PlainCheck:
-    """A SASL PLAIN local login checked before the engine saw it (see the listener's gate)."""
-
-    username: str
-    digest: bytes = field(repr=False)
-    result: LocalAuthResult
-
-
 class GatewayTokens:
     """Issues, puts and renews the tokens the gateway holds for devices."""
 
-    def __init__(self, router: Router, store: CredentialStore, *,
+    def __init__(self, router: TokensRouter, store: CredentialStore, *,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.router = router
         self.store = store
@@ -363,9 +386,7 @@ class GatewayTokens:
             log.warning("device %s: renewing the token for %s failed (status %s: %s); "
                         "retrying in %.1fs", b.device.id, who(grant.identity), status,
                         description, wait)  # fmt: skip
-            hook = getattr(self.router.observer, "on_token_renewal_failure", None)
-            if hook is not None:
-                hook(who(grant.identity))
+            self.router.observer.on_token_renewal_failure(who(grant.identity))
         self.poke()
 
     def _drop(self, grant: Grant) -> None:
@@ -386,11 +407,8 @@ class GatewayTokens:
             self._drop(grant)
 
     def _report_expiry(self, now: float) -> None:
-        hook = getattr(self.router.observer, "on_token_expiry", None)
-        if hook is None:
-            return
         soonest = self.schedule.soonest_expiry()
-        hook(None if soonest is None else soonest - now)
+        self.router.observer.on_token_expiry(None if soonest is None else soonest - now)
 
     def soonest_expiry_in(self) -> float | None:
         """Seconds until the soonest held token expires (None: none held)."""

@@ -1,5 +1,7 @@
 """Device identities on shared upstream connections (design item 8).
 
+Direction: near the bottom of the router; imports only `routes`.
+
 A CBS put-token on a shared upstream connection authorises its audience for
 the whole connection, so the router remembers, per device connection, which
 audiences *that* device had accepted by the hub, and admits a

@@ -1,5 +1,9 @@
 """A routed link: the device's link and its upstream twin, and the relay between them.
 
+Direction: below the connections; imports only `routes` and the observer
+interface. What a pair needs of its device and upstream connections is
+declared here (`PairDevice`, `PairUpstream`).
+
 The device's attach is held until the hub answers the upstream attach; the
 device then gets the hub's answer (termini, settle modes, properties,
 capabilities, max-message-size, initial-delivery-count) unchanged.
@@ -28,20 +32,45 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, Session
 from gateway.amqp.performatives import Attach, Error, Flow
 from gateway.amqp.types import Symbol
 
-from .observe import dispositions_relayed
+from .observe import RouterObserver
 from .routes import Direction, RouteMatch
 
-if TYPE_CHECKING:
-    from .device import DeviceConn
-    from .upstream import UpstreamConn
-
 log = logging.getLogger("gateway.router")
+
+
+class _HasObserver(Protocol):
+    @property
+    def observer(self) -> RouterObserver: ...
+
+
+class PairDevice(Protocol):
+    """The device connection a pair belongs to (`device.DeviceConn`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def router(self) -> _HasObserver: ...
+    @property
+    def pairs(self) -> set[LinkPair]: ...
+    def wake(self) -> None: ...
+
+
+class PairUpstream(Protocol):
+    """The upstream connection a pair is tunnelled over (`upstream.UpstreamConn`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def pairs(self) -> set[LinkPair]: ...
+    def session_for(self, device: PairDevice, device_session: Session) -> Session: ...
+    def unique_link_name(self, name: str) -> str: ...
+    def wake(self) -> None: ...
 
 NOT_FOUND = "amqp:not-found"
 UNAUTHORIZED = "amqp:unauthorized-access"
@@ -79,7 +108,7 @@ class PairState:
 class LinkPair:
     """One device link tunnelled to one upstream link."""
 
-    def __init__(self, device: DeviceConn, link: Link, attach: Attach, route: RouteMatch,
+    def __init__(self, device: PairDevice, link: Link, attach: Attach, route: RouteMatch,
                  direction: Direction, connector: str) -> None:  # fmt: skip
         self.device = device
         self.dev_link = link
@@ -87,7 +116,7 @@ class LinkPair:
         self.route = route
         self.direction = direction  # "in": device sends; "out": device receives
         self.connector = connector
-        self.upstream: UpstreamConn | None = None
+        self.upstream: PairUpstream | None = None
         self.up_link: Link | None = None
         self.state = PairState.PENDING
         # drain bookkeeping, see the module docstring
@@ -112,7 +141,7 @@ class LinkPair:
 
     # ------------------------------------------------------------------ attach
 
-    def open_upstream(self, upstream: UpstreamConn) -> None:
+    def open_upstream(self, upstream: PairUpstream) -> None:
         """Send the mirrored attach on `upstream` (device attach stays held)."""
         if self.state is not PairState.PENDING:
             return
@@ -498,6 +527,32 @@ def relay_disposition(ev: Any) -> set[Any]:
             if type(pair) is LinkPair and pair.info is not None:
                 pair._note_link()  # the device link's unsettled count changed
     return touched
+
+
+# ---- outcomes, for the observer ---------------------------------------------------------
+
+_OUTCOMES = {"Accepted": "accepted", "Rejected": "rejected", "Released": "released",
+             "Modified": "modified", "Received": "received"}  # fmt: skip
+
+
+def outcome_name(state: Any, settled: bool) -> str:
+    """A fixed label for a delivery state: accepted, rejected, ..., or settled (no state)."""
+    if state is None:
+        return "settled" if settled else "none"
+    return _OUTCOMES.get(type(state).__name__, "other")
+
+
+def dispositions_relayed(link: Any, state: Any, settled: bool, count: int) -> None:
+    """`count` deliveries on `link` (ours, the link that received the disposition)
+    had their peer's disposition relayed to the other hop. Counted when the peer
+    is the receiver, i.e. our link is the sender, and the link belongs to a
+    routed pair (not a CBS link: put-token replies are not message outcomes)."""
+    if not link.is_sender:
+        return
+    pair = link.context
+    if type(pair) is not LinkPair:
+        return
+    pair.device.router.observer.on_disposition(pair, outcome_name(state, settled), count)
 
 
 # ---- relay latency ---------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Link route table: address normalisation, prefix and pattern matching.
 
+Direction: the bottom of the router; imports nothing of the gateway.
+
 Addresses are compared as `/`-separated segments, after stripping an
 `amqp://` / `amqps://` scheme with its host[:port] and one leading `/`:
 

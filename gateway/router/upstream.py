@@ -1,5 +1,10 @@
 """The router's side of one upstream (hub) connection: its engine and its events.
 
+Direction: above `linkpair` and `cbs`, beside `device` (neither imports the
+other); what it needs of the router and of a binding is declared here
+(`UpstreamRouter`, `UpstreamBinding`). The I/O side runs its engine (see
+`ports.ConnectorIO`); it only sees the engine's events.
+
 Routed links to the hub live in one upstream session per device session,
 begun on first use and ended when the device session ends, so a device that
 goes leaves nothing behind at the hub. The gateway's own CBS link pair lives
@@ -10,9 +15,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.amqp import (
+    Connection,
     ConnectionError,
     DispositionReceived,
     LinkError,
@@ -39,14 +45,25 @@ from .linkpair import (
     refuse_attach,
     relay_disposition,
 )
-
-if TYPE_CHECKING:
-    from gateway.amqp import Connection
-
-    from .core import Binding, Router
-    from .device import DeviceConn
+from .observe import RouterObserver
 
 log = logging.getLogger("gateway.router.upstream")
+
+
+class UpstreamRouter(Protocol):
+    """What an upstream connection needs of the router (`core.Router`)."""
+
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def observer(self) -> RouterObserver: ...
+    def upstream_gone(self, upstream: UpstreamConn) -> None: ...
+
+
+class UpstreamBinding(Protocol):
+    """A device's place on this connection (`core.Binding`)."""
+
+    def invalidate(self) -> None: ...
 
 _LIVE_SESSION = (SessionState.BEGIN_SENT, SessionState.MAPPED)
 
@@ -54,7 +71,8 @@ _LIVE_SESSION = (SessionState.BEGIN_SENT, SessionState.MAPPED)
 class UpstreamConn:
     _serial = itertools.count(1)
 
-    def __init__(self, router: Router, connector: str, slot: int, engine: Connection) -> None:
+    def __init__(self, router: UpstreamRouter, connector: str, slot: int,
+                 engine: Connection) -> None:  # fmt: skip
         self.id = f"{connector}#{slot}.{next(self._serial)}"
         self.router = router
         self.connector = connector
@@ -63,9 +81,9 @@ class UpstreamConn:
         engine.context = self
         self.driver: Any = None
         self.pairs: set[LinkPair] = set()
-        self.bindings: set[Binding] = set()
+        self.bindings: set[UpstreamBinding] = set()
         self.sessions: dict[Session, Session] = {}  # device session -> upstream session
-        self._owners: dict[Session, DeviceConn] = {}
+        self._owners: dict[Session, object] = {}  # device session -> its device connection
         self._names = itertools.count(1)
         self._control: Session | None = None
         self.cbs: GatewayCbs | None = None
@@ -94,7 +112,7 @@ class UpstreamConn:
         per-connection serial, as Qpid Dispatch Router suffixes the container id."""
         return f"{name}@{next(self._names)}"
 
-    def session_for(self, device: DeviceConn, device_session: Session) -> Session:
+    def session_for(self, device: object, device_session: Session) -> Session:
         s = self.sessions.get(device_session)
         if s is None or s.state not in _LIVE_SESSION:
             s = self.engine.begin()
@@ -110,7 +128,7 @@ class UpstreamConn:
             s.end()
             self.wake()
 
-    def end_sessions_of(self, device: DeviceConn) -> None:
+    def end_sessions_of(self, device: object) -> None:
         for ds in [ds for ds, owner in self._owners.items() if owner is device]:
             self.end_session_for(ds)
 

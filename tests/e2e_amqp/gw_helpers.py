@@ -27,6 +27,7 @@ from proton.utils import BlockingConnection
 
 from gateway.config import GatewayConfig, parse_config_text
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router.core import Router
 
 HUB_HOST = "myhub.azure-devices.net"
@@ -94,7 +95,7 @@ class RunningGateway:
 @asynccontextmanager
 async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningGateway]:
     async with trio.open_nursery() as nursery:
-        router = Router(config)
+        router = Router(config, connector_io=AmqpConnectorIO())
         await nursery.start(router.run)
         listener = config.listeners[0]
         bound = await nursery.start(serve_amqp_listener, listener, config, router)

@@ -41,9 +41,10 @@ from gateway.auth.local_auth import hash_password
 from gateway.config import GatewayConfig, parse_config_text
 from gateway.hubsim import HubSim
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.ops.registry import Registry
+from gateway.ops.router_observer import OpsObserver
 from gateway.router.core import Router
-from gateway.router.observe import OpsObserver
 
 EVENTS = "amqps://" + HUB_HOST + "/devices/%s/messages/events"
 DEVICEBOUND = "/devices/%s/messages/devicebound"
@@ -124,7 +125,8 @@ credentials:
 async def gateway(config: GatewayConfig, observer: Any = None) -> AsyncIterator[RunningGateway]:
     store = CredentialStore.from_config(config.credentials)
     async with trio.open_nursery() as nursery:
-        router = Router(config, observer=observer, credentials=store)
+        router = Router(config, connector_io=AmqpConnectorIO(), observer=observer,
+                        credentials=store)
         await nursery.start(router.run)
         bound = await nursery.start(serve_amqp_listener, config.listeners[0], config, router)
         try:

@@ -34,6 +34,7 @@ from gateway.auth.dps import derive_device_key
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router.core import Router
 
 from .gw_helpers import running_gateway
@@ -196,7 +197,8 @@ async def test_gateway_signs_the_registration_with_the_group_key(dps_hub, group_
 """
     config = dps_config(dps_hub, tmp_path, credentials)
     async with trio.open_nursery() as nursery:
-        router = Router(config, credentials=CredentialStore.from_config(config.credentials))
+        router = Router(config, connector_io=AmqpConnectorIO(),
+                        credentials=CredentialStore.from_config(config.credentials))
         await nursery.start(router.run)
         bound = await nursery.start(serve_amqp_listener, config.listeners[0], config, router)
         # The device holds no key: its password is not a token, its entry trusts the network.

@@ -20,8 +20,8 @@ from gw_helpers import HUB_HOST, Device, data_message, in_thread, running_gatewa
 
 from gateway.config import parse_config_text
 from gateway.hubsim import HubSim
+from gateway.net import hooks
 from gateway.net.dial import DialReport, Endpoint
-from gateway.ops import hooks
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 

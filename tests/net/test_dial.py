@@ -26,9 +26,9 @@ from gateway.net.dial import (
     dial_budget,
     dial_connector,
 )
+from gateway.net.hooks import set_dial_hook
 from gateway.net.pool import ConnectorPool
 from gateway.net.tls import TLSConnectError
-from gateway.ops.hooks import set_dial_hook
 
 WAIT = 30.0  # fail-safe only
 
@@ -117,7 +117,7 @@ def reports():
     seen: list[DialReport] = []
     token = set_dial_hook(seen.append)
     yield seen
-    from gateway.ops import hooks
+    from gateway.net import hooks
 
     hooks._dial.reset(token)
 

@@ -12,8 +12,8 @@ from gateway.net.listeners import ListenerSettings, serve_listener
 from gateway.ops.connections import ListenerConnections
 from gateway.ops.metrics import Metrics
 from gateway.ops.registry import ConnectionInfo, LinkInfo, Registry, connection_id
+from gateway.ops.router_observer import OpsObserver
 from gateway.router.linkpair import _relayed, timed_handler
-from gateway.router.observe import OpsObserver
 
 
 def value(m: Metrics, name: str, **labels: str) -> float | None:

@@ -23,6 +23,7 @@ from gateway.amqp import Connection, RemoteBegin, SaslClient, SaslServer, Sessio
 from gateway.config import parse_config_text
 from gateway.net import amqp_listener
 from gateway.net.dial import DialReport, Endpoint
+from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router import core
 
 WAIT = 5.0
@@ -125,6 +126,16 @@ link_routes:
 """
 
 
+class HarnessIO(AmqpConnectorIO):
+    """The real connector I/O, with streams to the harness's in-memory hubs."""
+
+    def __init__(self, harness: RouterHarness) -> None:
+        self.harness = harness
+
+    async def open_stream(self, connector: Any, profile: Any) -> Any:
+        return await self.harness.open_stream(connector, profile)
+
+
 class RouterHarness:
     def __init__(self, nursery: trio.Nursery, **kw: Any) -> None:
         opts = {"device_frame": 65536, "hub_frame": 65536, "max_connections": 1,
@@ -135,7 +146,7 @@ class RouterHarness:
         self._hub_ready = trio.Event()
         self._ids = itertools.count(1)
         self.hub_frame = opts["hub_frame"]
-        self.router = core.Router(self.config)
+        self.router = core.Router(self.config, connector_io=HarnessIO(self))
 
     async def open_stream(self, connector: Any, profile: Any) -> tuple[Any, DialReport]:
         gw_end, hub_end = trio.testing.memory_stream_pair()
@@ -175,7 +186,6 @@ async def router_harness(
     """A running router whose connectors reach the harness's in-memory hubs."""
     async with trio.open_nursery() as nursery:
         h = (harness_class or RouterHarness)(nursery, **kw)
-        monkeypatch.setattr(core, "open_connector_stream", h.open_stream)
         await nursery.start(h.router.run)
         try:
             yield h

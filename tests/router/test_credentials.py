@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Peer, RouterHarness, router_harness  # noqa: E402
+from harness import HarnessIO, Peer, RouterHarness, router_harness  # noqa: E402
 
 from gateway.amqp import (  # noqa: E402
     Connection,
@@ -40,6 +40,7 @@ from gateway.auth.local_auth import LocalAuthPolicy, hash_password, parse_passwo
 from gateway.config import ConfigError, parse_config_text  # noqa: E402
 from gateway.net import amqp_listener  # noqa: E402
 from gateway.router import core  # noqa: E402
+from gateway.router.observe import NullObserver  # noqa: E402
 
 HUB = "hub.example"
 EPOCH = 1_700_000_000.0
@@ -167,7 +168,8 @@ class CredHarness(RouterHarness):
         cbs_line = f"\n    cbs: {cbs}" if cbs else ""
         text = CONFIG.format(hub=HUB, max_devices=max_devices, cbs=cbs_line)
         self.config = parse_config_text(text, "test.yaml")
-        self.router = core.Router(self.config, credentials=credentials, observer=observer,
+        self.router = core.Router(self.config, connector_io=HarnessIO(self),
+                                  credentials=credentials, observer=observer,
                                   clock=lambda: EPOCH + trio.current_time())  # fmt: skip
         self.script = ScriptedHub()
 
@@ -255,11 +257,12 @@ async def test_one_put_before_the_attaches_then_renewals_while_linked(
 
 async def test_failed_renewal_retried_with_backoff(monkeypatch, autojump_clock) -> None:
     failures: list[str] = []
-    observer = SimpleNamespace(on_token_renewal_failure=failures.append)
-    for name in ("on_link_opened", "on_link_closed", "on_message", "on_attach_refused",
-                 "on_connector_state", "on_reconnect", "on_device_open", "on_device_closed",
-                 "on_upstream_open", "on_upstream_closed"):  # fmt: skip
-        setattr(observer, name, lambda *a: None)
+
+    class Observer(NullObserver):
+        def on_token_renewal_failure(self, identity: str) -> None:
+            failures.append(identity)
+
+    observer = Observer()
     async with harness(monkeypatch, credentials=store(), observer=observer) as h:
         dev = await h.device()
         tx = attach(dev, "dev1")
