@@ -9,7 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config import credentials, model
+import gateway.config.credentials as credentials
+import gateway.config.model as model
 from gateway.config.model import GatewayConfig
 from gateway.config.yamlsource import YamlDocument, YamlSourceError, load_yaml
 

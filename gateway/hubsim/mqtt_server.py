@@ -32,7 +32,8 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.suback import SubackPacket
 from amqtt.mqtt.unsuback import UnsubackPacket
 
-from . import propbag
+import gateway.hubsim.propbag as propbag
+
 from .certs import peer_common_name
 from .mqtt_topics import (
     SUBSCRIPTION_LIMIT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import propbag
+import gateway.hubsim.propbag as propbag
 
 SUBSCRIPTION_LIMIT = 5
 
