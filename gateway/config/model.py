@@ -30,6 +30,7 @@ from gateway.config.base import Loc, Name, Network, Section, _str, errors_at, re
 from gateway.config.credentials import CredentialsSection
 from gateway.config.durations import Duration
 from gateway.config.hostport import HostPort
+from gateway.config.proxy_url import parse_proxy_url
 
 DEFAULT_AMQP_PORT = 5671
 DEFAULT_MQTT_PORT = 8883
@@ -180,8 +181,6 @@ class ProxySettings(Section):
     @field_validator("url", mode="after")
     @classmethod
     def _url(cls, value: str) -> str:
-        from gateway.net.http_proxy import parse_proxy_url
-
         parse_proxy_url(value)  # raises ValueError with a readable message
         return value
 

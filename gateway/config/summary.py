@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.config.model import AmqpConnector, AmqpListener, GatewayConfig, MqttListener
+from gateway.config.proxy_url import redact_proxy_url
 
 
 def route_table(config: GatewayConfig) -> list[dict[str, Any]]:
@@ -120,8 +121,6 @@ def render_summary(config: GatewayConfig) -> str:
             if connector.proxy == "env":
                 details += ", proxy from HTTPS_PROXY"
             elif connector.proxy is not None and connector.proxy != "none":
-                from gateway.net.http_proxy import redact_proxy_url
-
                 details += f", via proxy {redact_proxy_url(connector.proxy.url)}"
             tls = connector.tls_profile or "PLAINTEXT"
             rows.append([connector.name, connector.protocol, connector.target, tls, details])

@@ -31,10 +31,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import h11
 import trio
+
+from gateway.config.proxy_url import parse_proxy_url, redact_proxy_url
 
 from .tls import TLSConnectError, classify_tls_error
 
@@ -111,45 +112,6 @@ class ProxyEndpoint:
         password = self.read_password() or ""
         token = base64.b64encode(f"{self.username}:{password}".encode())
         return b"Basic " + token
-
-
-def parse_proxy_url(url: str) -> tuple[str, int, str | None, str | None]:
-    """``http://[user:pass@]host[:port]`` -> (host, port, user, password).
-
-    A URL without a scheme is taken as http (as curl does); the port defaults
-    to 80. Proxies spoken to over TLS (``https://``) are not supported.
-    """
-    text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
-    parts = urlsplit(text)
-    if parts.scheme.lower() != "http":
-        raise ValueError(
-            f"unsupported proxy scheme {parts.scheme!r} in {redact_proxy_url(url)!r}: "
-            "only http:// proxies (CONNECT over plain HTTP)"
-        )
-    try:
-        port = parts.port or 80
-    except ValueError:
-        raise ValueError(f"invalid port in proxy URL {redact_proxy_url(url)!r}") from None
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"no host in proxy URL {redact_proxy_url(url)!r}")
-    if parts.path not in ("", "/"):
-        raise ValueError(f"a proxy URL has no path: {redact_proxy_url(url)!r}")
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return host, port, user, password
-
-
-def redact_proxy_url(url: str) -> str:
-    """The URL without its password, fit for a message."""
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return url.replace(parts.netloc, f"{user}:***@{netloc}")
 
 
 def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
