@@ -62,6 +62,7 @@ __all__ = [
     "make_direct_tcp",
     "open_connector_stream",
     "open_direct_tcp",
+    "open_endpoint_stream",
     "stream_wrapper_for",
     "tcp_opener_for",
 ]
@@ -333,6 +334,30 @@ async def _dial_endpoint(
         await trio.aclose_forcefully(stream)
         raise
     return stream, address
+
+
+async def open_endpoint_stream(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    timeout: float,
+) -> trio.abc.Stream:
+    """One endpoint, direct TCP, a ready context (or None: plaintext); raises
+    TLSConnectError. For tools and tests; connectors go through `dial_connector`."""
+    try:
+        stream, _ = await _dial_endpoint(
+            Endpoint(host, port),
+            ssl_context=ssl_context,
+            server_name=server_hostname,
+            timeout=timeout,
+            tcp=open_direct_tcp,
+            wrap=None,
+        )
+    except _EndpointFailed as exc:
+        raise TLSConnectError(exc.reason, f"{Endpoint(host, port)}: {exc.detail}") from exc
+    return stream
 
 
 async def open_connector_stream(

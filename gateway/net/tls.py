@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 import trio
 
-from .tls_stream import open_tls_stream
-
 __all__ = [
     "ClientContextCache",
     "TLSConnectError",
@@ -206,15 +204,6 @@ def classify_tls_error(exc: BaseException) -> str:
     return "error"
 
 
-def _describe(exc: BaseException) -> str:
-    for err in _chain(exc):
-        if isinstance(err, ssl.SSLCertVerificationError):
-            return f"certificate verification failed: {err.verify_message}"
-        if isinstance(err, ssl.SSLError | OSError):
-            return str(err) or type(err).__name__
-    return str(exc) or type(exc).__name__
-
-
 async def open_upstream_stream(
     host: str,
     port: int,
@@ -223,31 +212,15 @@ async def open_upstream_stream(
     server_hostname: str | None,
     timeout: float,
 ) -> trio.abc.Stream:
-    """TCP connect and (with a context) TLS handshake, both within `timeout` seconds.
+    """TCP connect and (with a context) TLS handshake to one address, within `timeout`.
 
-    Returns a `TLSStream` (`gateway.net.tls_stream`: reads return every
-    record received, one task switch per call) or the plain `trio.SocketStream`
-    when `ssl_context` is None (a connector with allow_plaintext). Raises
+    The same path as a connector's dial (`gateway.net.dial`, which connectors
+    use), for one endpoint and a ready context. Returns a `TLSStream`, or the
+    plain `trio.SocketStream` when `ssl_context` is None. Raises
     TLSConnectError with a classified reason on any failure.
     """
-    tcp: trio.SocketStream | None = None
-    try:
-        with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(host, port)
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            if ssl_context is None:
-                return tcp
-            return await open_tls_stream(tcp, ssl_context, server_hostname)
-    except BaseException as exc:
-        if tcp is not None:
-            # After open_tls_stream took the socket over this closes nothing;
-            # open_tls_stream closed it.
-            await trio.aclose_forcefully(tcp)
-        if not isinstance(
-            exc, OSError | trio.TooSlowError | trio.BrokenResourceError | ssl.SSLError
-        ):
-            raise
-        what = "TLS handshake with" if tcp is not None and ssl_context else "connect to"
-        raise TLSConnectError(
-            classify_tls_error(exc), f"{what} {host}:{port} failed: {_describe(exc)}"
-        ) from exc
+    from .dial import open_endpoint_stream  # dial builds on this module
+
+    return await open_endpoint_stream(
+        host, port, ssl_context=ssl_context, server_hostname=server_hostname, timeout=timeout
+    )
