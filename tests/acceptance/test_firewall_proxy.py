@@ -325,7 +325,11 @@ def test_bad_hub_is_one_connector_error(
         got = observer.receive(timeout=30)
         assert (got.topic, got.payload) == ("devices/dev2/messages/events/", b"unaffected")
         assert gw.proc.poll() is None
-        assert gw.log().count(words) <= 2  # one line per failed connection, not a flood
+        # Per failed attempt (paho retries) the dial's line and the session's closing
+        # line name the cause: no flood.
+        log = gw.log()
+        attempts = log.count("client 'dev1' closed")
+        assert 1 <= log.count(words) <= 2 * max(attempts, 1)
     finally:
         for client in (victim, bystander, observer):
             if client is not None:
