@@ -203,12 +203,12 @@ def test_mqtt_over_websockets_through_tinyproxy_with_auth(
         proxy.stop()
 
 
-def _connector_failure(gw: object) -> dict[str, str]:
+def _connector_failure(gw: object, name: str = "hub-ws") -> dict[str, str]:
     def failed() -> dict[str, str] | None:
         status, body, _ = gw.http_get("/api/connectors")  # type: ignore[attr-defined]
         assert status == 200, body
         for connector in json.loads(body):
-            if connector["name"] == "hub-ws" and connector["skipped"]:
+            if connector["name"] == name and connector["skipped"]:
                 return connector["skipped"][0]
         return None
 
@@ -337,3 +337,109 @@ def test_bad_hub_is_one_connector_error(
         if gw is not None:
             gw.stop()
         bad.close()
+
+
+def amqp_ws_yaml(pki_ca: str, ws_port: int, proxy: str) -> str:
+    return f"""\
+gateway: {{id: acceptance-gw-amqp-ws}}
+admin: {{listen: "127.0.0.1:0"}}
+log: {{level: info, format: text}}
+tls_profiles:
+  hub: {{ca_file: "{pki_ca}", server_name: {AMQP_HUB}}}
+listeners:
+  - {{name: amqp, protocol: amqp, bind: "127.0.0.1:0", sasl: [anonymous]}}
+connectors:
+  - name: iothub
+    protocol: amqp
+    host: 127.0.0.1
+    port: {ws_port}
+    transport: websockets
+    tls_profile: hub
+    connect_timeout: 10s
+    reconnect: {{initial: 0.5s, max: 2s}}
+    proxy: {proxy}
+link_routes:
+  - {{prefix: "$cbs", connector: iothub}}
+  - {{prefix: "devices/", connector: iothub}}
+"""
+
+
+AMQP_HUB = "myhub.azure-devices.net"
+
+
+def _sas(device_id: str, key: str) -> str:
+    import base64
+    import hashlib
+    import hmac
+    from urllib.parse import quote_plus
+
+    expiry = int(time.time()) + 3600
+    sr = quote_plus(f"{AMQP_HUB}/devices/{device_id}")
+    sig = hmac.new(base64.b64decode(key), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
+    return f"SharedAccessSignature sr={sr}&sig={quote_plus(base64.b64encode(sig).decode())}&se={expiry}"
+
+
+def test_amqp_pool_over_websockets_through_tinyproxy(tmp_path: Path) -> None:
+    """AMQP through `iot-gateway run`: the pool's hub connection is a WebSocket through
+    tinyproxy; without credentials the 407 is the connector's state in /api/connectors,
+    with them the device's messages reach the hub."""
+    import base64
+
+    from gateway.hubsim import HubSim
+
+    from .amqp_devices import ProtonDevice
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    hub = HubSim({"dev1": key}, hub_host=AMQP_HUB, mqtt_port=None, ws_port=0)
+    hub.start()
+    proxy = start_tinyproxy(tmp_path, [hub.ws_port or 0], auth=("gw", "s3cret"))
+    secret = tmp_path / "proxy-password"
+    secret.write_text("s3cret\n")
+    gw = None
+    try:
+        # No credentials: the device's put-token is answered, the connector reports 407.
+        gw = start_gateway(
+            write_config(
+                tmp_path,
+                amqp_ws_yaml(
+                    hub.ca_file or "", hub.ws_port or 0, f"{{url: 'http://127.0.0.1:{proxy.port}'}}"
+                ),  # fmt: skip
+                "no-auth.yaml",
+            ),
+            listeners=("amqp",),
+        )
+        with ProtonDevice(gw.port("amqp"), "dev1") as device:
+            reply, _ = device.put_token(_sas("dev1", key))
+            assert reply.properties["status-code"] != 200
+
+        failure = _connector_failure(gw, "iothub")
+        assert failure["reason"] == "proxy_auth_required"
+        assert "HTTP/1.0 407 Proxy Authentication Required" in failure["detail"]
+        gw.stop()
+        # With credentials: through the proxy, over WebSockets, to the hub.
+        proxy_yaml = (
+            f"{{url: 'http://127.0.0.1:{proxy.port}', username: gw, password_file: '{secret}'}}"
+        )
+        gw = start_gateway(
+            write_config(
+                tmp_path, amqp_ws_yaml(hub.ca_file or "", hub.ws_port or 0, proxy_yaml), "auth.yaml"
+            ),
+            listeners=("amqp",),
+        )
+        with ProtonDevice(gw.port("amqp"), "dev1") as device:
+            reply, _ = device.put_token(_sas("dev1", key))
+            assert reply.properties["status-code"] == 200
+            sender = device.conn.create_sender("devices/dev1/messages/events")
+            from proton import Message
+
+            message = Message(body=b"over websockets via tinyproxy")
+            message.inferred = True
+            sender.send(message)
+        record = hub.recorder.wait_for(lambda: hub.recorder.d2c and hub.recorder.d2c[-1], 30)
+        assert record.device_id == "dev1" and record.raw == message.encode()
+        assert "s3cret" not in gw.log()
+    finally:
+        if gw is not None:
+            gw.stop()
+        proxy.stop()
+        hub.close()
