@@ -24,7 +24,6 @@ __all__ = [
     "TlsProfileLike",
     "classify_tls_error",
     "client_context",
-    "open_upstream_stream",
     "server_context",
     "server_name_for",
 ]
@@ -63,7 +62,7 @@ def client_context(
 
     `default_server_name` is the name verified when the profile has no
     `server_name`; it is not stored in the context (pass `server_name_for(...)`
-    to `open_upstream_stream(server_hostname=...)`), but an empty one is refused here
+    to the handshake, as `gateway.net.dial` does), but an empty one is refused here
     so a misconfigured caller fails early instead of skipping the name check.
     """
     if default_server_name is not None and not default_server_name:
@@ -202,25 +201,3 @@ def classify_tls_error(exc: BaseException) -> str:
         if isinstance(err, trio.BrokenResourceError | trio.ClosedResourceError):
             return "closed"
     return "error"
-
-
-async def open_upstream_stream(
-    host: str,
-    port: int,
-    *,
-    ssl_context: ssl.SSLContext | None,
-    server_hostname: str | None,
-    timeout: float,
-) -> trio.abc.Stream:
-    """TCP connect and (with a context) TLS handshake to one address, within `timeout`.
-
-    The same path as a connector's dial (`gateway.net.dial`, which connectors
-    use), for one endpoint and a ready context. Returns a `TLSStream`, or the
-    plain `trio.SocketStream` when `ssl_context` is None. Raises
-    TLSConnectError with a classified reason on any failure.
-    """
-    from .dial import open_endpoint_stream  # dial builds on this module
-
-    return await open_endpoint_stream(
-        host, port, ssl_context=ssl_context, server_hostname=server_hostname, timeout=timeout
-    )

@@ -16,12 +16,12 @@ import trio
 import trustme
 
 from gateway.config import parse_config_text
+from gateway.net.dial import open_endpoint_stream
 from gateway.net.tls import (
     ClientContextCache,
     TLSConnectError,
     classify_tls_error,
     client_context,
-    open_upstream_stream,
     server_context,
     server_name_for,
 )
@@ -131,7 +131,7 @@ def servers():
 
 
 async def connect(port, ctx, server_name, timeout=WAIT, host="127.0.0.1"):
-    return await open_upstream_stream(
+    return await open_endpoint_stream(
         host, port, ssl_context=ctx, server_hostname=server_name, timeout=timeout
     )
 
