@@ -64,7 +64,7 @@ DEFAULT_RECEIVE_SIZE = 65536
 # The most a handshake answer may take before it is refused as garbage.
 MAX_HANDSHAKE_SIZE = 65536
 # How long a graceful `aclose` waits for the hub's close frame.
-CLOSE_WAIT = 2.0
+CLOSE_WAIT = 1.0  # within the MQTT relay's own 2 s bound on closing a stream
 _INNER_READ_SIZE = 65536
 
 
