@@ -443,3 +443,35 @@ def test_amqp_pool_over_websockets_through_tinyproxy(tmp_path: Path) -> None:
             gw.stop()
         proxy.stop()
         hub.close()
+
+
+def test_proxy_from_the_environment(
+    broker: WsBroker, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`proxy: env`: HTTPS_PROXY with credentials in the URL, NO_PROXY not covering the hub."""
+    proxy = start_tinyproxy(tmp_path, [broker.ws_port], auth=("gw", "s3cret"))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://gw:s3cret@127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "localhost,.corp.example")
+    observer = PahoClient("observer-env")
+    gw = None
+    device = None
+    try:
+        assert observer.connect_tls(broker.tls_port, pki.ca_file, pki.server_name) == 0
+        assert observer.subscribe("devices/dev1/#", qos=1) == [1]
+        gw = start_gateway(
+            write_config(tmp_path, gateway_yaml(pki, broker.ws_port, "env")), listeners=("mqtt",)
+        )
+        device = PahoClient("dev1", username=USERNAME, password=TOKEN)
+        assert device.connect_plain(gw.port("mqtt")) == 0
+        device.publish("devices/dev1/messages/events/", b"via HTTPS_PROXY", qos=1)
+        got = observer.receive(timeout=30)
+        assert (got.topic, got.payload) == ("devices/dev1/messages/events/", b"via HTTPS_PROXY")
+        assert f"CONNECT 127.0.0.1:{broker.ws_port}" in proxy.log()
+        assert "s3cret" not in gw.log()
+    finally:
+        if device is not None:
+            device.close()
+        observer.close()
+        if gw is not None:
+            gw.stop()
+        proxy.stop()
