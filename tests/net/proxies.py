@@ -125,9 +125,20 @@ async def tinyproxy(
 SQUID = shutil.which("squid") or ("/usr/sbin/squid" if Path("/usr/sbin/squid").exists() else None)
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 
+
+def _can_hash_passwords() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt  # noqa: F401
+        except ImportError:
+            return shutil.which("openssl") is not None
+    return True
+
+
 needs_squid = pytest.mark.skipif(
-    SQUID is None or not Path(NCSA_AUTH).exists(),
-    reason="squid (with basic_ncsa_auth) not installed",
+    SQUID is None or not Path(NCSA_AUTH).exists() or not _can_hash_passwords(),
+    reason="squid (with basic_ncsa_auth) not installed, or neither crypt nor openssl",
 )
 
 
