@@ -31,18 +31,8 @@ def graph() -> dict[str, set[str]]:
     return graph_tool.import_graph()
 
 
-# Packages still being moved into their layer: their violations are reported by
-# the xfail test below, not failed. Empty once the move is done.
-MOVING = ("gateway.mqtt_relay",)  # leaving its gateway.net imports behind
-
-
 def test_no_module_imports_a_higher_layer_or_a_forbidden_peer(graph) -> None:
-    assert [v for v in graph_tool.violations(graph) if not v.startswith(MOVING)] == []
-
-
-@pytest.mark.xfail(reason="gateway.mqtt_relay still imports gateway.net", strict=False)
-def test_packages_being_moved_hold_their_layer_too(graph) -> None:
-    assert [v for v in graph_tool.violations(graph) if v.startswith(MOVING)] == []
+    assert graph_tool.violations(graph) == []
 
 
 def test_the_graph_sees_the_package(graph) -> None:

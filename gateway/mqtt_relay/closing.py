@@ -6,7 +6,8 @@ import ssl
 
 import trio
 
-from . import credentials, renewal
+from .credentials import CREDENTIAL_ERROR, LOCAL_ADDRESS_REFUSED, LOCAL_AUTH_FAILED
+from .renewal import RENEWAL_FAILED, TOKEN_EXPIRED
 
 __all__ = ["AFTER_DISCONNECT", "ROUTINE", "CloseReason", "Stop"]
 
@@ -32,11 +33,11 @@ class CloseReason:
     SHUTDOWN = "shutdown"  # the gateway stopped
     INTERNAL_ERROR = "internal_error"  # a bug in the gateway (logged with a traceback)
     # Credentials held by the gateway:
-    LOCAL_AUTH_FAILED = credentials.LOCAL_AUTH_FAILED  # missing/wrong local password
-    LOCAL_ADDRESS_REFUSED = credentials.LOCAL_ADDRESS_REFUSED  # not in allowed_addresses
-    CREDENTIAL_ERROR = credentials.CREDENTIAL_ERROR  # the entry's key is unusable
-    TOKEN_EXPIRED = renewal.TOKEN_EXPIRED  # renewals failed until the token expired
-    TOKEN_RENEWAL_FAILED = renewal.RENEWAL_FAILED  # renewal lost the session
+    LOCAL_AUTH_FAILED = LOCAL_AUTH_FAILED  # missing/wrong local password
+    LOCAL_ADDRESS_REFUSED = LOCAL_ADDRESS_REFUSED  # not in allowed_addresses
+    CREDENTIAL_ERROR = CREDENTIAL_ERROR  # the entry's key is unusable
+    TOKEN_EXPIRED = TOKEN_EXPIRED  # renewals failed until the token expired
+    TOKEN_RENEWAL_FAILED = RENEWAL_FAILED  # renewal lost the session
 
 
 class Stop(Exception):

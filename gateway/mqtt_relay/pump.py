@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -38,18 +38,17 @@ from gateway.mqtt.constants import MQTT_5, PacketType
 from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge
 from gateway.mqtt.packets import Connack, Packet, Puback, Publish, Subscribe
 from gateway.mqtt.reader import Buffer, PacketReader, Span, parse_span
+from gateway.mqtt.session import RelayState
+from gateway.mqtt.topics import TopicPolicy
 from gateway.mqtt.tracking import SessionTracker
 from gateway.mqtt.triage import CLIENT, SERVER, Triage
 
 from .closing import CloseReason, Stop, describe, is_ragged_eof
 from .in_flight import InFlight
-from .observer import IN, OUT
+from .observer import IN, OUT, PacketReport
 from .upstream import UpstreamLink
 
-if TYPE_CHECKING:
-    from .session import Session
-
-__all__ = ["DeviceToHub", "HubToDevice", "Pump", "Tracking"]
+__all__ = ["DeviceToHub", "HubToDevice", "Pump", "PumpSession", "Tracking"]
 
 # Hub side: a read of the TLS stream (gateway.net.tls_stream) returns every record
 # already received, up to this many bytes, so a hub's PUBACKs (one record each)
@@ -57,6 +56,24 @@ __all__ = ["DeviceToHub", "HubToDevice", "Pump", "Tracking"]
 TLS_RECEIVE_SIZE = 262144
 
 Checked = tuple[int, list[Packet] | None, Stop | None]
+
+
+class PumpSession(Protocol):
+    """What a pump uses of its session (`session.Session`)."""
+
+    state: RelayState
+    policy: TopicPolicy | None  # the route's allowed topics
+    topic_aliases: dict[int, str]  # the device's MQTT 5 topic aliases
+    device: trio.abc.Stream
+    device_reader: PacketReader
+    device_read_at: float  # when the device's bytes being relayed were read
+    last_heard: float  # when the device's last packet went to the hub (trio's clock)
+    link: UpstreamLink | None  # the current upstream connection
+    report: PacketReport
+
+    async def read_device(self) -> bool: ...
+    async def send_upstream(self, packet: Packet, raw: bytes | None = None) -> None: ...
+    def keep_alive_changed(self) -> None: ...
 
 
 class Tracking:
@@ -98,7 +115,7 @@ class Pump:
 
     def __init__(
         self,
-        session: Session,
+        session: PumpSession,
         reader: PacketReader,
         send_all: Callable[[Buffer], Awaitable[None]],
         in_flight: InFlight | None,
@@ -180,7 +197,7 @@ class DeviceToHub(Pump):
     side = CLIENT
 
     def __init__(
-        self, session: Session, in_flight: InFlight | None, tracking: Tracking | None
+        self, session: PumpSession, in_flight: InFlight | None, tracking: Tracking | None
     ) -> None:
         link = session.link
         assert link is not None  # without tracking, the session's only upstream connection
@@ -251,7 +268,7 @@ class DeviceToHub(Pump):
             session.last_heard = trio.current_time()
 
 
-def check_policy(session: Session, packet: Packet) -> None:
+def check_policy(session: PumpSession, packet: Packet) -> None:
     """Raise Stop if the route's allowed topics refuse the device's `packet`."""
     policy = session.policy
     assert policy is not None
@@ -289,7 +306,7 @@ class HubToDevice(Pump):
 
     def __init__(
         self,
-        session: Session,
+        session: PumpSession,
         link: UpstreamLink,
         in_flight: InFlight | None,
         tracking: Tracking | None,
