@@ -35,6 +35,10 @@ def test_no_module_imports_a_higher_layer_or_a_forbidden_peer(graph) -> None:
     assert graph_tool.violations(graph) == []
 
 
+def test_no_import_circles(graph) -> None:
+    assert graph_tool.circles(graph) == []
+
+
 def test_the_graph_sees_the_package(graph) -> None:
     # A checker that found nothing to check would pass anything.
     assert "gateway.router.core" in graph and "gateway.net.amqp_listener" in graph

@@ -154,7 +154,7 @@ class Connection:
         self._reader = FrameReader(max_frame_size)
         self._out = bytearray()
         self._held = bytearray()  # frames written before our open went out
-        self._events: list[Event] = []
+        self.pending_events: list[Event] = []
         # Deliveries of ours the peer has settled, all sessions, ever (only grows).
         self.settled_by_peer = 0
         self._header_sent: str | None = None
@@ -164,7 +164,7 @@ class Connection:
         self._close_sent = False
         self._close_rcvd = False
         # Limits for what we send, until the peer's open says otherwise.
-        self._send_max_frame_size = 0xFFFFFFFF
+        self.send_max_frame_size = 0xFFFFFFFF
         self._remote_channel_max = 0xFFFF
         self.remote_idle_timeout: float | None = None
         self._local_sessions: dict[int, Session] = {}
@@ -235,7 +235,7 @@ class Connection:
         """Deliveries sent unsettled on any session and not settled since."""
         n = 0
         for session in self._local_sessions.values():
-            n += len(session._out_unsettled)
+            n += len(session.out_unsettled)
         return n
 
     # ------------------------------------------------------------------------ I/O
@@ -291,9 +291,9 @@ class Connection:
         return self._take_events()
 
     def _take_events(self) -> list[Event]:
-        events = self._events
+        events = self.pending_events
         if events:
-            self._events = []
+            self.pending_events = []
         return events
 
     # --------------------------------------------------------------- idle timeouts
@@ -392,7 +392,7 @@ class Connection:
         the engine sends a session flow restoring it whenever half of it is used,
         otherwise the application calls ``session.flow()`` (and a peer that sends
         beyond the window is a protocol error)."""
-        if not self._can_send():
+        if not self.can_send():
             raise LocalProtocolError(f"begin() on a connection in state {self.state}")
         if not 1 <= incoming_window <= MAX_WINDOW:
             raise LocalProtocolError(f"incoming_window must be in 1..{MAX_WINDOW}")
@@ -406,8 +406,8 @@ class Connection:
             handle_max=handle_max,
             auto_flow=auto_flow,
         )
-        self._map_local_session(session)
-        session._send_begin(offered_capabilities, desired_capabilities, properties)
+        self.map_local_session(session)
+        session.send_begin(offered_capabilities, desired_capabilities, properties)
         return session
 
     def disposition(
@@ -422,11 +422,13 @@ class Connection:
         if isinstance(deliveries, Delivery):
             deliveries = (deliveries,)
         for d in deliveries:
-            d.link.session._queue_disposition(d, settled, state)
+            d.link.session.queue_disposition(d, settled, state)
 
     # ------------------------------------------------------------- writing helpers
+    # (The public ones here and in channel bookkeeping are what sessions call:
+    # `session.SessionConnection`. They are the engine's, not an application's.)
 
-    def _traced(self, channel: int | None, what: Any, payload_len: int) -> None:
+    def traced(self, channel: int | None, what: Any, payload_len: int) -> None:
         """Note a frame written to the output (only called while tracing)."""
         (self._trace_out if self._open_sent else self._trace_held).append(
             (channel, what, payload_len)
@@ -437,7 +439,7 @@ class Connection:
         if self._trace is not None:
             self._trace_out.append((None, header, 0))
 
-    def _can_send(self) -> bool:
+    def can_send(self) -> bool:
         return (
             self._open_wanted
             and not self._close_sent
@@ -445,29 +447,29 @@ class Connection:
             and self._phase is not _DONE
         )
 
-    def _begin_write(self) -> bytearray:
+    def begin_write(self) -> bytearray:
         """The buffer to append a frame to (after flushing queued dispositions)."""
         if self._dispo_sessions:
             self._flush_dispositions()
         return self._out if self._open_sent else self._held
 
-    def _write(self, frame: bytes) -> None:
-        self._begin_write().extend(frame)
+    def write_frame(self, frame: bytes) -> None:
+        self.begin_write().extend(frame)
 
-    def _write_performative(self, performative: Performative, channel: int | None) -> None:
-        out = self._begin_write()
+    def write_performative(self, performative: Performative, channel: int | None) -> None:
+        out = self.begin_write()
         start = len(out)
         encode_frame_into(out, performative, channel or 0)
         size = len(out) - start
-        if size > self._send_max_frame_size:
+        if size > self.send_max_frame_size:
             del out[start:]
             self._fail(
                 C.FRAME_SIZE_TOO_SMALL,
                 f"{type(performative).__name__} of {size} bytes does not fit the peer's "
-                f"max-frame-size {self._send_max_frame_size}",
+                f"max-frame-size {self.send_max_frame_size}",
             )
         elif self._trace is not None:
-            self._traced(channel or 0, performative, 0)
+            self.traced(channel or 0, performative, 0)
 
     def _write_raw_performative(self, performative: Performative, frame_type: int = FRAME_AMQP) -> None:
         if self._dispo_sessions:
@@ -477,7 +479,7 @@ class Connection:
             what = blank_sasl_secrets(performative) if frame_type == FRAME_SASL else performative
             self._trace_out.append((0, what, 0))
 
-    def _dispositions_pending(self, session: Session) -> None:
+    def dispositions_pending(self, session: Session) -> None:
         self._dispo_sessions[session] = None
 
     def _flush_dispositions(self) -> None:
@@ -485,8 +487,8 @@ class Connection:
         self._dispo_sessions = {}
         out = self._out if self._open_sent else self._held
         for session in sessions:
-            if session._pending_dispositions:
-                out += session._flush_dispositions()
+            if session.pending_dispositions:
+                out += session.flush_dispositions()
 
     def _send_amqp_header(self) -> None:
         self._header_sent = HEADER_AMQP
@@ -535,7 +537,7 @@ class Connection:
             self._close_sent = True
         self._phase = _DONE
         self.error = error
-        self._events.append(ConnectionError(error))
+        self.pending_events.append(ConnectionError(error))
 
     def _on_eof(self) -> None:
         if self._close_rcvd:
@@ -613,7 +615,7 @@ class Connection:
         self._phase = _DONE
         error = Error(Symbol(C.FRAMING_ERROR), reason)
         self.error = error
-        self._events.append(ConnectionError(error))
+        self.pending_events.append(ConnectionError(error))
 
     def _on_header(self, kind: str) -> None:
         if self.role == "server":
@@ -674,7 +676,7 @@ class Connection:
                 return
             self._sasl_done = True
             self.authenticated = sasl.authenticated(self.hostname)
-            self._events.append(self.authenticated)
+            self.pending_events.append(self.authenticated)
             self._phase = _HEADER
             # Pipeline the AMQP header and our open; the server answers with its header.
             self._send_amqp_header()
@@ -689,14 +691,14 @@ class Connection:
             return
         self._sasl_done = True
         self.authenticated = decision.authenticated
-        self._events.append(decision.authenticated)
+        self.pending_events.append(decision.authenticated)
         self._phase = _HEADER
 
     def _sasl_failed(self, description: str) -> None:
         self._phase = _DONE
         error = Error(Symbol(C.UNAUTHORIZED_ACCESS), description)
         self.error = error
-        self._events.append(ConnectionError(error))
+        self.pending_events.append(ConnectionError(error))
 
     # ------------------------------------------------------------------ AMQP frames
 
@@ -715,7 +717,7 @@ class Connection:
                 # A plain transfer (see FrameReader.read_frame): the usual message.
                 session = sessions.get(channel)
                 if session is not None and trace is None and not self._close_sent:
-                    session._on_plain_transfer(perf, payload)
+                    session.on_plain_transfer(perf, payload)
                     continue
                 perf = plain_transfer(perf)
             if trace is not None:
@@ -729,7 +731,7 @@ class Connection:
                 if session is None or self._close_sent:
                     self._no_session(channel, perf)
                     continue
-                session._on_transfer(perf, payload)
+                session.on_transfer(perf, payload)
                 continue
             if self.remote_open is None:
                 if type(perf) is not Open:
@@ -756,16 +758,16 @@ class Connection:
                 f"peer max-frame-size {mfs} is below the minimum {MIN_MAX_FRAME_SIZE}",
                 C.INVALID_FIELD,
             )
-        self._send_max_frame_size = min(mfs, self.max_frame_size)
+        self.send_max_frame_size = min(mfs, self.max_frame_size)
         self._remote_channel_max = open_.channel_max
         if open_.idle_time_out:
             self.remote_idle_timeout = open_.idle_time_out / 1000.0
-        self._events.append(RemoteOpen(open_))
+        self.pending_events.append(RemoteOpen(open_))
 
     def _on_close(self, channel: int, close: Close) -> None:
         self._close_rcvd = True
         self.remote_close_error = close.error
-        self._events.append(RemoteClose(close.error))
+        self.pending_events.append(RemoteClose(close.error))
         if self._close_sent:
             self._phase = _DONE
 
@@ -803,12 +805,12 @@ class Connection:
             )
         session.remote_channel = channel
         self._remote_sessions[channel] = session
-        session._on_remote_begin(begin)
+        session.on_remote_begin(begin)
         if mapped:
-            session._on_mapped()  # flows asked for while the begin was in flight
-        self._events.append(RemoteBegin(session, begin))
-        if session._blocked:
-            session._pump_all()
+            session.on_mapped()  # flows asked for while the begin was in flight
+        self.pending_events.append(RemoteBegin(session, begin))
+        if session.blocked:
+            session.pump_all()
 
     def _session_for(self, channel: int, perf: Performative) -> Session | None:
         session = self._remote_sessions.get(channel)
@@ -822,34 +824,34 @@ class Connection:
     def _on_attach(self, channel: int, attach: Attach) -> None:
         session = self._session_for(channel, attach)
         if session is not None:
-            session._on_attach(attach)
+            session.on_attach(attach)
 
     def _on_flow(self, channel: int, flow: Flow) -> None:
         session = self._session_for(channel, flow)
         if session is not None:
-            session._on_flow(flow)
+            session.on_flow(flow)
 
     def _on_disposition(self, channel: int, disp: Disposition) -> None:
         session = self._session_for(channel, disp)
         if session is not None:
-            session._on_disposition(disp)
+            session.on_disposition(disp)
 
     def _on_detach(self, channel: int, detach: Detach) -> None:
         session = self._session_for(channel, detach)
         if session is not None:
-            session._on_detach(detach)
+            session.on_detach(detach)
 
     def _on_end(self, channel: int, end: End) -> None:
         session = self._session_for(channel, end)
         if session is None:
             return
         del self._remote_sessions[channel]
-        session._on_end(end)
-        self._events.append(RemoteEnd(session, end.error))
+        session.on_end(end)
+        self.pending_events.append(RemoteEnd(session, end.error))
 
     # ----------------------------------------------------------- channel bookkeeping
 
-    def _map_local_session(self, session: Session) -> None:
+    def map_local_session(self, session: Session) -> None:
         if self._free_channels:
             channel = heapq.heappop(self._free_channels)
         else:
@@ -860,7 +862,7 @@ class Connection:
         session.channel = channel
         self._local_sessions[channel] = session
 
-    def _unmap_session(self, session: Session) -> None:
+    def unmap_session(self, session: Session) -> None:
         channel = session.channel
         if channel is not None and self._local_sessions.get(channel) is session:
             del self._local_sessions[channel]

@@ -2,17 +2,24 @@
 
 Small value classes, one per thing that happened on the wire. Performatives are
 handed over untouched so a router can relay them field for field.
+
+Direction: below the engine's endpoints (`link`, `session`, `connection`,
+`sasl` all report events), so the endpoints an event carries are named, not
+imported: ``EventSession`` is a `session.Session`, ``EventLink`` a `link.Link`,
+``EventDelivery`` a `link.Delivery`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
-    from .link import Delivery, Link
     from .performatives import Attach, Begin, Error, Flow, Open
-    from .session import Session
+
+EventSession: TypeAlias = Any  # session.Session
+EventLink: TypeAlias = Any  # link.Link
+EventDelivery: TypeAlias = Any  # link.Delivery
 
 __all__ = [
     "Event",
@@ -64,7 +71,7 @@ class RemoteOpen(Event):
 class RemoteBegin(Event):
     """The peer began a session, or answered our begin (``session.local_begun``)."""
 
-    session: Session
+    session: EventSession
     begin: Begin
 
 
@@ -76,7 +83,7 @@ class RemoteAttach(Event):
     untouched). For a new link answer with ``link.answer_attach(...)``.
     """
 
-    link: Link
+    link: EventLink
     attach: Attach
 
 
@@ -90,8 +97,8 @@ class TransferReceived(Event):
     delivery state field (None unless the sender resumed or set one).
     """
 
-    link: Link
-    delivery: Delivery
+    link: EventLink
+    delivery: EventDelivery
     delivery_tag: bytes
     payload: bytes | memoryview
     message_format: int
@@ -110,8 +117,8 @@ class RemoteFlow(Event):
     session window are already updated, and queued transfers sent where possible.
     """
 
-    session: Session
-    link: Link | None
+    session: EventSession
+    link: EventLink | None
     flow: Flow
 
 
@@ -123,8 +130,8 @@ class DispositionReceived(Event):
     ... or an unknown Described), ``settled`` the peer's settlement.
     """
 
-    session: Session
-    deliveries: list[Delivery]
+    session: EventSession
+    deliveries: list[EventDelivery]
     state: Any
     settled: bool
     first: int
@@ -137,7 +144,7 @@ class DispositionReceived(Event):
 class RemoteDetach(Event):
     """The peer detached (or closed, ``closed=True``) a link, or answered our detach."""
 
-    link: Link
+    link: EventLink
     closed: bool
     error: Error | None
 
@@ -156,7 +163,7 @@ class LinkError(Event):
     detach: detach the paired link with ``error``.
     """
 
-    link: Link
+    link: EventLink
     error: Error
     closed: bool = True
 
@@ -165,7 +172,7 @@ class LinkError(Event):
 class RemoteEnd(Event):
     """The peer ended a session, or answered our end. Its links are gone with it."""
 
-    session: Session
+    session: EventSession
     error: Error | None
 
 

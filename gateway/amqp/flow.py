@@ -173,7 +173,7 @@ class ReceiverCredit:
     lowered credit are still accepted; anything beyond it is a violation.
     """
 
-    __slots__ = ("delivery_count", "credit", "available", "drain", "limit", "_started")
+    __slots__ = ("delivery_count", "credit", "available", "drain", "limit", "started")
 
     def __init__(self) -> None:
         self.delivery_count = 0
@@ -181,12 +181,12 @@ class ReceiverCredit:
         self.available = 0
         self.drain = False
         self.limit = 0
-        self._started = False
+        self.started = False
 
     def on_remote_attach(self, initial_delivery_count: int) -> None:
         self.delivery_count = initial_delivery_count & SEQ_MASK
         self.limit = seq_add(self.delivery_count, self.credit)
-        self._started = True
+        self.started = True
 
     def grant(self, credit: int, drain: bool) -> None:
         if not 0 <= credit <= MAX_WINDOW:
@@ -194,7 +194,7 @@ class ReceiverCredit:
         self.credit = credit
         self.drain = drain
         new_limit = seq_add(self.delivery_count, credit)
-        if not self._started or seq_diff(new_limit, self.limit) > 0:
+        if not self.started or seq_diff(new_limit, self.limit) > 0:
             self.limit = new_limit
 
     def on_delivery_received(self) -> None:

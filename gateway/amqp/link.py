@@ -4,21 +4,21 @@ A Link belongs to a Session; the Session owns handles, delivery ids and the
 session window and writes the frames. The Link keeps its credit (``flow.py``),
 the queue of deliveries waiting for credit or window, and the reassembly of an
 incoming multi-frame delivery.
+
+Direction: below `session` and `connection`; what a link calls on its session
+is declared here (`LinkSession`) instead of importing it.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .constants import ROLE_RECEIVER, ROLE_SENDER
 from .errors import LocalProtocolError
 from .flow import MAX_WINDOW, ReceiverCredit, SenderCredit
 from .performatives import Attach, Error
-
-if TYPE_CHECKING:
-    from .session import Session
 
 __all__ = ["Link", "LinkState", "Delivery", "SENDER", "RECEIVER", "role_of"]
 
@@ -108,6 +108,33 @@ class Delivery:
         )
 
 
+class LinkConnection(Protocol):
+    """What a link and its deliveries use of the connection (`connection.Connection`)."""
+
+    max_message_size: int
+
+    def disposition(self, deliveries: Any, settled: bool = False, state: Any = None) -> None: ...
+
+
+class LinkSession(Protocol):
+    """What a link calls on its session (`session.Session`): the engine's own
+    interface between the two, not an application's."""
+
+    @property
+    def connection(self) -> LinkConnection: ...
+    @property
+    def out_unsettled(self) -> dict[int, Delivery]: ...  # by delivery id
+    @property
+    def in_unsettled(self) -> dict[int, Delivery]: ...
+    def answer_link_attach(self, link: Link, attach: Attach) -> None: ...
+    def detach_link(self, link: Link, error: Error | None, closed: bool) -> None: ...
+    def send_now(self, link: Link, d: Delivery, payload: memoryview) -> bool: ...
+    def pump_link(self, link: Link) -> None: ...
+    def send_abort(self, link: Link, delivery: Delivery) -> None: ...
+    def send_link_flow(self, link: Link, *, drain: bool = False, echo: bool = False,
+                       properties: dict[Any, Any] | None = None) -> None: ...  # fmt: skip
+
+
 class _Pending:
     """An outgoing delivery not yet completely written."""
 
@@ -126,7 +153,7 @@ class Link:
 
     def __init__(
         self,
-        session: Session,
+        session: LinkSession,
         name: str,
         role: bool,
         *,
@@ -149,18 +176,22 @@ class Link:
         # Largest message we accept on a receiver: our attach's max-message-size, never
         # more than the connection's cap (which bounds reassembly memory).
         self.max_message_size = session.connection.max_message_size
+        # The rest is kept by the session too, which schedules transfers and
+        # reassembles deliveries; read-only for everyone else.
         if role == SENDER:
-            self._sender: SenderCredit | None = SenderCredit()
-            self._receiver: ReceiverCredit | None = None
+            self.sender_credit: SenderCredit | None = SenderCredit()
+            self.receiver_credit: ReceiverCredit | None = None
         else:
-            self._sender = None
-            self._receiver = ReceiverCredit()
-        self._unsettled = 0  # entries of ours in the session's unsettled tables
-        self._queue: deque[_Pending] = deque()
-        self._queued_bytes = 0
-        self._partial: Delivery | None = None
-        self._partial_buf: bytearray | None = None
-        self._partial_state: Any = None
+            self.sender_credit = None
+            self.receiver_credit = ReceiverCredit()
+        # ``len(unsettled)`` without building the list: our entries in the session's
+        # unsettled tables.
+        self.unsettled_count = 0
+        self.pending_transfers: deque[_Pending] = deque()  # waiting for credit or window
+        self.queued_bytes = 0  # payload bytes in pending_transfers
+        self.partial: Delivery | None = None
+        self.partial_buf: bytearray | None = None
+        self.partial_state: Any = None
 
     # ----------------------------------------------------------------------- properties
 
@@ -175,62 +206,53 @@ class Link:
     @property
     def credit(self) -> int:
         """Link credit as this end sees it (sender: what it may still send)."""
-        c = self._sender if self._sender is not None else self._receiver
+        c = self.sender_credit if self.sender_credit is not None else self.receiver_credit
         assert c is not None
         return c.credit
 
     @property
     def delivery_count(self) -> int:
-        c = self._sender if self._sender is not None else self._receiver
+        c = self.sender_credit if self.sender_credit is not None else self.receiver_credit
         assert c is not None
         return c.delivery_count
 
     @property
     def available(self) -> int:
-        c = self._sender if self._sender is not None else self._receiver
+        c = self.sender_credit if self.sender_credit is not None else self.receiver_credit
         assert c is not None
         return c.available
 
     @property
     def drain(self) -> bool:
         """Sender: the receiver asked to drain. Receiver: we asked to drain."""
-        c = self._sender if self._sender is not None else self._receiver
+        c = self.sender_credit if self.sender_credit is not None else self.receiver_credit
         assert c is not None
         return c.drain
 
     @property
     def queued(self) -> int:
         """Outgoing deliveries not completely sent yet (waiting for credit or window)."""
-        return len(self._queue)
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
+        return len(self.pending_transfers)
 
     @property
     def unsettled(self) -> list[Delivery]:
         """Deliveries on this link not yet settled by both ends (a scan of the
         session's tables: for detach handling, not the per-message path)."""
-        if not self._unsettled:
+        if not self.unsettled_count:
             return []
         s = self.session
-        out_table = s._out_unsettled
-        in_table = s._in_unsettled
-        if self._unsettled == len(out_table) + len(in_table):
+        out_table = s.out_unsettled
+        in_table = s.in_unsettled
+        if self.unsettled_count == len(out_table) + len(in_table):
             # Every entry is this link's (the usual one busy link per session):
             # the same list, without testing each delivery.
             return [*out_table.values(), *in_table.values()]
         return [
             d
-            for table in (s._out_unsettled, s._in_unsettled)
+            for table in (s.out_unsettled, s.in_unsettled)
             for d in table.values()
             if d.link is self
         ]
-
-    @property
-    def unsettled_count(self) -> int:
-        """``len(unsettled)``, without building the list (cheap enough per message)."""
-        return self._unsettled
 
     @property
     def is_open(self) -> bool:
@@ -280,7 +302,7 @@ class Link:
             raise LocalProtocolError(f"answer_attach on link {self.name!r} in state {self.state.value}")
         remote = self.remote_attach
         assert remote is not None
-        self.session._answer_attach(
+        self.session.answer_link_attach(
             self,
             Attach(
                 name=self.name,
@@ -308,7 +330,7 @@ class Link:
             self.answer_attach(None, None)
         if self.state in (LinkState.DETACH_SENT, LinkState.DETACHED):
             return
-        self.session._detach_link(self, error, closed)
+        self.session.detach_link(self, error, closed)
 
     # -------------------------------------------------------------------------- sending
 
@@ -326,7 +348,7 @@ class Link:
         allow, fragmented to the peer's max-frame-size; otherwise it is queued (see
         ``queued``) and sent as credit arrives. The payload is not copied while queued:
         do not mutate it."""
-        if self._sender is None:
+        if self.sender_credit is None:
             raise LocalProtocolError(f"send_transfer on receiver link {self.name!r}")
         link_state = self.state
         if link_state is not LinkState.ATTACHED and link_state is not LinkState.ATTACH_SENT:
@@ -347,40 +369,40 @@ class Link:
             state is None
             and link_state is LinkState.ATTACHED
             and not batchable
-            and not self._queue
-            and self.session._send_now(self, delivery, view)
+            and not self.pending_transfers
+            and self.session.send_now(self, delivery, view)
         ):
             return delivery  # written: one frame, nothing queued before it
         pending = _Pending(delivery, view, batchable)
-        self._queue.append(pending)
-        self._queued_bytes += view.nbytes
-        if len(self._queue) == 1:
-            self.session._pump_link(self)
+        self.pending_transfers.append(pending)
+        self.queued_bytes += view.nbytes
+        if len(self.pending_transfers) == 1:
+            self.session.pump_link(self)
         return delivery
 
     def abort(self, delivery: Delivery) -> None:
         """Abandon an outgoing delivery: dropped if not started, aborted on the wire if
         some of its frames are out."""
-        for i, p in enumerate(self._queue):
+        for i, p in enumerate(self.pending_transfers):
             if p.delivery is delivery:
-                del self._queue[i]
-                self._queued_bytes -= p.payload.nbytes
+                del self.pending_transfers[i]
+                self.queued_bytes -= p.payload.nbytes
                 delivery.aborted = True
                 if p.offset > 0:
-                    self.session._send_abort(self, delivery)
+                    self.session.send_abort(self, delivery)
                 return
 
     def drained(self) -> int:
         """Sender answering a drain: give back unused credit (advance delivery-count)
         and tell the receiver. Returns the credit consumed. A no-op unless the
         receiver asked to drain and nothing is queued."""
-        s = self._sender
+        s = self.sender_credit
         if s is None:
             raise LocalProtocolError(f"drained() on receiver link {self.name!r}")
-        if not s.drain or self._queue:
+        if not s.drain or self.pending_transfers:
             return 0
         consumed = s.drain_credit()
-        self.session._send_link_flow(self, drain=True)
+        self.session.send_link_flow(self, drain=True)
         return consumed
 
     # ------------------------------------------------------------------------ receiving
@@ -403,22 +425,22 @@ class Link:
             if self.state is LinkState.ATTACH_RCVD:
                 raise LocalProtocolError(f"flow on link {self.name!r} before answer_attach")
             return
-        if self._receiver is not None:
+        if self.receiver_credit is not None:
             if credit is None:
-                credit = self._receiver.credit
+                credit = self.receiver_credit.credit
             if not 0 <= credit <= MAX_WINDOW:
                 raise LocalProtocolError(f"link credit must be in 0..{MAX_WINDOW}")
-            self._receiver.grant(credit, drain)
+            self.receiver_credit.grant(credit, drain)
         else:
-            assert self._sender is not None
+            assert self.sender_credit is not None
             if credit is not None:
                 raise LocalProtocolError("a sender does not grant credit")
             if available is not None:
-                self._sender.available = available
-        self.session._send_link_flow(self, drain=drain, echo=echo, properties=properties)
+                self.sender_credit.available = available
+        self.session.send_link_flow(self, drain=drain, echo=echo, properties=properties)
 
     def add_credit(self, n: int) -> None:
         """Receiver: grant ``n`` more credit on top of what is outstanding."""
-        if self._receiver is None:
+        if self.receiver_credit is None:
             raise LocalProtocolError(f"add_credit on sender link {self.name!r}")
-        self.flow(self._receiver.credit + n, drain=self._receiver.drain)
+        self.flow(self.receiver_credit.credit + n, drain=self.receiver_credit.drain)

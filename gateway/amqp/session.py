@@ -4,18 +4,22 @@ A Session maps link handles both ways, numbers outgoing deliveries, tracks the
 unsettled deliveries of each direction for dispositions, and writes every
 session-scoped frame through its Connection. Window arithmetic lives in
 ``flow.py``; the per-frame work on the transfer path is constant time.
+
+Direction: above `link`, below `connection`; what a session calls on its
+connection is declared here (`SessionConnection`) instead of importing it.
 """
 
 from __future__ import annotations
 
 import heapq
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .constants import ErrorCondition as C
 from .errors import LocalProtocolError, ProtocolError
 from .events import (
     DispositionReceived,
+    Event,
     LinkError,
     RemoteAttach,
     RemoteDetach,
@@ -35,10 +39,27 @@ from .link import RECEIVER, SENDER, Delivery, Link, LinkState, role_of
 from .performatives import Attach, Begin, Detach, Disposition, End, Error, Flow, Transfer
 from .types import Symbol
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
 __all__ = ["Session", "SessionState"]
+
+class SessionConnection(Protocol):
+    """What a session calls on its connection (`connection.Connection`): the
+    engine's own interface between the two, not an application's."""
+
+    pending_events: list[Event]  # events for the next receive_data / tick
+    send_max_frame_size: int  # the peer's max-frame-size
+    settled_by_peer: int
+
+    @property
+    def trace(self) -> Any: ...  # the per-frame trace hook, or None
+    def map_local_session(self, session: Session) -> None: ...
+    def unmap_session(self, session: Session) -> None: ...
+    def can_send(self) -> bool: ...
+    def begin_write(self) -> bytearray: ...
+    def write_frame(self, frame: bytes) -> None: ...
+    def write_performative(self, performative: Any, channel: int | None) -> None: ...
+    def traced(self, channel: int | None, what: Any, payload_len: int) -> None: ...
+    def dispositions_pending(self, session: Session) -> None: ...
+
 
 class SessionState(Enum):
     BEGIN_SENT = "begin-sent"  # we began, waiting for the peer's begin
@@ -61,7 +82,7 @@ class Session:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: SessionConnection,
         *,
         state: SessionState,
         channel: int | None,
@@ -91,11 +112,11 @@ class Session:
         self._free_handles: list[int] = []
         self._next_handle = 0
         # Unsettled deliveries by delivery-id: ones we sent, ones we received.
-        self._out_unsettled: dict[int, Delivery] = {}
-        self._in_unsettled: dict[int, Delivery] = {}
-        self._blocked: dict[Link, None] = {}  # links with queued transfers, in order
+        self.out_unsettled: dict[int, Delivery] = {}
+        self.in_unsettled: dict[int, Delivery] = {}
+        self.blocked: dict[Link, None] = {}  # links with queued transfers, in order
         # Dispositions to send, as runs: [role, first, last, settled, state].
-        self._pending_dispositions: list[list[Any]] = []
+        self.pending_dispositions: list[list[Any]] = []
         # Flows asked for before the session was mapped (a flow's next-incoming-id
         # needs the peer's begin): link (None: the session) -> (drain, echo, properties).
         self._held_flows: dict[Link | None, tuple[bool, bool, Any]] = {}
@@ -144,11 +165,11 @@ class Session:
         self.auto_flow = auto_flow
         self._map_and_begin(offered_capabilities, desired_capabilities, properties)
         self.state = SessionState.MAPPED
-        self._on_mapped()
+        self.on_mapped()
 
     def _map_and_begin(self, *args: Any) -> None:
-        self.connection._map_local_session(self)
-        self._send_begin(*args)
+        self.connection.map_local_session(self)
+        self.send_begin(*args)
 
     def flow(self, incoming_window: int | None = None, *, echo: bool = False) -> None:
         """Send a session flow, first restoring our incoming window to its maximum
@@ -167,24 +188,24 @@ class Session:
         if self.state in (SessionState.END_SENT, SessionState.UNMAPPED):
             return
         conn = self.connection
-        if self.channel is None and conn._can_send():
+        if self.channel is None and conn.can_send():
             # The peer's begin was never answered; a begin must precede our end.
             if self.state is SessionState.BEGIN_RCVD:
                 self.answer_begin()
             else:
                 self._map_and_begin()
-        if conn._can_send() and self.channel is not None:
-            conn._write_performative(End(error), self.channel)
+        if conn.can_send() and self.channel is not None:
+            conn.write_performative(End(error), self.channel)
         for link in self.links:
             self._forget_link_deliveries(link)
             link.state = LinkState.DETACHED
-            link._queue.clear()
-        self._blocked.clear()
-        self._pending_dispositions.clear()
+            link.pending_transfers.clear()
+        self.blocked.clear()
+        self.pending_dispositions.clear()
         self._held_flows.clear()
         if self.state is SessionState.END_RCVD:
             self.state = SessionState.UNMAPPED
-            conn._unmap_session(self)
+            conn.unmap_session(self)
         else:
             self.state = SessionState.END_SENT
 
@@ -220,7 +241,7 @@ class Session:
         if r == SENDER:
             if initial_delivery_count is None:
                 initial_delivery_count = 0
-            link._sender = SenderCredit(initial_delivery_count)
+            link.sender_credit = SenderCredit(initial_delivery_count)
         elif max_message_size:
             link.max_message_size = min(max_message_size, link.max_message_size)
         attach = Attach(
@@ -243,8 +264,12 @@ class Session:
         link.local_attach = attach
         self._links[handle] = link
         self._attaching[(name, r)] = link
-        self.connection._write_performative(attach, self.channel)
+        self.connection.write_performative(attach, self.channel)
         return link
+
+    # From here on, the public methods are what the connection and the links call
+    # (`link.LinkSession`, and the connection's frame dispatch): the engine's own,
+    # not an application's.
 
     # ------------------------------------------------------------------ handle bookkeeping
 
@@ -269,24 +294,24 @@ class Session:
             elif owner is None and link.local_attach is None:
                 heapq.heappush(self._free_handles, handle)  # reserved, never answered
         self._attaching.pop((link.name, link.role), None)
-        self._blocked.pop(link, None)
+        self.blocked.pop(link, None)
         self._held_flows.pop(link, None)
         self._forget_link_deliveries(link)
 
     def _forget_link_deliveries(self, link: Link) -> None:
-        link._queue.clear()
-        link._queued_bytes = 0
-        link._partial = None
-        link._partial_buf = None
-        if link._unsettled:
-            for table in (self._out_unsettled, self._in_unsettled):
+        link.pending_transfers.clear()
+        link.queued_bytes = 0
+        link.partial = None
+        link.partial_buf = None
+        if link.unsettled_count:
+            for table in (self.out_unsettled, self.in_unsettled):
                 for did in [k for k, d in table.items() if d.link is link]:
                     del table[did]
-            link._unsettled = 0
+            link.unsettled_count = 0
 
     # -------------------------------------------------------------------- frames we send
 
-    def _send_begin(
+    def send_begin(
         self, offered_capabilities: Any = None, desired_capabilities: Any = None,
         properties: dict[Any, Any] | None = None,
     ) -> None:  # fmt: skip
@@ -302,7 +327,7 @@ class Session:
             properties=properties,
         )
         self.local_begin = begin
-        self.connection._write_performative(begin, self.channel)
+        self.connection.write_performative(begin, self.channel)
 
     def _flow_fields(self, link: Link | None, drain: bool, echo: bool,
                      properties: dict[Any, Any] | None) -> tuple[Any, ...]:  # fmt: skip
@@ -311,15 +336,15 @@ class Session:
         if link is None:
             return (w.next_incoming_id, w.incoming_window, w.next_outgoing_id,
                     w.outgoing_window, None, None, None, None, False, echo, properties)  # fmt: skip
-        if link._sender is not None:
-            s = link._sender
+        if link.sender_credit is not None:
+            s = link.sender_credit
             delivery_count: int | None = s.delivery_count
             credit, available = s.credit, s.available
             drain = drain or s.drain
         else:
-            r = link._receiver
+            r = link.receiver_credit
             assert r is not None
-            delivery_count = r.delivery_count if r._started else None
+            delivery_count = r.delivery_count if r.started else None
             credit, available = r.credit, None
         return (w.next_incoming_id, w.incoming_window, w.next_outgoing_id, w.outgoing_window,
                 link.handle, delivery_count, credit, available, drain, echo, properties)  # fmt: skip
@@ -329,23 +354,23 @@ class Session:
         conn = self.connection
         assert self.channel is not None
         fields = self._flow_fields(link, drain, echo, properties)
-        conn._write(encode_flow(self.channel, *fields))
-        if conn._trace is not None:
-            conn._traced(self.channel, Flow(*fields), 0)
+        conn.write_frame(encode_flow(self.channel, *fields))
+        if conn.trace is not None:
+            conn.traced(self.channel, Flow(*fields), 0)
 
     def _send_session_flow(self, echo: bool = False) -> None:
         conn = self.connection
-        if not conn._can_send():
+        if not conn.can_send():
             return
         if self.state is SessionState.MAPPED:
             self._write_flow(None, echo=echo)
         elif self.state is SessionState.BEGIN_SENT or self.state is SessionState.BEGIN_RCVD:
             self._hold_flow(None, False, echo, None)
 
-    def _send_link_flow(self, link: Link, *, drain: bool = False, echo: bool = False,
+    def send_link_flow(self, link: Link, *, drain: bool = False, echo: bool = False,
                         properties: dict[Any, Any] | None = None) -> None:  # fmt: skip
         conn = self.connection
-        if not conn._can_send():
+        if not conn.can_send():
             return
         if self.state is SessionState.MAPPED:
             self._write_flow(link, drain, echo, properties)
@@ -363,7 +388,7 @@ class Session:
                 properties = held[2]
         self._held_flows[link] = (drain, echo, properties)
 
-    def _on_mapped(self) -> None:
+    def on_mapped(self) -> None:
         """The session is mapped both ways: send the flows held until now."""
         held = self._held_flows
         if not held:
@@ -372,85 +397,85 @@ class Session:
         link_flows = False
         for link, (drain, echo, properties) in held.items():
             if link is not None and link.state in (LinkState.ATTACHED, LinkState.ATTACH_SENT):
-                if link._receiver is not None:
-                    drain = link._receiver.drain  # the latest grant decides
-                self._send_link_flow(link, drain=drain, echo=echo, properties=properties)
+                if link.receiver_credit is not None:
+                    drain = link.receiver_credit.drain  # the latest grant decides
+                self.send_link_flow(link, drain=drain, echo=echo, properties=properties)
                 link_flows = True
         session_flow = held.get(None)
         if session_flow is not None and (session_flow[1] or not link_flows):
             self._send_session_flow(session_flow[1])
 
-    def _answer_attach(self, link: Link, attach: Attach) -> None:
+    def answer_link_attach(self, link: Link, attach: Attach) -> None:
         if self.state is not SessionState.MAPPED:
             raise LocalProtocolError(f"answer_attach on a session in state {self.state.value}")
         handle = link.handle  # reserved when the peer's attach arrived
         if handle is None:
             handle = link.handle = self._alloc_handle()
-        if link._sender is not None:
+        if link.sender_credit is not None:
             if attach.initial_delivery_count is None:
                 attach.initial_delivery_count = 0
-            link._sender.initial_delivery_count = attach.initial_delivery_count & SEQ_MASK
-            link._sender.delivery_count = link._sender.initial_delivery_count
+            link.sender_credit.initial_delivery_count = attach.initial_delivery_count & SEQ_MASK
+            link.sender_credit.delivery_count = link.sender_credit.initial_delivery_count
         elif attach.max_message_size:
             link.max_message_size = min(attach.max_message_size, link.max_message_size)
         attach.handle = handle
         link.local_attach = attach
         self._links[handle] = link
         link.state = LinkState.ATTACHED
-        self.connection._write_performative(attach, self.channel)
+        self.connection.write_performative(attach, self.channel)
         # A flow that came with the peer's attach may have granted credit already.
-        if link._queue:
-            self._pump_link(link)
+        if link.pending_transfers:
+            self.pump_link(link)
 
-    def _detach_link(self, link: Link, error: Error | None, closed: bool) -> None:
+    def detach_link(self, link: Link, error: Error | None, closed: bool) -> None:
         conn = self.connection
         # Our attach may have gone out before the peer's begin came back (BEGIN_SENT):
         # the detach can follow it the same way.
         if (
             (self.state is SessionState.MAPPED or self.state is SessionState.BEGIN_SENT)
-            and conn._can_send()
+            and conn.can_send()
             and link.local_attach is not None
         ):
-            conn._write_performative(Detach(link.handle, closed, error), self.channel)
+            conn.write_performative(Detach(link.handle, closed, error), self.channel)
         if error is not None:
             link.local_detach_error = error
-        link._queue.clear()
-        link._queued_bytes = 0
-        self._blocked.pop(link, None)
+        link.pending_transfers.clear()
+        link.queued_bytes = 0
+        self.blocked.pop(link, None)
         self._held_flows.pop(link, None)
         if link.state is LinkState.DETACH_RCVD:
             self._release_link(link)
         else:
             link.state = LinkState.DETACH_SENT
 
-    def _send_abort(self, link: Link, delivery: Delivery) -> None:
+    def send_abort(self, link: Link, delivery: Delivery) -> None:
         conn = self.connection
-        if self.state is SessionState.MAPPED and conn._can_send() and link.handle is not None:
+        if self.state is SessionState.MAPPED and conn.can_send() and link.handle is not None:
             self.windows.on_transfer_sent()
             encode_transfer_frame_into(
-                conn._begin_write(), self.channel, link.handle, delivery.delivery_id, None,
+                conn.begin_write(), self.channel, link.handle, delivery.delivery_id, None,
                 None, None, False, b"", aborted=True,
             )  # fmt: skip
-            if conn._trace is not None:
+            if conn.trace is not None:
                 self._trace_transfer(link.handle, delivery.delivery_id, None, None, None, False,
                                      None, False, 0, aborted=True)  # fmt: skip
-        if delivery.delivery_id is not None and self._out_unsettled.pop(delivery.delivery_id, None):
-            link._unsettled -= 1
+        if delivery.delivery_id is not None and self.out_unsettled.pop(delivery.delivery_id, None):
+            link.unsettled_count -= 1
 
     # ------------------------------------------------------------------- outgoing transfers
 
-    def _pump_link(self, link: Link) -> None:
+    def pump_link(self, link: Link) -> None:
         """Send as much of ``link``'s queue as credit and the peer's window allow."""
         if self.state is not SessionState.MAPPED or link.state is not LinkState.ATTACHED:
-            if link._queue:
-                self._blocked[link] = None
+            if link.pending_transfers:
+                self.blocked[link] = None
             return
         conn = self.connection
-        if not conn._can_send():
+        if not conn.can_send():
             return
-        sender = link._sender
+        sender = link.sender_credit
         assert sender is not None
-        queue = link._queue
+        queue = link.pending_transfers
         w = self.windows
         while queue:
             if w.remote_incoming_window <= 0:
@@ -461,31 +486,31 @@ class Session:
             if not self._send_pending(link, p):
                 break
             queue.popleft()
-            link._queued_bytes -= p.payload.nbytes
+            link.queued_bytes -= p.payload.nbytes
         if queue:
-            self._blocked[link] = None
+            self.blocked[link] = None
         else:
-            self._blocked.pop(link, None)
+            self.blocked.pop(link, None)
 
-    def _send_now(self, link: Link, d: Delivery, payload: memoryview) -> bool:
+    def send_now(self, link: Link, d: Delivery, payload: memoryview) -> bool:
         """Write a whole message with no delivery state in one frame right away, if
         nothing waits before it and credit, window and frame size allow (the relay's
         usual case); False: the caller queues it (``_pump_link`` then decides)."""
         if self.state is not SessionState.MAPPED:
             return False
         conn = self.connection
-        sender = link._sender
+        sender = link.sender_credit
         w = self.windows
         if (
             sender is None
             or sender.credit <= 0
             or w.remote_incoming_window <= 0
-            or not conn._can_send()
+            or not conn.can_send()
         ):
             return False
         tag = d.delivery_tag
         size = payload.nbytes
-        if size + _TRANSFER_OVERHEAD + len(tag) > conn._send_max_frame_size:
+        if size + _TRANSFER_OVERHEAD + len(tag) > conn.send_max_frame_size:
             return False
         did = self.next_delivery_id
         self.next_delivery_id = (did + 1) & SEQ_MASK
@@ -493,26 +518,26 @@ class Session:
         sender.on_delivery_sent()
         settled = d.settled
         if not settled:
-            self._out_unsettled[did] = d
-            link._unsettled += 1
+            self.out_unsettled[did] = d
+            link.unsettled_count += 1
         w.on_transfer_sent()
         handle = link.handle
         encode_plain_transfer_into(
-            conn._begin_write(), self.channel, handle, did, tag,  # type: ignore[arg-type]
+            conn.begin_write(), self.channel, handle, did, tag,  # type: ignore[arg-type]
             d.message_format, settled, payload,
         )  # fmt: skip
-        if conn._trace is not None:
+        if conn.trace is not None:
             self._trace_transfer(handle, did, tag, d.message_format, settled, False, None,
                                  False, size)  # fmt: skip
         return True
 
-    def _pump_all(self) -> None:
-        if not self._blocked:
+    def pump_all(self) -> None:
+        if not self.blocked:
             return
-        for link in list(self._blocked):
+        for link in list(self.blocked):
             if self.windows.remote_incoming_window <= 0:
                 break
-            self._pump_link(link)
+            self.pump_link(link)
 
     def _send_pending(self, link: Link, p: Any) -> bool:
         """Write frames of one delivery; True when its last frame is out."""
@@ -521,28 +546,28 @@ class Session:
         d = p.delivery
         payload = p.payload
         size = payload.nbytes
-        max_frame = conn._send_max_frame_size
+        max_frame = conn.send_max_frame_size
         channel = self.channel
         handle = link.handle
         if p.offset == 0:
             did = self.next_delivery_id
             self.next_delivery_id = (did + 1) & SEQ_MASK
             d.delivery_id = did
-            assert link._sender is not None
-            link._sender.on_delivery_sent()
+            assert link.sender_credit is not None
+            link.sender_credit.on_delivery_sent()
             if not d.settled:
-                self._out_unsettled[did] = d
-                link._unsettled += 1
+                self.out_unsettled[did] = d
+                link.unsettled_count += 1
             tag = d.delivery_tag
             state = d.state
             if state is None and size + _TRANSFER_OVERHEAD + len(tag) <= max_frame:
                 # The common case: the whole message fits in one frame.
                 w.on_transfer_sent()
                 encode_transfer_frame_into(
-                    conn._begin_write(), channel, handle, did, tag, d.message_format,
+                    conn.begin_write(), channel, handle, did, tag, d.message_format,
                     d.settled, False, payload, batchable=p.batchable,
                 )  # fmt: skip
-                if conn._trace is not None:
+                if conn.trace is not None:
                     self._trace_transfer(handle, did, tag, d.message_format, d.settled, False,
                                          None, p.batchable, size)  # fmt: skip
                 return True
@@ -550,10 +575,10 @@ class Session:
             more = size > room
             w.on_transfer_sent()
             encode_transfer_frame_into(
-                conn._begin_write(), channel, handle, did, tag, d.message_format, d.settled,
+                conn.begin_write(), channel, handle, did, tag, d.message_format, d.settled,
                 more, payload[:room] if more else payload, state=state, batchable=p.batchable,
             )  # fmt: skip
-            if conn._trace is not None:
+            if conn.trace is not None:
                 self._trace_transfer(handle, did, tag, d.message_format, d.settled, more, state,
                                      p.batchable, room if more else size)  # fmt: skip
             if not more:
@@ -567,11 +592,11 @@ class Session:
             more = end < size
             w.on_transfer_sent()
             encode_transfer_frame_into(
-                conn._begin_write(), channel, handle, did, None, None, settled, more,
+                conn.begin_write(), channel, handle, did, None, None, settled, more,
                 payload[p.offset : end] if more else payload[p.offset :],
                 batchable=p.batchable,
             )  # fmt: skip
-            if conn._trace is not None:
+            if conn.trace is not None:
                 self._trace_transfer(handle, did, None, None, settled, more, None, p.batchable,
                                      (end if more else size) - p.offset)  # fmt: skip
             if not more:
@@ -584,7 +609,7 @@ class Session:
                         batchable: bool, size: int, *, aborted: bool = False) -> None:  # fmt: skip
         transfer = Transfer(handle, did, tag, fmt, settled, more, None, state, False, aborted,
                             batchable)  # fmt: skip
-        self.connection._traced(self.channel, transfer, size)
+        self.connection.traced(self.channel, transfer, size)
 
     def _overhead(self, handle: int | None, did: int, tag: bytes | None, d: Delivery,
                   first: bool) -> int:  # fmt: skip
@@ -595,18 +620,18 @@ class Session:
             d.settled if first else (True if d.settled else None),
             True, b"", state=d.state if first else None, batchable=True,
         )  # fmt: skip
-        room = self.connection._send_max_frame_size - len(probe)
+        room = self.connection.send_max_frame_size - len(probe)
         if room <= 0:
             raise ProtocolError(
                 f"transfer performative ({len(probe)} bytes) does not fit the peer's "
-                f"max-frame-size {self.connection._send_max_frame_size}",
+                f"max-frame-size {self.connection.send_max_frame_size}",
                 C.FRAME_SIZE_TOO_SMALL,
             )
         return len(probe)
 
     # ---------------------------------------------------------------- dispositions we send
 
-    def _queue_disposition(self, d: Delivery, settled: bool, state: Any) -> None:
+    def queue_disposition(self, d: Delivery, settled: bool, state: Any) -> None:
         if d.settled or d.link.state is LinkState.DETACHED:
             return
         if state is not None:
@@ -617,9 +642,9 @@ class Session:
             return
         if settled:
             d.settled = True
-            table = self._in_unsettled if d.incoming else self._out_unsettled
+            table = self.in_unsettled if d.incoming else self.out_unsettled
             if table.pop(d.delivery_id, None) is not None:
-                d.link._unsettled -= 1
+                d.link.unsettled_count -= 1
             if d.remote_settled:
                 return  # the peer already forgot it: nothing to tell
         if self.state is not SessionState.MAPPED:
@@ -629,7 +654,7 @@ class Session:
         # coalesced here, as they are queued: one first..last range each.
         role = d.incoming
         did = d.delivery_id
-        pending = self._pending_dispositions
+        pending = self.pending_dispositions
         if pending:
             run = pending[-1]
             if (
@@ -641,16 +666,16 @@ class Session:
                 run[2] = did
                 return  # the session is already noted as having dispositions to send
         pending.append([role, did, did, settled, state])
-        self.connection._dispositions_pending(self)
+        self.connection.dispositions_pending(self)
 
-    def _flush_dispositions(self) -> bytes:
+    def flush_dispositions(self) -> bytes:
         """Encode the queued disposition ranges (see ``_queue_disposition``)."""
-        pending = self._pending_dispositions
-        self._pending_dispositions = []
+        pending = self.pending_dispositions
+        self.pending_dispositions = []
         if self.state is not SessionState.MAPPED or self.channel is None:
             return b""
         channel = self.channel
-        traced = self.connection._trace is not None
+        traced = self.connection.trace is not None
         if len(pending) == 1:
             role, first, last, settled, state = pending[0]
             if traced:
@@ -668,18 +693,18 @@ class Session:
     def _trace_disposition(self, role: bool, first: int, last: int, settled: bool,
                            state: Any) -> None:  # fmt: skip
         disposition = Disposition(role, first, None if last == first else last, settled, state)
-        self.connection._traced(self.channel, disposition, 0)
+        self.connection.traced(self.channel, disposition, 0)
 
     # --------------------------------------------------------------- frames we receive
 
-    def _on_remote_begin(self, begin: Begin) -> None:
+    def on_remote_begin(self, begin: Begin) -> None:
         self.remote_begin = begin
         self.remote_handle_max = begin.handle_max
         self.windows.on_remote_begin(
             begin.next_outgoing_id, begin.incoming_window, begin.outgoing_window  # type: ignore[arg-type]
         )
 
-    def _on_attach(self, attach: Attach) -> None:
+    def on_attach(self, attach: Attach) -> None:
         handle = attach.handle
         assert handle is not None and attach.name is not None and attach.role is not None
         if handle > self.handle_max:
@@ -715,13 +740,13 @@ class Session:
         link.remote_handle = handle
         link.remote_attach = attach
         self._remote_links[handle] = link
-        if link._receiver is not None:
-            link._receiver.on_remote_attach(attach.initial_delivery_count or 0)
-        conn._events.append(RemoteAttach(link, attach))
-        if link._queue and link.state is LinkState.ATTACHED:
-            self._pump_link(link)
+        if link.receiver_credit is not None:
+            link.receiver_credit.on_remote_attach(attach.initial_delivery_count or 0)
+        conn.pending_events.append(RemoteAttach(link, attach))
+        if link.pending_transfers and link.state is LinkState.ATTACHED:
+            self.pump_link(link)
 
-    def _on_flow(self, flow: Flow) -> None:
+    def on_flow(self, flow: Flow) -> None:
         w = self.windows
         w.on_remote_flow(
             flow.next_incoming_id, flow.incoming_window, flow.next_outgoing_id,  # type: ignore[arg-type]
@@ -732,23 +757,23 @@ class Session:
             link = self._remote_links.get(flow.handle)
             if link is None:
                 raise ProtocolError(f"flow on unattached handle {flow.handle}", C.UNATTACHED_HANDLE)
-            if link._sender is not None:
+            if link.sender_credit is not None:
                 if flow.link_credit is not None:
-                    link._sender.on_flow(flow.delivery_count, flow.link_credit, flow.drain)
+                    link.sender_credit.on_flow(flow.delivery_count, flow.link_credit, flow.drain)
             else:
-                assert link._receiver is not None
-                link._receiver.on_flow(flow.delivery_count, flow.available)
+                assert link.receiver_credit is not None
+                link.receiver_credit.on_flow(flow.delivery_count, flow.available)
             if flow.echo:
-                self._send_link_flow(link)
+                self.send_link_flow(link)
         elif flow.echo:
             self._send_session_flow()
-        self.connection._events.append(RemoteFlow(self, link, flow))
-        if link is not None and link._queue:
-            self._pump_link(link)
-        if self._blocked:
-            self._pump_all()
+        self.connection.pending_events.append(RemoteFlow(self, link, flow))
+        if link is not None and link.pending_transfers:
+            self.pump_link(link)
+        if self.blocked:
+            self.pump_all()
 
-    def _on_plain_transfer(self, fields: PlainTransfer, payload: memoryview) -> None:
+    def on_plain_transfer(self, fields: PlainTransfer, payload: memoryview) -> None:
         """``_on_transfer`` for a plain transfer (a whole message in one frame, no
         delivery state; see ``FrameReader.read_frame``) on an attached receiving
         link with nothing in reassembly: the receive path of almost every message.
@@ -757,12 +782,12 @@ class Session:
         link = self._remote_links.get(handle)
         if (
             link is None
-            or link._partial is not None
-            or link._receiver is None
+            or link.partial is not None
+            or link.receiver_credit is None
             or link.state is LinkState.DETACH_SENT
             or payload.nbytes > link.max_message_size
         ):
-            self._on_transfer(plain_transfer(fields), payload)
+            self.on_transfer(plain_transfer(fields), payload)
             return
         w = self.windows
         try:
@@ -773,7 +798,7 @@ class Session:
             w.replenish()
             self._send_session_flow()
         try:
-            link._receiver.on_delivery_received()
+            link.receiver_credit.on_delivery_received()
         except WindowViolation as exc:
             raise ProtocolError(f"link {link.name!r:.80}: {exc}", C.TRANSFER_LIMIT_EXCEEDED) from None
         if fmt is None:
@@ -783,13 +808,13 @@ class Session:
         else:
             settled = False
             d = Delivery(link, did, tag, fmt, True, False, False)
-            self._in_unsettled[did] = d
-            link._unsettled += 1
-        self.connection._events.append(
+            self.in_unsettled[did] = d
+            link.unsettled_count += 1
+        self.connection.pending_events.append(
             TransferReceived(link, d, tag, payload, fmt, settled, None, False, False, False)
         )
 
-    def _on_transfer(self, t: Transfer, payload: memoryview) -> None:
+    def on_transfer(self, t: Transfer, payload: memoryview) -> None:
         link = self._remote_links.get(t.handle)  # type: ignore[arg-type]
         if link is None:
             raise ProtocolError(f"transfer on unattached handle {t.handle}", C.UNATTACHED_HANDLE)
@@ -798,7 +823,7 @@ class Session:
             w.on_transfer_received()
         except WindowViolation as exc:
             raise ProtocolError(str(exc), C.WINDOW_VIOLATION) from None
-        rc = link._receiver
+        rc = link.receiver_credit
         if rc is None:
             raise ProtocolError(
                 f"transfer from the receiving end of link {link.name!r:.80}", C.INVALID_FIELD
@@ -806,7 +831,7 @@ class Session:
         if self.auto_flow and w.incoming_window <= w.max_incoming_window >> 1:
             w.replenish()
             self._send_session_flow()
-        d = link._partial
+        d = link.partial
         if d is None:
             did = t.delivery_id
             tag = t.delivery_tag
@@ -827,12 +852,12 @@ class Session:
             d = Delivery(link, did, tag, 0 if fmt is None else fmt, True, False, settled, None, t.state)
             if link.state is LinkState.DETACH_SENT:
                 if t.more:
-                    link._partial = d
-                    link._partial_buf = None
+                    link.partial = d
+                    link.partial_buf = None
                 return  # the link is going away: count the frame, drop the message
             if not settled:
-                self._in_unsettled[did] = d
-                link._unsettled += 1
+                self.in_unsettled[did] = d
+                link.unsettled_count += 1
             if t.aborted:
                 self._finish_aborted(link, d)
                 return
@@ -840,11 +865,11 @@ class Session:
                 self._too_big(link, d, payload.nbytes, t.more)
                 return
             if t.more:
-                link._partial = d
-                link._partial_buf = bytearray(payload)
-                link._partial_state = t.state
+                link.partial = d
+                link.partial_buf = bytearray(payload)
+                link.partial_state = t.state
                 return
-            self.connection._events.append(
+            self.connection.pending_events.append(
                 TransferReceived(link, d, tag, payload, d.message_format, settled, t.state,
                                  False, False, t.batchable)  # fmt: skip
             )
@@ -856,20 +881,20 @@ class Session:
                 f"delivery {d.delivery_id}",
                 C.INVALID_FIELD,
             )
-        buf = link._partial_buf
+        buf = link.partial_buf
         if buf is None:  # a delivery we are dropping (link detaching)
             if not t.more or t.aborted:
-                link._partial = None
+                link.partial = None
             return
         if t.settled and not d.remote_settled:
             d.remote_settled = True
-            if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
-                link._unsettled -= 1
+            if self.in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+                link.unsettled_count -= 1
         if t.state is not None:
-            link._partial_state = t.state
+            link.partial_state = t.state
         if t.aborted:
-            link._partial = None
-            link._partial_buf = None
+            link.partial = None
+            link.partial_buf = None
             self._finish_aborted(link, d)
             return
         if len(buf) + payload.nbytes > link.max_message_size:
@@ -878,12 +903,12 @@ class Session:
         buf += payload
         if t.more:
             return
-        link._partial = None
-        link._partial_buf = None
-        d.remote_state = link._partial_state
-        self.connection._events.append(
+        link.partial = None
+        link.partial_buf = None
+        d.remote_state = link.partial_state
+        self.connection.pending_events.append(
             TransferReceived(link, d, d.delivery_tag, bytes(buf), d.message_format,
-                             d.remote_settled, link._partial_state, False, False, t.batchable)  # fmt: skip
+                             d.remote_settled, link.partial_state, False, False, t.batchable)  # fmt: skip
         )
 
     def _too_big(self, link: Link, d: Delivery, size: int, more: bool) -> None:
@@ -895,28 +920,28 @@ class Session:
             f"message of {'more than ' if more else ''}{size} bytes exceeds the maximum "
             f"message size {link.max_message_size} of link {link.name!r:.80}",
         )
-        if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
-            link._unsettled -= 1
+        if self.in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+            link.unsettled_count -= 1
         # The rest of the delivery's frames are counted and discarded (see DETACH_SENT).
-        link._partial = d if more else None
-        link._partial_buf = None
-        self._detach_link(link, error, True)
-        self.connection._events.append(LinkError(link, error, True))
+        link.partial = d if more else None
+        link.partial_buf = None
+        self.detach_link(link, error, True)
+        self.connection.pending_events.append(LinkError(link, error, True))
 
     def _finish_aborted(self, link: Link, d: Delivery) -> None:
         d.aborted = True
         d.remote_settled = True
-        if self._in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
-            link._unsettled -= 1
-        self.connection._events.append(
+        if self.in_unsettled.pop(d.delivery_id, None) is not None:  # type: ignore[arg-type]
+            link.unsettled_count -= 1
+        self.connection.pending_events.append(
             TransferReceived(link, d, d.delivery_tag, b"", d.message_format, True, None,
                              False, True)  # fmt: skip
         )
 
-    def _on_disposition(self, disp: Disposition) -> None:
+    def on_disposition(self, disp: Disposition) -> None:
         role = disp.role
         # From a receiver: about deliveries we sent. From a sender: ones we received.
-        table = self._out_unsettled if role == RECEIVER else self._in_unsettled
+        table = self.out_unsettled if role == RECEIVER else self.in_unsettled
         first = disp.first
         assert first is not None
         last = first if disp.last is None else disp.last
@@ -939,7 +964,7 @@ class Session:
                         if state is not None:
                             d.remote_state = state
                         d.remote_settled = True
-                        d.link._unsettled -= 1
+                        d.link.unsettled_count -= 1
             else:
                 get = table.get
                 for i in range(span + 1):
@@ -962,54 +987,54 @@ class Session:
                 if settled:
                     d.remote_settled = True
                     del table[d.delivery_id]  # type: ignore[arg-type]
-                    d.link._unsettled -= 1
+                    d.link.unsettled_count -= 1
         if settled and role == RECEIVER:
             self.connection.settled_by_peer += len(touched)
-        self.connection._events.append(
+        self.connection.pending_events.append(
             DispositionReceived(self, touched, state, settled, first, last, role,  # type: ignore[arg-type]
                                 disp.batchable)  # fmt: skip
         )
 
-    def _on_detach(self, detach: Detach) -> None:
+    def on_detach(self, detach: Detach) -> None:
         link = self._remote_links.pop(detach.handle, None)  # type: ignore[arg-type]
         if link is None:
             raise ProtocolError(f"detach of unattached handle {detach.handle}", C.UNATTACHED_HANDLE)
         link.remote_closed = detach.closed
         link.remote_detach_error = detach.error
-        link._partial = None
-        link._partial_buf = None
+        link.partial = None
+        link.partial_buf = None
         self._attaching.pop((link.name, link.role), None)
-        events = self.connection._events
+        events = self.connection.pending_events
         if link.state is LinkState.DETACH_SENT:
             self._release_link(link)
         elif link.state is LinkState.ATTACH_RCVD:
             # Detached before we answered: answer both now (a refusal, as it were), so the
             # peer's handle is free again; the application only hears of the detach.
             if self.state is SessionState.MAPPED:
-                self._answer_attach(
+                self.answer_link_attach(
                     link, Attach(name=link.name, handle=0, role=link.role, source=None, target=None)
                 )
                 link.state = LinkState.DETACH_RCVD
-                self._detach_link(link, None, detach.closed)
+                self.detach_link(link, None, detach.closed)
             else:
                 self._release_link(link)
         else:
             link.state = LinkState.DETACH_RCVD
-            link._queue.clear()
-            link._queued_bytes = 0
-            self._blocked.pop(link, None)
+            link.pending_transfers.clear()
+            link.queued_bytes = 0
+            self.blocked.pop(link, None)
         events.append(RemoteDetach(link, detach.closed, detach.error))
 
-    def _on_end(self, end: End) -> None:
+    def on_end(self, end: End) -> None:
         """The peer ended the session; its links are implicitly detached."""
         self.remote_end_error = end.error
         for link in self.links:
             self._forget_link_deliveries(link)
             link.state = LinkState.DETACHED
-        self._blocked.clear()
+        self.blocked.clear()
         if self.state is SessionState.END_SENT:
             self.state = SessionState.UNMAPPED
-            self.connection._unmap_session(self)
+            self.connection.unmap_session(self)
         else:
             self.state = SessionState.END_RCVD
-            self._pending_dispositions.clear()
+            self.pending_dispositions.clear()

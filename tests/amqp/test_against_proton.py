@@ -472,7 +472,7 @@ def test_fragmentation_and_reassembly_with_max_frame_512(direction):
         receiver = ProtonReceiver(rcv, credit=20)
         exchange(ours, peer, app, receiver.on_event)
         our_link = app.links[0]
-        assert ours._send_max_frame_size == 512
+        assert ours.send_max_frame_size == 512
         for i, s in enumerate(sizes):
             our_link.send_transfer(b"t%d" % i, payload_for(i, s), settled=i % 3 == 0)
 
@@ -659,7 +659,7 @@ def test_message_over_the_reassembly_cap_detaches_only_that_link():
     snd.close()
     exchange(ours, peer, app, sender.on_event)
     assert err.link.state is LinkState.DETACHED
-    assert not err.link.session._in_unsettled  # the dropped delivery left nothing behind
+    assert not err.link.session.in_unsettled  # the dropped delivery left nothing behind
     # The session and the other link still work.
     ProtonSender(other, 1, size_for=lambda i: 2000).pump()
     exchange(ours, peer, app)

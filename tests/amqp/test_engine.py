@@ -421,7 +421,7 @@ def test_single_frame_over_max_message_size_detaches_the_link():
     (err,) = conn.receive_data(p_transfer(payload=b"y" * 101))
     assert isinstance(err, LinkError) and err.error.condition == "amqp:link:message-size-exceeded"
     assert "101 bytes" in err.error.description and "100" in err.error.description
-    assert not session._in_unsettled and link.state is LinkState.DETACH_SENT
+    assert not session.in_unsettled and link.state is LinkState.DETACH_SENT
     assert conn.is_open
 
 
@@ -559,7 +559,7 @@ def test_max_frame_size_and_channel_max_negotiation():
     client.open()
     server.open()
     pipe(client, server, EngineApp(client), EngineApp(server))
-    assert client._send_max_frame_size == 1024 and server._send_max_frame_size == 1024
+    assert client.send_max_frame_size == 1024 and server.send_max_frame_size == 1024
     sessions = [client.begin() for _ in range(3)]  # channels 0, 1, 2
     assert [s.channel for s in sessions] == [0, 1, 2]
     with pytest.raises(LocalProtocolError):
@@ -674,7 +674,7 @@ def test_multiframe_abort_and_settled_continuation():
     (e,) = events
     assert e.payload == b"1234" and e.settled and isinstance(e.payload, bytes)
     assert e.delivery.delivery_tag == b"b"
-    assert session._in_unsettled == {}
+    assert session.in_unsettled == {}
 
 
 def test_sender_abort_of_a_partly_sent_delivery():
