@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,14 @@ class DeviceProcess:
         self.expect("done", timeout)
         code = self.proc.wait(timeout=timeout)
         assert code == 0, f"{self.name}: exit status {code}\n{self.transcript()}"
+
+    @contextmanager
+    def failing_with_transcript(self) -> Iterator[None]:
+        """Hub-side waits inside this block fail with the script's output attached."""
+        try:
+            yield
+        except (TimeoutError, AssertionError) as exc:
+            raise AssertionError(f"{exc}\n{self.name}:\n{self.transcript()}") from exc
 
     def close(self) -> None:
         if self.proc.poll() is None:

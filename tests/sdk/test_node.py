@@ -111,33 +111,34 @@ def test_device_d2c_c2d_twin_method(node_sdk: Path, stack: SdkStack, transport: 
         method="reboot",
     )  # fmt: skip
     try:
-        device.expect("open")
-        for _ in sent:
-            device.expect("sent")
-        got = [device.expect("c2d")]
-        for i, action in enumerate(actions[1:], start=1):
-            hub.recorder.wait_for(lambda n=i: len(outcomes()) >= n, timeout=STEP_TIMEOUT)
-            send_c2d(i, action)
-            got.append(device.expect("c2d"))
-        if transport == "amqp":
-            got.append(device.expect("c2d"))  # the abandoned one, back again
-        device.expect("c2d-done")
-        twin = device.expect("twin")
-        device.expect("reported")
-        hub.recorder.wait_for(lambda: any(kind == "twin-reported" and what[0] == identity
-                                          for kind, what in hub.recorder.events),
-                              timeout=STEP_TIMEOUT)  # fmt: skip
-        device.expect("twin-ready")
-        wait_desired_watch(hub, identity, transport)
-        hub.update_desired(identity, {"interval": 30, "mode": "eco"})
-        desired = device.expect("desired")
-        device.expect("method-ready")
-        wait_methods_ready(hub, identity, transport)
-        status, response = invoke(stack, identity, "reboot", {"delay": 5, "why": "test"})
-        device.expect("method")
-        device.expect("settled")
-        device.send({"command": "close"})
-        device.finish()
+        with device.failing_with_transcript():
+            device.expect("open")
+            for _ in sent:
+                device.expect("sent")
+            got = [device.expect("c2d")]
+            for i, action in enumerate(actions[1:], start=1):
+                hub.recorder.wait_for(lambda n=i: len(outcomes()) >= n, timeout=STEP_TIMEOUT)
+                send_c2d(i, action)
+                got.append(device.expect("c2d"))
+            if transport == "amqp":
+                got.append(device.expect("c2d"))  # the abandoned one, back again
+            device.expect("c2d-done")
+            twin = device.expect("twin")
+            device.expect("reported")
+            hub.recorder.wait_for(lambda: any(kind == "twin-reported" and what[0] == identity
+                                              for kind, what in hub.recorder.events),
+                                  timeout=STEP_TIMEOUT)  # fmt: skip
+            device.expect("twin-ready")
+            wait_desired_watch(hub, identity, transport)
+            hub.update_desired(identity, {"interval": 30, "mode": "eco"})
+            desired = device.expect("desired")
+            device.expect("method-ready")
+            wait_methods_ready(hub, identity, transport)
+            status, response = invoke(stack, identity, "reboot", {"delay": 5, "why": "test"})
+            device.expect("method")
+            device.expect("settled")
+            device.send({"command": "close"})
+            device.finish()
     finally:
         device.close()
 
@@ -181,3 +182,47 @@ def assert_amqp_link_properties(stack: SdkStack, path: str) -> None:
         props = {str(k): v for k, v in link.properties.items()}
         assert "com.microsoft:api-version" in props
         assert str(props["com.microsoft:channel-correlation-id"]).split(":")[0] in ("twin", "methods")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_module_d2c_twin_method(node_sdk: Path, stack: SdkStack, transport: str) -> None:
+    """A module identity (ModuleId in the connection string): devices/{id}/modules/{mid}/..."""
+    identity = f"node-{transport}-host/mod"
+    hub = stack.hub
+    sent = d2c_messages("module")
+    device = start_node(
+        node_sdk, stack, identity, transport=transport, d2c=sent,
+        twin={"reported": {"module": "ok"}, "desired_key": "level"}, method="configure",
+    )  # fmt: skip
+    try:
+        with device.failing_with_transcript():
+            device.expect("open")
+            for _ in sent:
+                device.expect("sent")
+            device.expect("twin")
+            device.expect("reported")
+            device.expect("twin-ready")
+            wait_desired_watch(hub, identity, transport)
+            hub.update_desired(identity, {"level": 3})
+            desired = device.expect("desired")
+            device.expect("method-ready")
+            wait_methods_ready(hub, identity, transport)
+            status, response = invoke(stack, identity, "configure", [1, 2, 3])
+            device.expect("method")
+            device.expect("settled")
+            device.send({"command": "close"})
+            device.finish()
+    finally:
+        device.close()
+    assert_d2c_at_hub(stack, identity, transport, sent)
+    assert hub.twin(identity)["reported"]["module"] == "ok"
+    assert desired["patch"]["level"] == 3
+    assert status == 200 and json.loads(response)["echo"] == [1, 2, 3]
+    if transport == "amqp":
+        assert_amqp_link_properties(stack, "devices/node-amqp-host/modules/mod")
+        events = {link.address for link in hub.recorder.links if link.device_id == identity}
+        assert any(a.endswith("devices/node-amqp-host/modules/mod/messages/events") for a in events)
+    else:
+        assert hub.recorder.d2c_for(identity)[0].topic.startswith(
+            "devices/node-mqtt-host/modules/mod/messages/events/"
+        )

@@ -21,7 +21,8 @@ const { Client, ModuleClient, Message } = require('azure-iot-device');
 const spec = JSON.parse(process.argv[2]);
 
 function emit(event, fields) {
-  process.stdout.write(JSON.stringify(Object.assign({ event: event }, fields || {})) + '\n');
+  // Synchronous, so nothing is lost when the script exits right after.
+  fs.writeSync(1, JSON.stringify(Object.assign({ event: event }, fields || {})) + '\n');
 }
 
 function transportCtor() {
@@ -137,7 +138,9 @@ async function main() {
 
   if (spec.method) {
     const called = new Promise((resolve, reject) => {
-      client.onDeviceMethod(spec.method, (request, response) => {
+      // ModuleClient names it onMethod, Client onDeviceMethod.
+      const register = spec.module_id ? client.onMethod.bind(client) : client.onDeviceMethod.bind(client);
+      register(spec.method, (request, response) => {
         const payload = request.payload;
         response.send(200, { echo: payload, method: request.methodName }, (err) => {
           if (err) return reject(err);
