@@ -98,7 +98,7 @@ class SaslServer:
         self.requested = mechanism
         hostname = init.hostname
         if mechanism not in self.mechanisms:
-            return self._refuse(f"mechanism {mechanism!r:.40} was not offered")
+            return self._refuse("the mechanism asked for is not offered")
         identity: str | None = None
         password: str | None = None
         authzid: str | None = None

@@ -680,8 +680,9 @@ class _Converter:
         authenticate = _bool(entity.get("authenticatePeer", False))
         if mechanisms:
             handled.append("saslMechanisms")
-            offered = [m.lower() for m in mechanisms if m.upper() in ("ANONYMOUS", "PLAIN")]
-            others = [m for m in mechanisms if m.upper() not in ("ANONYMOUS", "PLAIN")]
+            ours = ("MSSBCBS", "ANONYMOUS", "PLAIN")
+            offered = [m.lower() for m in mechanisms if m.upper() in ours]
+            others = [m for m in mechanisms if m.upper() not in ours]
             if authenticate and "anonymous" in offered:
                 offered.remove("anonymous")
             if "anonymous" in offered:
@@ -694,11 +695,11 @@ class _Converter:
                 item.fields["sasl"] = offered
             else:
                 item.remarks.append("no mechanism the gateway offers was listed: it offers "
-                                    "its default, ANONYMOUS and PLAIN")  # fmt: skip
+                                    "its default, MSSBCBS, ANONYMOUS and PLAIN")  # fmt: skip
             if others:
                 item.notes.append(Note(entity.attrs["saslMechanisms"].line,
                                        f"SASL mechanisms {' '.join(others)}",
-                                       "the gateway offers ANONYMOUS and PLAIN only"))  # fmt: skip
+                                       "the gateway offers MSSBCBS, ANONYMOUS and PLAIN only"))  # fmt: skip
         if authenticate is False or authenticate is None:
             handled.append("authenticatePeer")
         else:

@@ -4,7 +4,7 @@ Direction: above `linkpair` and `cbs`, beside `upstream` (neither imports the
 other); what it needs of the router and of a binding is declared here
 (`DeviceRouter`, `DeviceBinding`).
 
-The gateway is the device's AMQP peer (server role, SASL ANONYMOUS/PLAIN or
+The gateway is the device's AMQP peer (server role, SASL MSSBCBS/ANONYMOUS/PLAIN or
 none). A PLAIN login with a local password (not a SAS token) for an identity
 the gateway holds credentials for is judged at SASL time (see
 `gateway_tokens.py`). Sessions are answered locally; attaches go to the router core, which
