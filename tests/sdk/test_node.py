@@ -112,7 +112,7 @@ def test_device_d2c_c2d_twin_method(node_sdk: Path, stack: SdkStack, transport: 
     )  # fmt: skip
     try:
         with device.failing_with_transcript():
-            device.expect("open")
+            opened = device.expect("open")
             for _ in sent:
                 device.expect("sent")
             got = [device.expect("c2d")]
@@ -170,18 +170,21 @@ def test_device_d2c_c2d_twin_method(node_sdk: Path, stack: SdkStack, transport: 
     assert status == 200
     assert json.loads(response) == {"echo": {"delay": 5, "why": "test"}, "method": "reboot"}
     if transport == "amqp":
-        assert_amqp_link_properties(stack, f"devices/{identity}")
+        assert_amqp_link_properties(stack, f"devices/{identity}", opened["apiVersion"])
 
 
-def assert_amqp_link_properties(stack: SdkStack, path: str) -> None:
-    """Twin and method links reached the hub with the SDK's attach properties intact."""
-    links = [link for link in stack.hub.recorder.links
-             if (link.address or "").endswith((f"{path}/twin", f"{path}/methods/devicebound"))]  # fmt: skip
-    assert links, "no twin or method links at the hub"
-    for link in links:
-        props = {str(k): v for k, v in link.properties.items()}
-        assert "com.microsoft:api-version" in props
-        assert str(props["com.microsoft:channel-correlation-id"]).split(":")[0] in ("twin", "methods")
+def assert_amqp_link_properties(stack: SdkStack, path: str, api_version: str) -> None:
+    """Twin and method links reached the hub with the SDK's attach properties intact:
+    its api-version, and one channel-correlation-id per channel ("twin:<uuid>",
+    "methods:<uuid>") shared by that channel's sender and receiver."""
+    for channel, suffix in (("twin", "/twin"), ("methods", "/methods/devicebound")):
+        links = [link for link in stack.hub.recorder.links
+                 if link.accepted and (link.address or "").endswith(path + suffix)]  # fmt: skip
+        assert {link.role for link in links} == {"sender", "receiver"}, channel
+        props = [{str(k): v for k, v in link.properties.items()} for link in links]
+        assert {p["com.microsoft:api-version"] for p in props} == {api_version}
+        ids = {p["com.microsoft:channel-correlation-id"] for p in props}
+        assert len(ids) == 1 and ids.pop().startswith(channel + ":"), ids
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -196,7 +199,7 @@ def test_module_d2c_twin_method(node_sdk: Path, stack: SdkStack, transport: str)
     )  # fmt: skip
     try:
         with device.failing_with_transcript():
-            device.expect("open")
+            opened = device.expect("open")
             for _ in sent:
                 device.expect("sent")
             device.expect("twin")
@@ -219,7 +222,7 @@ def test_module_d2c_twin_method(node_sdk: Path, stack: SdkStack, transport: str)
     assert desired["patch"]["level"] == 3
     assert status == 200 and json.loads(response)["echo"] == [1, 2, 3]
     if transport == "amqp":
-        assert_amqp_link_properties(stack, "devices/node-amqp-host/modules/mod")
+        assert_amqp_link_properties(stack, "devices/node-amqp-host/modules/mod", opened["apiVersion"])
         events = {link.address for link in hub.recorder.links if link.device_id == identity}
         assert any(a.endswith("devices/node-amqp-host/modules/mod/messages/events") for a in events)
     else:

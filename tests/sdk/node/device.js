@@ -99,7 +99,8 @@ async function main() {
   client.on('error', (err) => emit('error', { error: 'client error: ' + (err && err.message) }));
   await client.setOptions({ ca: fs.readFileSync(spec.ca_file, 'utf8') });
   await client.open();
-  emit('open');
+  // The api-version the SDK puts in its twin and method links' attach properties.
+  emit('open', { apiVersion: require('azure-iot-common').endpoint.apiVersion });
 
   const messages = spec.d2c || [];
   for (let index = 0; index < messages.length; index++) {
