@@ -797,11 +797,13 @@ class AmqpConnection(asyncio.Protocol):
             # would write the reply first); uamqp-c fails a put-token whose reply
             # arrives before its request was settled.
             self._settle(delivery, Delivery.ACCEPTED)
-            self._flush()
+            if not self.server.reply_before_settle:
+                self._flush()
             self._on_put_token(msg)
         elif kind == "twin":
             self._settle(delivery, Delivery.ACCEPTED)
-            self._flush()
+            if not self.server.reply_before_settle:
+                self._flush()
             self._on_twin_request(link.hub_identity, msg)
         elif kind == "methods":
             self._settle(delivery, Delivery.ACCEPTED)
@@ -968,6 +970,9 @@ class AmqpServer:
         self.idle_timeout = idle_timeout
         self.connections: set[AmqpConnection] = set()
         self.server: asyncio.Server | None = None
+        # True: answer $cbs and twin requests before settling them (proton's own order),
+        # to test peers against hubs that do; IoT Hub settles first.
+        self.reply_before_settle = False
 
     async def start(self, host: str, port: int, ssl_context: Any) -> int:
         loop = asyncio.get_running_loop()

@@ -288,6 +288,16 @@ class HubSim:
         server = self._amqp if protocol == "amqp" else self._mqtt
         return self._call(lambda: len(server.connections))
 
+    @property
+    def amqp_reply_before_settle(self) -> bool:
+        """True: $cbs and twin replies are written before the request's disposition
+        (as proton-based servers do); False (default): settled first, as IoT Hub."""
+        return self._amqp.reply_before_settle
+
+    @amqp_reply_before_settle.setter
+    def amqp_reply_before_settle(self, value: bool) -> None:
+        self._amqp.reply_before_settle = value
+
     def disconnect_all(self) -> None:
         """Close every connection from the hub side (AMQP: close with amqp:connection:forced)."""
         self._call(self._close_all, True)

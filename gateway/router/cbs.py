@@ -19,6 +19,12 @@ for link. Instead:
 A reply with status 200 (or 202) authorises the request's audience for that
 device connection only (`Binding.authorise`).
 
+A reply reaches the device after the hub's outcome for its request: a hub that
+answers first (proton-based ones write the reply before the disposition) has
+the reply held until the outcome is relayed, for at most HOLD_REPLY_MAX.
+IoT Hub orders them that way, and uamqp-c (the Azure IoT C SDK's AMQP layer)
+fails a put-token whose reply overtakes the request's settlement.
+
 A hub that sets `to` on its reply addresses it to the gateway's reply link;
 the device gets its own reply-to back there (only then, only that property).
 A request no upstream connection can take (the connector's pool is full, or
@@ -33,9 +39,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import trio
 
 from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, Session
 from gateway.amqp.errors import AMQPError
@@ -63,6 +71,7 @@ class CbsRouter(Protocol):
 
     @property
     def container_id(self) -> str: ...
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool: ...
     def forward_cbs_request(self, device: Any, connector: str, req: CbsRequest,
                             delivery: Delivery, settled: bool) -> None: ...  # fmt: skip
 
@@ -113,6 +122,8 @@ DEVICE_CBS_CREDIT = 16
 GATEWAY_CBS_CREDIT = 100
 # Unanswered put-tokens kept per upstream connection; beyond it the oldest is dropped.
 MAX_PENDING = 2000
+# Longest a CBS reply waits for the hub's outcome of its request (see GatewayCbs._hold).
+HOLD_REPLY_MAX = 2.0
 
 _OK_STATUS = (200, 202)
 # CBS status of a request the gateway could not forward: the connector's pool is
@@ -375,6 +386,8 @@ class PendingPut:
     device_delivery: Delivery | None = None  # the device's unsettled request
     on_done: Callable[[int | None, str | None], None] | None = None
     request: CbsRequest | None = None  # kept to put again on a new upstream connection
+    # The reply, held until the hub's outcome for the request has reached the device.
+    held_reply: bytes | None = None
 
 
 class GatewayCbs:
@@ -391,6 +404,8 @@ class GatewayCbs:
         self._id_prefix = f"{gw}:{n}:"
         self._tags = itertools.count()
         self.pending: dict[str, PendingPut] = {}
+        # Replies waiting for their request's outcome to reach the device, by its delivery.
+        self.held: dict[Delivery, PendingPut] = {}
         session = upstream.control_session()
         self.sender = session.attach(
             f"$cbs-sender-{gw}-{n}",
@@ -480,9 +495,49 @@ class GatewayCbs:
             if not device.closed and device.cbs is not None:
                 payload = restore_reply(reply, pending.original_message_id,
                                         pending.original_reply_to, self.reply_to)  # fmt: skip
-                if not device.cbs.deliver_reply(payload, pending.original_reply_to):
-                    log.info("device %s: CBS reply dropped, no CBS receiver link", device.id)
+                request = pending.device_delivery
+                if request is not None and request.context is not None and not request.settled:
+                    # The hub answered before settling the request. uamqp-c (the Azure C
+                    # SDK) fails a put-token whose reply overtakes the request's outcome,
+                    # so the reply waits for that outcome, as IoT Hub orders them.
+                    self._hold(request, pending, payload)
+                else:
+                    self._deliver(pending, payload)
         self._complete(pending, reply.status, reply.description)
+
+    def _hold(self, request: Delivery, pending: PendingPut, payload: bytes) -> None:
+        """Keep `payload` until the hub's outcome for `request` has been relayed to the
+        device (`on_disposition`), or HOLD_REPLY_MAX has passed: a hub that never
+        settles its CBS requests still gets its replies through."""
+        pending.held_reply = payload
+        self.held[request] = pending
+        if len(self.held) > MAX_PENDING:
+            self._release(next(iter(self.held)))
+        self.upstream.router.start_soon(self._release_later, request)
+
+    async def _release_later(self, request: Delivery) -> None:
+        await trio.sleep(HOLD_REPLY_MAX)
+        self._release(request)
+
+    def _release(self, request: Delivery) -> None:
+        pending = self.held.pop(request, None)
+        if pending is not None and pending.held_reply is not None:
+            payload, pending.held_reply = pending.held_reply, None
+            self._deliver(pending, payload)
+
+    def _deliver(self, pending: PendingPut, payload: bytes) -> None:
+        device = pending.binding.device
+        if device.closed or device.cbs is None:
+            return
+        if not device.cbs.deliver_reply(payload, pending.original_reply_to):
+            log.info("device %s: CBS reply dropped, no CBS receiver link", device.id)
+
+    def on_disposition(self) -> None:
+        """The hub's outcome for forwarded requests was relayed: held replies whose
+        request the device now has settled go out."""
+        for request, pending in list(self.held.items()):
+            if request.settled or request.context is None or pending.binding.device.closed:
+                self._release(request)
 
     @staticmethod
     def _complete(pending: PendingPut, status: int | None, description: str | None) -> None:
@@ -498,6 +553,8 @@ class GatewayCbs:
         self.upstream.drop_cbs(self)
 
     def fail_all(self, error: Any = None) -> None:
+        for request in list(self.held):  # the hub answered these: the devices get it
+            self._release(request)
         pending = list(self.pending.values())
         self.pending.clear()
         for p in pending:

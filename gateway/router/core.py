@@ -282,6 +282,13 @@ class Router:
             self.upstreams.discard(upstream)
             self.observer.on_upstream_closed(upstream)
 
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run `fn(*args)` in the router's nursery (False: the router is not running)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def retire_upstream(self, upstream: UpstreamConn) -> None:
         """Close an upstream connection cleanly; abort it if the hub does not answer."""
         upstream.shutdown()

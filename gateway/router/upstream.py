@@ -162,6 +162,10 @@ class UpstreamConn:
             elif t is DispositionReceived:
                 for conn in relay_disposition(ev):
                     conn.context.wake()
+                cbs = self.cbs  # CBS replies held for this outcome go now
+                if cbs is not None and cbs.held and ev.deliveries[:1] \
+                        and ev.deliveries[0].link is cbs.sender:
+                    cbs.on_disposition()
             elif t is RemoteFlow:
                 self._on_flow(ev)
             elif t is RemoteAttach:

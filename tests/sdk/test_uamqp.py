@@ -180,3 +180,30 @@ def test_listener_without_mssbcbs_says_why_uamqp_left(
     assert "without choosing a mechanism" in lines[0]
     assert "offered ANONYMOUS, PLAIN" in lines[0]
     assert stack.hub.recorder.d2c_for("uamqp-nocbs") == []
+
+
+@pytest.fixture(scope="module")
+def stack_reply_first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkStack]:
+    for stack in start_stack(tmp_path_factory.mktemp("sdk-uamqp-replyfirst"), ["uamqp-rf"]):
+        stack.hub.amqp_reply_before_settle = True
+        yield stack
+
+
+def test_cbs_reply_before_settlement_still_reaches_uamqp_after_it(
+    sdk_py: Path, stack_reply_first: SdkStack
+) -> None:
+    # A hub that writes the put-token reply before the request's disposition (as
+    # proton-based servers do): uamqp-c would fail the put-token if the reply came
+    # first, so the gateway relays the outcome before the reply. Several connections
+    # in a row, since the order on the wire is a race without that.
+    stack = stack_reply_first
+    for attempt in range(4):
+        device = run_uamqp(sdk_py, stack, "uamqp-rf", scenario="d2c",
+                           messages=[{"body": base64.b64encode(b"rf%d" % attempt).decode()}])  # fmt: skip
+        try:
+            device.expect("sent")
+            device.finish()
+        finally:
+            device.close()
+    assert [r.body for r in stack.hub.recorder.d2c_for("uamqp-rf")] == [b"rf0", b"rf1", b"rf2", b"rf3"]
+    assert {c.status for c in stack.hub.recorder.cbs if c.device_id == "uamqp-rf"} == {200}
