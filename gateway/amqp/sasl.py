@@ -110,7 +110,9 @@ class SaslServer:
         if self._authenticate is not None:
             verdict = self._authenticate(mechanism, identity, password, hostname)
             if verdict is False:
-                return self._refuse(f"{mechanism} authentication failed")
+                # The authenticator logs its own refusals: no summary of ours for them.
+                reason = f"{mechanism} authentication failed"
+                return SaslDecision(SaslOutcome(SASL_AUTH), None, reason)
             if type(verdict) is int and verdict != SASL_OK:
                 # An outcome code: the caller judged (and logged) it, e.g. a relayed login.
                 return SaslDecision(

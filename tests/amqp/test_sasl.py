@@ -345,3 +345,13 @@ def test_server_answers_an_outcome_code_the_authenticator_gives() -> None:
     server = SaslServer(["PLAIN"], authenticate=lambda *a: 4)
     decision = server.on_init(SaslInit(Symbol("PLAIN"), b"\x00u\x00p", None))
     assert decision.outcome.code == 4 and decision.authenticated is None
+
+
+def test_authenticator_refusal_is_left_to_the_authenticator_to_report():
+    server = SaslServer(authenticate=lambda *args: False)
+    conn, _, events = _negotiate(
+        server, sasl_frame(0x41, [symbol("PLAIN"), b"\x00dev1\x00pw", None])
+    )
+    assert isinstance(events[0], ConnectionError)
+    assert decode_sasl_frames(conn.data_to_send())[0][2][0] == 1  # outcome auth
+    assert server.failure_summary() is None  # it logged its own line
