@@ -242,3 +242,24 @@ async def test_unreachable_service_gets_sys_temp(dps_hub, group_key, tmp_path, c
                                 password=reg_token("amqp-dev-5", key))  # fmt: skip
     lines = [r.getMessage() for r in caplog.records if "amqp-dev-5" in r.getMessage()]
     assert len(lines) == 1 and "outcome 4" in lines[0] and "unreachable" in lines[0]
+
+
+async def test_relayed_connections_end_with_their_device(dps_hub, group_key, tmp_path):
+    """Nothing stays behind at the service: each provisioning device's connection to it
+    closes when the device leaves, provisioned or refused at attach."""
+    key = derive_device_key(group_key, "amqp-dev-6")
+    recorder = dps_hub.recorder
+    async with running_gateway(dps_config(dps_hub, tmp_path)) as gw:
+        for _ in range(3):
+            await in_thread(provision, gw.url, "amqp-dev-6", reg_token("amqp-dev-6", key))
+
+        def login_only() -> None:  # logs in, attaches nothing, leaves
+            Device(gw.url, mechs="PLAIN", user=f"{SCOPE}/registrations/amqp-dev-6",
+                   password=reg_token("amqp-dev-6", key)).close()  # fmt: skip
+
+        await in_thread(login_only)
+        await trio.to_thread.run_sync(
+            recorder.wait_for,
+            lambda: recorder.connections["dps-amqp"].opened == 4
+            and recorder.connections["dps-amqp"].open == 0,
+        )

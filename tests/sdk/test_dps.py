@@ -215,6 +215,8 @@ def test_unrouted_scope_is_refused_each_with_one_log_line(
         assert len(lines) == 1, lines  # refused once: the SDK gives up, no retry loop
         assert "0ne0NOROUTE" in lines[0]
     assert not [r for r in stack.hub.recorder.dps if r.scope == "0ne0NOROUTE"]
+    # Counted: the AMQP login as a refused registration (the MQTT one as a refused session).
+    assert stack.gateway.metric_sum("iotgw_device_connections_refused_total", reason="registration") >= 1
     # The same gateway still provisions a device of a routed scope.
     device = DeviceProcess.start([str(sdk_py), str(SDK_DIR / "dps_python_device.py")],
                                  stack.spec("py-after-1", messages=["still here"]),
