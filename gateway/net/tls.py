@@ -55,6 +55,15 @@ def _min_version(profile: TlsProfileLike | None) -> ssl.TLSVersion:
         raise ValueError(f"unsupported TLS min_version {version!r} (use 1.2 or 1.3)") from None
 
 
+def strict_eof(ctx: ssl.SSLContext) -> None:
+    """A connection cut without close_notify is an error (SSLEOFError), not an end of stream.
+
+    Python 3.11.0-3.11.2 with OpenSSL 3 (Debian 12 and Raspberry Pi OS 12 ship 3.11.2) set
+    OP_IGNORE_UNEXPECTED_EOF by default, which makes a truncated stream look cleanly closed.
+    """
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
 def client_context(
     profile: TlsProfileLike | None, *, default_server_name: str | None = None
 ) -> ssl.SSLContext:
@@ -69,6 +78,7 @@ def client_context(
         raise ValueError("empty server name: the hub's host name must be verified")
     ca_file = _path(getattr(profile, "ca_file", None))
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    strict_eof(ctx)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = _min_version(profile)
@@ -87,6 +97,7 @@ def server_context(profile: TlsProfileLike) -> ssl.SSLContext:
     if not cert_file:
         raise ValueError("device-side TLS needs a tls_profile with cert_file and key_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    strict_eof(ctx)
     ctx.minimum_version = _min_version(profile)
     ctx.load_cert_chain(cert_file, _path(getattr(profile, "key_file", None)))
     ciphers = getattr(profile, "ciphers", None)

@@ -55,6 +55,22 @@ RECORD_SIZE = 16384
 DEFAULT_RECEIVE_SIZE = 65536
 
 
+def _eof_as_such(exc: BaseException) -> BaseException:
+    """A cut without close_notify as `ssl.SSLEOFError`, which callers test for.
+
+    Python 3.11.2 (Debian 12's) reports it as a plain SSLError with this reason.
+    """
+    if (
+        isinstance(exc, ssl.SSLError)
+        and not isinstance(exc, ssl.SSLEOFError)
+        and exc.reason == "UNEXPECTED_EOF_WHILE_READING"
+    ):
+        eof = ssl.SSLEOFError(ssl.SSL_ERROR_EOF, str(exc))
+        eof.__cause__ = exc
+        return eof
+    return exc
+
+
 class TLSStream(trio.abc.Stream):
     """TLS over a connected non-blocking socket (see the module doc).
 
@@ -229,10 +245,11 @@ class TLSStream(trio.abc.Stream):
                 waited |= await self._read_in()
                 continue
             except ssl.SSLError as exc:
+                error = _eof_as_such(exc)
                 if chunks:
-                    self._broken = exc  # what came before it first; the error on the next call
+                    self._broken = error  # what came before it first; the error on the next call
                     break
-                raise self._fail(exc) from exc
+                raise self._fail(error) from error
             if not data:
                 break  # close_notify: end of stream
             chunks.append(data)

@@ -183,6 +183,16 @@ def test_server_context(pki):
     assert mutual.verify_mode == ssl.CERT_REQUIRED
 
 
+def test_contexts_treat_a_cut_without_close_notify_as_an_error(pki):
+    # Off whatever the interpreter's default (3.11.2, Debian 12's, turns it on).
+    contexts = [
+        client_context(None, default_server_name="myhub.azure-devices.net"),
+        server_context(profile(cert_file=pki.server_cert, key_file=pki.server_key)),
+    ]
+    for ctx in contexts:
+        assert not ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
 def test_server_name_for():
     connector = SimpleNamespace(host="myhub.azure-devices.net")
     assert server_name_for(connector, None) == "myhub.azure-devices.net"
