@@ -287,7 +287,9 @@ class Connection:
                     return self._take_events()
             self._receive_frames(data)
         except AMQPError as exc:
-            self._fail(exc.condition, exc.description)
+            # LocalProtocolError here is our own misuse, not the peer's fault.
+            self._fail(exc.condition, exc.description,
+                       protocol=not isinstance(exc, LocalProtocolError))  # fmt: skip
         return self._take_events()
 
     def _take_events(self) -> list[Event]:
@@ -524,8 +526,9 @@ class Connection:
 
     # -------------------------------------------------------------- failure paths
 
-    def _fail(self, condition: str, description: str) -> None:
-        """Close the connection because of a protocol error and report it."""
+    def _fail(self, condition: str, description: str, *, protocol: bool = False) -> None:
+        """Close the connection because of a protocol error and report it
+        (``protocol``: the peer's, see `ConnectionError`)."""
         if self._phase is _DONE:
             return
         error = Error(Symbol(condition), description)
@@ -537,7 +540,7 @@ class Connection:
             self._close_sent = True
         self._phase = _DONE
         self.error = error
-        self.pending_events.append(ConnectionError(error))
+        self.pending_events.append(ConnectionError(error, protocol))
 
     def _on_eof(self) -> None:
         if self._close_rcvd:
@@ -615,7 +618,7 @@ class Connection:
         self._phase = _DONE
         error = Error(Symbol(C.FRAMING_ERROR), reason)
         self.error = error
-        self.pending_events.append(ConnectionError(error))
+        self.pending_events.append(ConnectionError(error, True))
 
     def _on_header(self, kind: str) -> None:
         if self.role == "server":

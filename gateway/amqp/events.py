@@ -190,6 +190,12 @@ class ConnectionError(Event):
     ``error`` is what we sent in our close (or would have, when the failure was
     before open: SASL refusal, header mismatch, idle timeout, EOF).
     Nothing more is received afterwards; flush ``data_to_send()`` then close the socket.
+
+    ``protocol`` is True when the peer broke the protocol (a malformed,
+    oversized or out-of-state frame, a header we do not accept): what an
+    operator counts as a protocol error, unlike EOF, idle timeout or a SASL
+    refusal.
     """
 
     error: Error
+    protocol: bool = False

@@ -97,6 +97,12 @@ class OpsObserver:
         if self.metrics is not None:
             self.metrics.on_attach_refused(reason)
 
+    def on_protocol_error(self, side: str, condition: str) -> None:
+        """Labelled like the MQTT relay's: protocol, side, kind (here the AMQP
+        condition our close carried, a short fixed vocabulary)."""
+        if self.metrics is not None:
+            self.metrics.on_protocol_error(condition, side=side, protocol="amqp")
+
     # ---- connections and connectors ---------------------------------------------
 
     def on_device_open(self, device: ObservedDevice) -> None:

@@ -204,6 +204,8 @@ class DeviceConn:
                 self.lost("closed by the device")
                 self.engine.close()
             elif t is ConnectionError:
+                if ev.protocol:
+                    self.router.observer.on_protocol_error("device", str(ev.error.condition))
                 self.lost(f"{ev.error.condition}: {ev.error.description}")
         flush_relay_counts()  # one metrics update per pair and chunk
         self.wake()

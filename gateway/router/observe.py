@@ -83,6 +83,9 @@ class RouterObserver(Protocol):
         """`deliveries` transfers read in one chunk were relayed `seconds` after the
         chunk arrived (all of them leave in the same write)."""
     def on_attach_refused(self, reason: str) -> None: ...
+    def on_protocol_error(self, side: str, condition: str) -> None:
+        """A peer broke the protocol and its connection was closed with the AMQP
+        error `condition`; `side` is ``device`` or ``upstream``."""
 
     # ---- connections and connectors
     def on_device_refused(self, listener: str, reason: str) -> None:
@@ -119,6 +122,9 @@ class NullObserver:
         pass
 
     def on_attach_refused(self, reason: str) -> None:
+        pass
+
+    def on_protocol_error(self, side: str, condition: str) -> None:
         pass
 
     def on_device_refused(self, listener: str, reason: str) -> None:

@@ -201,6 +201,8 @@ class UpstreamConn:
                 self.fail(ev.error)
                 self.engine.close()
             elif t is ConnectionError:
+                if ev.protocol:
+                    self.router.observer.on_protocol_error("upstream", str(ev.error.condition))
                 self.fail(None, f"{ev.error.condition}: {ev.error.description}")
         flush_relay_counts()  # one metrics update per pair and chunk
         self.wake()

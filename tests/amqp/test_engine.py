@@ -949,3 +949,38 @@ def test_close_during_sasl_just_stops():
     client.data_to_send()
     client.close()
     assert client.closed and client.data_to_send() == b""
+
+
+# --------------------------------------------- which failures are the peer's protocol errors
+
+
+def test_connection_error_says_whether_the_peer_broke_the_protocol():
+    # The peer's fault: a frame out of state, a malformed frame, a header we refuse.
+    conn, _, _ = server_with_link(credit=1)
+    events = conn.receive_data(p_transfer(delivery_id=0, tag=b"a") + p_transfer(delivery_id=1, tag=b"b"))
+    (err,) = [e for e in events if isinstance(e, ConnectionError)]
+    assert err.protocol and err.error.condition == "amqp:link:transfer-limit-exceeded"
+    conn, _, _ = server_with_link()
+    (err,) = conn.receive_data(struct.pack(">IBBH", 13, 2, 0, 0) + b"\xa1\x03abc")
+    assert isinstance(err, ConnectionError) and err.protocol
+    (err,) = Connection("server", "gw").receive_data(b"GET / HTTP/1.1\r\n")
+    assert isinstance(err, ConnectionError) and err.protocol
+    # Not the peer's protocol error: EOF, a SASL refusal, our idle timeout, our own oversize.
+    conn, _, _ = server_with_link()
+    (err,) = conn.receive_data(b"")
+    assert isinstance(err, ConnectionError) and not err.protocol
+    conn = Connection("server", "gw", sasl=SaslServer(["PLAIN"]))
+    conn.receive_data(SASL_HEADER)
+    events = conn.receive_data(pframe(0x41, [symbol("ANONYMOUS"), b""], frame_type=1))
+    assert [e.protocol for e in events if isinstance(e, ConnectionError)] == [False]
+    client, server = make_pair(sasl=False, client_kw={"idle_timeout": 10})
+    client.open()
+    server.open()
+    pipe(client, server, EngineApp(client), EngineApp(server))
+    client.tick(100.0)
+    events = client.tick(110.0)
+    assert isinstance(events[-1], ConnectionError) and not events[-1].protocol
+    client, server, *_, session, _ = _linked_pair(server_kw={"max_frame_size": 512})
+    session.attach("big", "sender", properties={symbol("k"): "v" * 600})
+    errors = [e for e in client.receive_data(b"") if isinstance(e, ConnectionError)]
+    assert errors and not errors[0].protocol

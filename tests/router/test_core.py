@@ -16,6 +16,7 @@ from gateway.amqp import (  # noqa: E402
     DispositionReceived,
     LinkState,
     RemoteAttach,
+    RemoteClose,
     RemoteDetach,
     TransferReceived,
 )
@@ -28,6 +29,7 @@ from gateway.amqp.performatives import (  # noqa: E402
     Target,
 )
 from gateway.amqp.types import Symbol, UInt, ULong  # noqa: E402
+from gateway.router.observe import NullObserver  # noqa: E402
 
 ADDR = "queues/q1"
 
@@ -294,3 +296,34 @@ async def test_device_loss_detaches_upstream_links_and_ends_sessions(monkeypatch
 
         await h.hub.next(RemoteEnd)
         await h.hub.wait_for(lambda: not h.router.devices)
+
+
+class ProtocolErrors(NullObserver):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def on_protocol_error(self, side: str, condition: str) -> None:
+        self.seen.append((side, condition))
+
+
+# A frame whose body is not a described performative.
+MALFORMED = b"\x00\x00\x00\x0d\x02\x00\x00\x00\xa1\x03abc"
+
+
+async def test_protocol_errors_reported_per_side_once(monkeypatch) -> None:
+    async with router_harness(monkeypatch) as h:
+        seen = ProtocolErrors()
+        h.router.observer = seen
+        dev = await h.device()
+        await open_sender(dev)
+        await h._hub_ready.wait()
+        await hub_accepts(h.hub)
+        await dev.next(RemoteAttach)
+        # The hub breaks the protocol: counted once, on the upstream side.
+        await h.hub.stream.send_all(MALFORMED)
+        await dev.next(RemoteDetach)
+        assert seen.seen == [("upstream", "amqp:decode-error")]
+        # A device breaks it: counted on the device side.
+        await dev.stream.send_all(MALFORMED)
+        await dev.next(RemoteClose)  # sent after the router handled the error
+        assert seen.seen == [("upstream", "amqp:decode-error"), ("device", "amqp:decode-error")]
