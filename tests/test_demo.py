@@ -332,3 +332,35 @@ def test_demo_reports_the_amqp_part_failed_when_only_mqtt_is_served(
     import shutil
 
     shutil.rmtree(demo.workdir)
+
+
+def test_demo_starts_the_gateway_again_when_a_port_it_picked_was_taken(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from gateway.demo import scenario
+
+    # Between picking a free port and the gateway binding it, another process takes it,
+    # as an outgoing connection's local port would: bound, not accepting.
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", 0))
+    picks: list[list[int]] = []
+
+    def pick(count: int) -> list[int]:
+        ports = pick_free_ports(count)
+        if not picks:
+            ports[0] = squatter.getsockname()[1]
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(scenario, "pick_free_ports", pick)
+    try:
+        demo = Demo(Options(), sys.stdout)
+        assert demo.run() == 0
+    finally:
+        squatter.close()
+    out = capsys.readouterr().out
+    assert len(picks) == 2
+    assert "one of its ports was taken meanwhile; again with new ports" in out
+    assert "Result: OK" in out and "FAILED" not in out

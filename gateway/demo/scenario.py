@@ -37,10 +37,15 @@ DPS_GROUP = "demo-fleet"  # a symmetric-key enrollment group; its members' keys 
 C2D_COMMAND = b'{"command":"blink","seconds":2}'
 METHOD = ("reboot", {"delaySeconds": 0})
 
-READY_TIMEOUT = 10.0  # the gateway process starts and binds its listeners
-READY_GRACE = 1.0  # after the first listener, the others
-STEP_TIMEOUT = 5.0  # each device step (connect, CBS, send, receive)
-DEVICES_TIMEOUT = 30.0  # both devices together; every step inside is bounded too
+# Fail-safes only: every wait ends as soon as its step completes, so a healthy run is as
+# quick as ever, and a busy machine (a cold interpreter start alone can take seconds) has
+# room before a slow step is taken for a broken one.
+READY_TIMEOUT = 60.0  # the gateway process starts and binds its listeners
+READY_GRACE = 5.0  # after the first listener, the others
+STEP_TIMEOUT = 15.0  # each device step (connect, CBS, send, receive)
+DEVICES_TIMEOUT = 90.0  # all devices together; every step inside is bounded too
+PORT_ATTEMPTS = 3  # the ports picked for the gateway can be taken before it binds them
+LOG_SCAN = 40  # the gateway's last output lines searched for the cause of an early exit
 EXTRA_COMMANDS = 3  # queued for manual runs with --keep-running
 
 
@@ -156,6 +161,31 @@ class Demo:
         return hub
 
     def _start_gateway(self, hub: HubSim) -> Readiness:
+        # The ports are picked free, then released for the gateway to bind: another
+        # process on the machine can take one in between. Fresh ports cure that.
+        for _ in range(PORT_ATTEMPTS):
+            ready = self._launch_gateway(hub)
+            if ready.exited is None or not self._lost_a_port():
+                break
+            self.say("  gateway       one of its ports was taken meanwhile; again with new ports")
+        if ready.exited is not None and not ready.open_ports:
+            self.say(f"FAILED: the gateway exited with status {ready.exited} before it listened")
+            self._show_log_tail()
+        elif not ready.open_ports:
+            self.say(f"FAILED: the gateway opened no listener within {READY_TIMEOUT:g} s")
+            self._show_log_tail()
+        elif len(ready.open_ports) < 3:
+            self.say(f"  gateway       only some listeners open after {ready.seconds:.1f} s")
+        else:
+            self.say(f"  gateway       ready in {ready.seconds:.1f} s")
+        return ready
+
+    def _lost_a_port(self) -> bool:
+        assert self.gateway is not None
+        self.gateway.stop()  # reaps it and lets its output reader finish
+        return any("Address already in use" in line for line in self.gateway.tail(LOG_SCAN))
+
+    def _launch_gateway(self, hub: HubSim) -> Readiness:
         assert hub.ca_file is not None and hub.amqp_port and hub.mqtt_port
         amqp, mqtt, admin = pick_free_ports(3)
         self.ports = ports = GatewayPorts(amqp=amqp, mqtt=mqtt, admin=admin)
@@ -171,7 +201,11 @@ class Demo:
         )
         self.gateway = gateway
         gateway.start()
-        ready = gateway.wait_ready([ports.amqp, ports.mqtt], READY_TIMEOUT, READY_GRACE)
+        # The admin port opens last: when it answers, the daemon is fully started (and
+        # did not fail on that port after its listeners).
+        ready = gateway.wait_ready(
+            [ports.amqp, ports.mqtt, ports.admin], READY_TIMEOUT, READY_GRACE
+        )
 
         def state(port: int) -> str:
             return f"{LOOPBACK}:{port}" + ("" if ready.is_open(port) else " (NOT LISTENING)")
@@ -181,16 +215,6 @@ class Demo:
             f"admin http://{LOOPBACK}:{ports.admin}"
         )
         self.say(f"  gateway files {config_file}, {log_file}")
-        if ready.exited is not None and not ready.open_ports:
-            self.say(f"FAILED: the gateway exited with status {ready.exited} before it listened")
-            self._show_log_tail()
-        elif not ready.open_ports:
-            self.say(f"FAILED: the gateway opened no listener within {READY_TIMEOUT:g} s")
-            self._show_log_tail()
-        elif len(ready.open_ports) < 2:
-            self.say(f"  gateway       only some listeners open after {ready.seconds:.1f} s")
-        else:
-            self.say(f"  gateway       ready in {ready.seconds:.1f} s")
         return ready
 
     def _run_devices(self, hub: HubSim, ready: Readiness, c2d_id: str) -> list[DeviceReport]:
