@@ -270,7 +270,7 @@ def test_demo_keep_running_serves_until_interrupted() -> None:
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert "twin reported PATCH" in rerun.stdout
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=15)
+        rest, _ = proc.communicate(timeout=DEMO_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -72,12 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         sys.stdout,
     )
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)  # tear down as on Ctrl-C
+    # SIGTERM tears down as Ctrl-C does; SIGINT is handled explicitly too, as the daemon
+    # and hubsim do, since a shell that starts the demo in the background leaves it ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return demo.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
