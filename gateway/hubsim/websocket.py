@@ -4,9 +4,11 @@ As IoT Hub on port 443: one TLS listener, the HTTP upgrade at
 ``/$iothub/websocket``, and the subprotocol choosing the protocol:
 ``AMQPWSB10`` for AMQP 1.0, ``mqtt`` for MQTT. Binary messages carry the same
 bytes as the TCP listeners, handed to the same `AmqpConnection` /
-`MqttConnection` through a transport that frames every write as one binary
-message. Built on wsproto's server side directly (asyncio, like the rest of
-hubsim); it shares no code with the gateway's WebSocket client.
+`MqttConnection` through a transport that frames writes as binary messages:
+each AMQP write at once as one message, as the TCP listener writes it to the
+socket; MQTT writes of one event-loop turn together as one message. Built on
+wsproto's server side directly (asyncio, like the rest of hubsim); it shares
+no code with the gateway's WebSocket client.
 
 A text frame is answered with close 1003, an unparseable frame with wsproto's
 close code, pings with pongs; a close from the client is answered and ends the
@@ -92,9 +94,13 @@ class WebSocketBridge(asyncio.Protocol):
         self.inner_amqp: AmqpConnection | None = None
         self.mqtt_reader: asyncio.StreamReader | None = None
         self.message_transport = _MessageTransport(self)
-        # Writes made in one event-loop turn leave as one binary message, as bytes
-        # written to a TCP socket in one turn leave together (MQTT writes a packet
-        # at a time: one frame per PUBACK would cost both ends a frame each).
+        # MQTT writes a packet at a time: one frame per PUBACK would cost both ends
+        # a frame each, so its writes of one event-loop turn leave as one message.
+        # AMQP writes once per batch of input proton has processed; holding those
+        # until the turn ends would keep every answer to a large gateway write
+        # until the whole write is processed, where the TCP listener sends them
+        # as it goes (and gateway and device work on them meanwhile).
+        self.coalesce = False
         self.outgoing: list[bytes] = []
 
     # -- from the socket ------------------------------------------------------------
@@ -159,6 +165,7 @@ class WebSocketBridge(asyncio.Protocol):
             self._reject(400, f"unsupported subprotocol(s) {request.subprotocols}")
             return False
         self.protocol = protocol
+        self.coalesce = protocol == "mqtt"
         self._write(self.ws.send(AcceptConnection(subprotocol=chosen)))
         if protocol == "amqp":
             assert self.amqp is not None
@@ -204,6 +211,9 @@ class WebSocketBridge(asyncio.Protocol):
 
     def send_binary(self, data: bytes) -> None:
         if self.ws.state is not ConnectionState.OPEN:
+            return
+        if not self.coalesce:
+            self._write(self.ws.send(Message(data=data)))
             return
         if not self.outgoing:
             asyncio.get_running_loop().call_soon(self._flush)

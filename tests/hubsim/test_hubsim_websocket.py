@@ -4,9 +4,11 @@ the refusals (wrong path, unknown subprotocol, text frames)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -23,6 +25,8 @@ from wsproto.events import (
 )
 
 from gateway.hubsim import HubSim
+from gateway.hubsim.amqp_server import AmqpServer
+from gateway.hubsim.websocket import WebSocketBridge
 
 
 @pytest.fixture
@@ -142,3 +146,34 @@ def test_mqtt_only_hub_refuses_amqp_subprotocol(keys: dict[str, str]) -> None:
         finally:
             client.close()
     hub.close()
+
+
+class _RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_amqp_answer_leaves_without_waiting_for_the_event_loop(keys: dict[str, str]) -> None:
+    """AMQP writes go out as they are made, as the TCP listener's do: the answer to
+    a large write is not held until all of it is processed (no loop runs here)."""
+    amqp = AmqpServer(HubSim(keys, hub_host=HUB_HOST).state, "hubsim-test")
+    bridge = WebSocketBridge(amqp, None)
+    transport = _RecordingTransport()
+    bridge.connection_made(transport)
+    client = WSConnection(ConnectionType.CLIENT)
+    request = Request(host="127.0.0.1", target="/$iothub/websocket", subprotocols=["AMQPWSB10"])
+    bridge.data_received(client.send(request))
+    client.receive_data(b"".join(transport.written))
+    assert isinstance(next(client.events()), AcceptConnection)
+    transport.written.clear()
+    bridge.data_received(client.send(Message(data=b"AMQP\x03\x01\x00\x00")))
+    client.receive_data(b"".join(transport.written))
+    payload = b"".join(e.data for e in client.events() if isinstance(e, BytesMessage))
+    assert payload.startswith(b"AMQP\x03\x01\x00\x00")  # the SASL header, already sent
