@@ -4,10 +4,8 @@
 # with sh scripts/lock.sh), the project itself is installed editable on top.
 set -eu
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
 . scripts/sim-prereqs.sh
+make_venv
 sim_prereqs .venv/bin/python
 .venv/bin/python -m pip install -q --require-hashes -r requirements/test.lock
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
