@@ -86,6 +86,18 @@ class LogSection(Section):
 # --- TLS -------------------------------------------------------------------------------------
 
 
+
+def _both_or_neither(model: Any, first: str, second: str) -> None:
+    """Two keys that only make sense together: one without the other is an error
+    located at the one given."""
+    values = (getattr(model, first), getattr(model, second))
+    if (values[0] is None) != (values[1] is None):
+        present, missing = (first, second) if values[1] is None else (second, first)
+        raise errors_at(
+            type(model).__name__, [((present,), f"{present} needs {missing} too (both or neither)")]
+        )
+
+
 class TlsProfile(Section):
     ca_file: Path | None = Field(None, description="trusted CAs (PEM); default: system store")
     cert_file: Path | None = Field(None, description="own certificate chain (PEM)")
@@ -105,12 +117,7 @@ class TlsProfile(Section):
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> TlsProfile:
-        if (self.cert_file is None) != (self.key_file is None):
-            missing = "key_file" if self.key_file is None else "cert_file"
-            present = "cert_file" if missing == "key_file" else "key_file"
-            raise errors_at(
-                "TlsProfile", [((present,), f"{present} needs {missing} too (both or neither)")]
-            )
+        _both_or_neither(self, "cert_file", "key_file")
         return self
 
     @property
@@ -193,12 +200,7 @@ class ProxySettings(Section):
 
     @model_validator(mode="after")
     def _user_and_password(self) -> ProxySettings:
-        if (self.username is None) != (self.password_file is None):
-            missing = "password_file" if self.password_file is None else "username"
-            present = "username" if missing == "password_file" else "password_file"
-            raise errors_at(
-                "ProxySettings", [((present,), f"{present} needs {missing} too (both or neither)")]
-            )
+        _both_or_neither(self, "username", "password_file")
         return self
 
 
