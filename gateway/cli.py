@@ -1,6 +1,7 @@
 """The ``iot-gateway`` command line.
 
-Exit codes: 0 ok, 1 runtime error, 2 bad configuration or usage.
+Exit codes: 0 ok, 1 runtime error, 2 bad configuration or usage; ``run`` also
+3-6 for start-up failures (`gateway.ops.startup`, docs/operations.md "Exit status").
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import trio
@@ -47,7 +48,7 @@ from gateway.net.ack_batching import AckBatching
 from gateway.net.amqp_listener import serve_amqp_listener
 from gateway.net.hooks import set_connect_failure_hook, set_dial_hook
 from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
-from gateway.net.tls import ClientContextCache, TLSConnectError
+from gateway.net.tls import ClientContextCache, TLSConnectError, client_context
 from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.ops import sdnotify
 from gateway.ops.connections import ListenerConnections
@@ -64,6 +65,7 @@ from gateway.ops.lifecycle import (
 from gateway.ops.registry import Registry
 from gateway.ops.reload import ReloadPlan, plan_reload
 from gateway.ops.router_observer import OpsObserver
+from gateway.ops.startup import StartupError, bind_error, tls_error
 from gateway.ops.trace import FrameTracer
 from gateway.router.core import Router
 from gateway.router.routes import RouteTable
@@ -107,7 +109,11 @@ async def serve(config: GatewayConfig, trace: tuple[str, ...] = (), *,
             log.error("%scredentials: %s", where, exc)
             return EXIT_CONFIG
         daemon = Daemon(config, trace, credentials)
-        return await daemon.run(signals, task_status=task_status)
+        try:
+            return await daemon.run(signals, task_status=task_status)
+        except StartupError as exc:
+            log.error("%s", exc)
+            return exc.status
 
 
 def _credential_store(config: GatewayConfig) -> CredentialStore:
@@ -143,6 +149,7 @@ class Daemon:
         self.listener_settings: dict[str, LiveListenerSettings] = {}
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
+        self.admin_sockets: list[trio.SocketListener] = []  # bound by bind(), then served
         self.stopping = False
         self._stop = trio.Event()
         self._hurry = trio.Event()
@@ -162,6 +169,7 @@ class Daemon:
     async def run(self, signals: Any = None, *,
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
         config = self.config
+        await self.bind()
         if self.metrics is not None:
             set_connect_failure_hook(self.metrics.on_tls_handshake_failure)
         set_dial_hook(self.registry.connector_dialled)
@@ -202,6 +210,42 @@ class Daemon:
             nursery.cancel_scope.cancel()
         log.info("gateway %s stopped", config.gateway.id)
         return EXIT_OK
+
+    async def bind(self) -> None:
+        """Everything that can fail at start, before anything is served or logged as
+        started: load each TLS profile's certificates and keys, bind every listener and
+        the admin endpoint. `StartupError` (what failed, where, why) if one fails; the
+        sockets already bound are closed again."""
+        bound: list[trio.SocketListener] = []
+        try:
+            for listener in self.config.listeners:
+                settings = self._listener_settings(listener)
+                settings.sockets = await _bind(f"listener {listener.name!r}", listener.bind)
+                bound.extend(settings.sockets)
+                self.listener_settings[listener.name] = settings
+            for connector in self.config.connectors:
+                profile = self.config.tls_profile_for(connector)
+                if profile is not None:
+                    _load_tls(f"connector {connector.name!r} tls_profile {connector.tls_profile!r}",
+                              profile, client_context)  # fmt: skip
+            if self.config.admin.enabled:
+                self.admin_sockets = await _bind("admin endpoint", self.config.admin.listen)
+                bound.extend(self.admin_sockets)
+        except StartupError:
+            for sock in bound:
+                await trio.aclose_forcefully(sock)
+            self.listener_settings.clear()
+            self.admin_sockets = []
+            raise
+
+    def _listener_settings(self, listener: Any) -> LiveListenerSettings:
+        """The listener's live settings; its TLS profile's certificate and key loaded."""
+        what = f"listener {listener.name!r} tls_profile {listener.tls_profile!r}"
+        try:
+            return LiveListenerSettings.from_config(listener, self.config)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            profile = self.config.tls_profile_for(listener)
+            raise tls_error(what, _tls_files(profile), exc) from None
 
     def request_stop(self) -> None:
         """Begin the drain (what SIGTERM does); asked again, cut the drain short."""
@@ -367,8 +411,10 @@ class Daemon:
     async def _serve_listener(self, listener: Any, *,
                               task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
         # Live limits: a reload changes them in place, a drain stops admissions.
-        settings = LiveListenerSettings.from_config(listener, self.config)
-        self.listener_settings[listener.name] = settings
+        settings = self.listener_settings.get(listener.name)
+        if settings is None:
+            settings = self._listener_settings(listener)
+            self.listener_settings[listener.name] = settings
         if listener.protocol == "amqp":
             await serve_amqp_listener(listener, self.config, self.router,
                                       observer=self.listener_observer, task_status=task_status,
@@ -386,12 +432,11 @@ class Daemon:
     async def _start_admin(self, nursery: trio.Nursery) -> None:
         from gateway.ops.admin import serve_admin
 
-        try:
-            self.admin_addresses = await nursery.start(
-                serve_admin, self.config.admin.listen, self.registry, self.metrics, self.readiness
-            )
-        except OSError as exc:
-            log.error("admin endpoint %s: %s", self.config.admin.listen, exc)
+        sockets, self.admin_sockets = self.admin_sockets, []
+        self.admin_addresses = await nursery.start(
+            partial(serve_admin, sockets=sockets), self.config.admin.listen, self.registry,
+            self.metrics, self.readiness,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- MQTT listeners
@@ -455,6 +500,32 @@ async def serve_mqtt_listener(
     await serve_listener(
         settings, handler, observer=listener_observer, stats=stats, task_status=task_status
     )
+
+
+async def _bind(what: str, address: Any) -> list[trio.SocketListener]:
+    """Listening sockets for ``address`` (a HostPort); StartupError naming ``what``."""
+    host = str(address.host).strip("[]")
+    try:
+        return await trio.open_tcp_listeners(
+            address.port, host=None if host in ("", "*") else host
+        )
+    except OSError as exc:
+        raise bind_error(what, str(address), address.port, exc) from None
+
+
+def _tls_files(profile: Any) -> str:
+    names = [f"{key} {value}" for key in ("cert_file", "key_file", "ca_file")
+             if (value := getattr(profile, key, None)) is not None]  # fmt: skip
+    return " and ".join(names) or "the system trust store"
+
+
+def _load_tls(what: str, profile: Any, build: Callable[[Any], Any]) -> None:
+    """Build a TLS context from ``profile`` once, to fail at start rather than at the
+    first connection; StartupError naming ``what`` and the files."""
+    try:
+        build(profile)
+    except (OSError, ValueError) as exc:
+        raise tls_error(what, _tls_files(profile), exc) from None
 
 
 def _route_rows(routes: RouteTable, mqtt_routes: Iterable[Any]) -> list[dict[str, Any]]:

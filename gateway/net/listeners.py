@@ -151,13 +151,18 @@ async def serve_listener(
     stats: ListenerStats | None = None,
     task_status: trio.TaskStatus[list[Peer]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. `task_status.started()` gets the bound (host, port) list."""
+    """Serve until cancelled. `task_status.started()` gets the bound (host, port) list.
+
+    Sockets already bound in ``settings.sockets`` (if it has them) are served instead
+    of binding anew: the daemon binds every listener before it serves any."""
     obs: ListenerObserver = observer or _NullObserver()
     counters = stats if stats is not None else ListenerStats()
     opened = getattr(obs, "on_connection_open", None)
     closed = getattr(obs, "on_connection_close", None)
     host = settings.host or None
-    listeners = await trio.open_tcp_listeners(settings.port, host=host)
+    listeners = list(getattr(settings, "sockets", None) or ())
+    if not listeners:
+        listeners = await trio.open_tcp_listeners(settings.port, host=host)
     bound = [peer_address_of_listener(listener) for listener in listeners]
     log.info(
         "listener %s (%s) bound to %s%s",

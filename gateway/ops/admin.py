@@ -330,6 +330,7 @@ async def serve_admin(
     readiness: Readiness,
     *,
     limits: AdminLimits | None = None,
+    sockets: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint until cancelled.
@@ -338,11 +339,12 @@ async def serve_admin(
     port 0 picks a free port. ``task_status.started`` receives the bound
     ``(host, port)`` addresses. ``metrics_registry`` is a CollectorRegistry,
     a :class:`gateway.ops.metrics.Metrics` facade, or None for the default
-    prometheus_client registry.
+    prometheus_client registry. ``sockets``: already bound (the daemon binds
+    before it serves anything); by default ``listen`` is bound here.
     """
     host, port = _host_port(listen)
     server = _AdminServer(registry, metrics_registry, readiness, limits or AdminLimits())
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = list(sockets or ()) or await trio.open_tcp_listeners(port, host=host)
     addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
     log.info("admin endpoint listening on %s", ", ".join(_fmt(a) for a in addresses))
     async with trio.open_nursery() as nursery:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
@@ -57,6 +57,8 @@ class LiveListenerSettings:
     ssl_context: ssl.SSLContext | None
     tls_handshake_timeout: float
     draining: bool = False
+    # Bound by the daemon before anything is served (see Daemon.bind).
+    sockets: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, listener_cfg: Any, config: Any) -> LiveListenerSettings:
