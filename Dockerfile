@@ -3,7 +3,8 @@
 #
 #   docker build -t iot-gateway .
 #   docker run -d -p 5672:5672 -p 1883:1883 -p 127.0.0.1:9090:9090 \
-#       -v $PWD/gateway.yaml:/etc/iot-gateway/gateway.yaml:ro iot-gateway
+#       -v $PWD/gateway.yaml:/etc/iot-gateway/gateway.yaml:ro \
+#       -v $PWD/admin-token:/etc/iot-gateway/admin-token:ro iot-gateway
 #
 # Builds with the classic builder (DOCKER_BUILDKIT=0) as well as BuildKit: no
 # frontend image to pull, no BuildKit-only instructions or build arguments.
@@ -18,8 +19,9 @@
 #
 # The built-in configuration (deploy/gateway.yaml) serves the admin endpoint on
 # 0.0.0.0:9090 inside the container, so health checks, Kubernetes probes and
-# Prometheus can reach it; publish that port to the host's loopback only, or
-# not at all.
+# Prometheus can reach it; /api/* there needs the bearer token of
+# admin.token_file (/etc/iot-gateway/admin-token, mode 0600, uid 10001; mount
+# it). Publish that port to the host's loopback only, or not at all.
 
 # --- builder ------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS builder

@@ -150,6 +150,7 @@ class Daemon:
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
         self.admin_sockets: list[trio.SocketListener] = []  # bound by bind(), then served
+        self.admin_token = config.admin.token  # what /api/* requires; a reload may rotate it
         self.stopping = False
         self._stop = trio.Event()
         self._hurry = trio.Event()
@@ -353,6 +354,8 @@ class Daemon:
                       type(exc).__name__, exc)  # fmt: skip
             self._count_reload(False)
             return False
+        if new.admin.token_file == self.config.admin.token_file:
+            self.admin_token = new.admin.token  # the file is read again: a rotated token applies
         for line in plan.needs_restart:
             log.warning("configuration reload: %s: needs restart, ignored", line)
         for line in plan.warnings:
@@ -434,8 +437,8 @@ class Daemon:
 
         sockets, self.admin_sockets = self.admin_sockets, []
         self.admin_addresses = await nursery.start(
-            partial(serve_admin, sockets=sockets), self.config.admin.listen, self.registry,
-            self.metrics, self.readiness,
+            partial(serve_admin, sockets=sockets, api_token=lambda: self.admin_token),
+            self.config.admin.listen, self.registry, self.metrics, self.readiness,
         )  # fmt: skip
 
 

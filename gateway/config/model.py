@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.config.admin_token import admin_token
 from gateway.config.base import Loc, Name, Network, Section, _str, errors_at, readable_file
 from gateway.config.credentials import CredentialsSection
 from gateway.config.durations import Duration
@@ -73,6 +74,24 @@ class AdminSection(Section):
         description="/metrics /healthz /readyz /api/...",
     )
     enabled: bool = True
+    token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token /api/* requires (mode 0600); required "
+        "when listen is not a loopback address",
+    )
+    _token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _api_token(self, info: ValidationInfo) -> AdminSection:
+        self._token, problems = admin_token(self, (info.context or {}).get("base_dir"))
+        if problems:
+            raise errors_at("AdminSection", problems)
+        return self
+
+    @property
+    def token(self) -> SecretStr | None:
+        """The bearer token read from ``token_file`` (None: /api/* needs none)."""
+        return self._token
 
 
 class LogSection(Section):

@@ -9,6 +9,11 @@ connection, GET and HEAD only:
     /api/connections  /api/links  /api/routes  /api/connectors  /api/listeners
     /api/credentials  (JSON; identities the gateway holds credentials for, no secrets)
 
+With a token (``admin.token_file``, required when the endpoint is not on
+loopback) every ``/api/*`` request must carry ``Authorization: Bearer TOKEN``;
+others are answered 401, and logged once per source address a minute.
+The health, readiness and metrics paths stay open for probes and scrapers.
+
 A misbehaving client cannot hurt the gateway: request heads and bodies are
 bounded, a client that does not finish its request head in time or stops
 reading its response is dropped, and the number of concurrent admin
@@ -17,6 +22,7 @@ connections is capped (excess connections are closed at once).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -36,6 +42,9 @@ __all__ = ["AdminLimits", "serve_admin"]
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], tuple[bool, str]]
+# The bearer token /api/* requires now (None: none required); read per request so a
+# reload can rotate it.
+ApiToken = Callable[[], Any]
 Response = tuple[int, str, bytes]  # status, content type, body
 Handler = Callable[[h11.Request], Awaitable[Response]]
 
@@ -55,6 +64,41 @@ class AdminLimits:
 
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
+_API_PREFIX = "/api/"
+_REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines about one source's refusals
+_REFUSAL_SOURCES = 1024  # sources remembered for that; the oldest is forgotten first
+
+
+class _Refusals:
+    """Logs refused /api requests once per source address per interval, with the
+    number refused meanwhile, so a scanner cannot flood the log."""
+
+    def __init__(self, interval: float = _REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._sources: dict[str, list[float]] = {}  # source -> [logged at, suppressed]
+
+    def refused(self, source: str, path: str, why: str, now: float) -> None:
+        entry = self._sources.get(source)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        suppressed = int(entry[1]) if entry is not None else 0
+        self._sources.pop(source, None)
+        if len(self._sources) >= _REFUSAL_SOURCES:
+            self._sources.pop(next(iter(self._sources)))
+        self._sources[source] = [now, 0]
+        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
+        log.warning("admin: refused %s from %s: %s (401)%s", path[:128], source, why, more)
+
+
+def _bearer(request: h11.Request) -> bytes | None:
+    for name, value in request.headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip()
+            return None
+    return None
 
 
 class _AdminServer:
@@ -64,8 +108,11 @@ class _AdminServer:
         metrics_registry: Any,
         readiness: Readiness,
         limits: AdminLimits,
+        api_token: ApiToken | None = None,
     ) -> None:
         self.registry = registry
+        self.api_token = api_token
+        self.refusals = _Refusals()
         self.metrics_registry = _collector_registry(metrics_registry)
         self.readiness = readiness
         self.limits = limits
@@ -100,7 +147,7 @@ class _AdminServer:
         self._saturated = False
         self.active += 1
         try:
-            await self._serve(stream)
+            await self._serve(stream, _peer_host(stream))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -110,7 +157,7 @@ class _AdminServer:
             self.active -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, peer: str = "?") -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_head)
         while True:
             try:
@@ -133,7 +180,7 @@ class _AdminServer:
                 await self._send_error(conn, stream, 408, "request timeout")
                 return
 
-            status, content_type, body = await self._dispatch(request)
+            status, content_type, body = await self._dispatch(request, peer)
             if not await self._send_response(conn, stream, request, status, content_type, body):
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -182,9 +229,13 @@ class _AdminServer:
             # EndOfMessage, or ConnectionClosed mid-body (h11 raises on that).
             return True
 
-    async def _dispatch(self, request: h11.Request) -> Response:
+    async def _dispatch(self, request: h11.Request, peer: str = "?") -> Response:
         method = request.method.upper()
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        if path.startswith(_API_PREFIX) or path == _API_PREFIX.rstrip("/"):
+            refusal = self._authorize(request, path, peer)
+            if refusal is not None:
+                return refusal
         handler = self.routes.get(path)
         if handler is None:
             return 404, _TEXT, b"not found\n"
@@ -195,6 +246,20 @@ class _AdminServer:
         except Exception:
             log.exception("admin: handler for %s failed", path)
             return 500, _TEXT, b"internal error\n"
+
+    def _authorize(self, request: h11.Request, path: str, peer: str) -> Response | None:
+        """None when /api/* may be answered; the 401 response otherwise."""
+        token = self.api_token() if self.api_token is not None else None
+        if token is None:
+            return None
+        expected = (token.get_secret_value() if hasattr(token, "get_secret_value")
+                    else str(token)).encode()  # fmt: skip
+        given = _bearer(request)
+        if given is not None and hmac.compare_digest(given, expected):
+            return None
+        why = "no bearer token" if given is None else "wrong bearer token"
+        self.refusals.refused(peer, path, why, trio.current_time())
+        return 401, _TEXT, b"unauthorized: /api needs Authorization: Bearer <admin.token_file>\n"
 
     async def _metrics(self, request: h11.Request) -> Response:
         accept = ""
@@ -236,6 +301,8 @@ class _AdminServer:
         ]
         if status == 405:
             headers.append(("allow", "GET, HEAD"))
+        elif status == 401:
+            headers.append(("www-authenticate", 'Bearer realm="iot-gateway admin API"'))
         response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
         events: list[Any] = [response]
         if request.method.upper() != b"HEAD" and body:
@@ -288,6 +355,13 @@ class _AdminServer:
         return not scope.cancelled_caught
 
 
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return "?"
+
+
 def _reason(status: int) -> bytes:
     """The standard reason phrase (``200 OK``); some clients and proxies log or expect it."""
     try:
@@ -331,6 +405,7 @@ async def serve_admin(
     *,
     limits: AdminLimits | None = None,
     sockets: list[trio.SocketListener] | None = None,
+    api_token: ApiToken | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint until cancelled.
@@ -340,10 +415,12 @@ async def serve_admin(
     ``(host, port)`` addresses. ``metrics_registry`` is a CollectorRegistry,
     a :class:`gateway.ops.metrics.Metrics` facade, or None for the default
     prometheus_client registry. ``sockets``: already bound (the daemon binds
-    before it serves anything); by default ``listen`` is bound here.
+    before it serves anything); by default ``listen`` is bound here. ``api_token``
+    returns the bearer token /api/* requires (a str or SecretStr), or None.
     """
     host, port = _host_port(listen)
-    server = _AdminServer(registry, metrics_registry, readiness, limits or AdminLimits())
+    server = _AdminServer(registry, metrics_registry, readiness, limits or AdminLimits(),
+                          api_token)  # fmt: skip
     listeners = list(sockets or ()) or await trio.open_tcp_listeners(port, host=host)
     addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
     log.info("admin endpoint listening on %s", ", ".join(_fmt(a) for a in addresses))

@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["main", "render_table"]
@@ -33,13 +35,21 @@ def _base_url(admin: str) -> str:
     return admin.rstrip("/")
 
 
-def fetch(base_url: str, path: str, timeout: float) -> Any:
+def fetch(base_url: str, path: str, timeout: float, *, token: str | None = None) -> Any:
     url = f"{base_url}{path}"
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read(16 * 1024 * 1024)
     except urllib.error.HTTPError as exc:
-        raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        hint = ""
+        if exc.code == 401:
+            hint = (" (the gateway wants its admin token: give -c with the configuration "
+                    "that names admin.token_file, or --token-file)" if token is None
+                    else " (the token does not match the gateway's admin.token_file)")  # fmt: skip
+        raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}{hint}") from None
     except urllib.error.URLError as exc:
         raise StatusError(f"cannot reach the admin endpoint at {base_url}: {exc.reason}") from None
     except (OSError, TimeoutError) as exc:
@@ -249,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"admin endpoint of the gateway, instead of -c (e.g. {DEFAULT_ADMIN})",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer token for /api/* (default: the configuration's admin.token_file)",
+    )
     parser.add_argument("--connections", action="store_true", help="connections")
     parser.add_argument("-l", "--links", action="store_true", help="AMQP links")
     parser.add_argument("--routes", action="store_true", help="route table")
@@ -276,15 +291,16 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         args.config, args.connections = None, True
     try:
         base = _admin_base(args)
+        get = partial(fetch, token=_admin_token(args))
     except StatusError as exc:
         print(f"iot-gateway status: {exc}", file=sys.stderr)
         return 1
     chosen = [name for name in _SECTIONS if getattr(args, name)]
     if not chosen and not args.all and not args.json:
-        return _summary(base, args, out)
+        return _summary(base, args, out, get)
     chosen = chosen or list(_DEFAULT_SECTIONS)
     try:
-        data = {name: fetch(base, _SECTIONS[name][0], args.timeout) for name in chosen}
+        data = {name: get(base, _SECTIONS[name][0], args.timeout) for name in chosen}
     except StatusError as exc:
         print(f"iot-gateway status: {exc}", file=sys.stderr)
         return 1
@@ -317,11 +333,32 @@ def _admin_base(args: argparse.Namespace) -> str:
         raise StatusError(str(exc)) from None
 
 
-def _summary(base: str, args: argparse.Namespace, out: TextIO) -> int:
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file, else the configuration's admin.token_file."""
+    from gateway.ops.status_summary import (
+        DEFAULT_CONFIG,
+        SummaryError,
+        admin_token_from_config,
+        read_token,
+    )
+
+    try:
+        if args.token_file:
+            return read_token(Path(args.token_file), "--token-file")
+        path = args.config
+        if path is None and not args.admin and DEFAULT_CONFIG.is_file():
+            path = DEFAULT_CONFIG
+        return admin_token_from_config(path) if path is not None else None
+    except SummaryError as exc:
+        raise StatusError(str(exc)) from None
+
+
+def _summary(base: str, args: argparse.Namespace, out: TextIO,
+             get: Callable[..., Any] = fetch) -> int:  # fmt: skip
     from gateway.ops.status_summary import SummaryError, gather, render_summary
 
     try:
-        snap = gather(base, fetch, timeout=args.timeout, window=max(0.0, args.rate_window))
+        snap = gather(base, get, timeout=args.timeout, window=max(0.0, args.rate_window))
     except (StatusError, SummaryError) as exc:
         print(f"iot-gateway status: {exc}", file=sys.stderr)
         return 1

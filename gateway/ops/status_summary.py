@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["admin_url_from_config", "gather", "render_summary", "Snapshot"]
+__all__ = ["admin_token_from_config", "admin_url_from_config", "gather", "render_summary", "Snapshot"]
 
 # Where systemd/install.sh puts the configuration: used when neither --admin nor -c is given.
 DEFAULT_CONFIG = Path("/etc/iot-gateway/gateway.yaml")
@@ -52,6 +52,35 @@ def admin_url_from_config(path: str | Path) -> str:
     # A wildcard bind is reached over loopback from the same machine.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
     return f"http://{HostPort(host, listen.port)}"
+
+
+def admin_token_from_config(path: str | Path) -> str | None:
+    """The bearer token in the configuration's ``admin.token_file`` (relative to the
+    file's directory), or None when it names none."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None  # admin_url_from_config has said what is wrong with the file
+    admin = (data or {}).get("admin") if isinstance(data, dict) else None
+    name = admin.get("token_file") if isinstance(admin, dict) else None
+    if not name:
+        return None
+    return read_token(path.parent / Path(str(name)).expanduser(), f"{path}: admin.token_file")
+
+
+def read_token(path: Path, what: str) -> str:
+    """The token alone from ``path``; SummaryError saying why not."""
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        hint = (" (run status as the gateway's user or root, e.g. sudo -u iot-gateway "
+                "iot-gateway status)" if isinstance(exc, PermissionError) else "")  # fmt: skip
+        raise SummaryError(f"{what}: cannot read {path}: {exc.strerror or exc}{hint}") from None
+    except UnicodeDecodeError:
+        raise SummaryError(f"{what}: {path} does not hold an ASCII token") from None
 
 
 # -- gathering -----------------------------------------------------------------------

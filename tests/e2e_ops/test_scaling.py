@@ -78,7 +78,7 @@ def test_statefulset_variant() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert mounts[claim["metadata"]["name"]] == "/var/lib/iot-gateway"
-    assert pod["volumes"][0]["configMap"]["name"] == "iot-gateway-config"
+    assert pod["volumes"] == deployment["spec"]["template"]["spec"]["volumes"]
     same = deployment["spec"]["template"]["spec"]["containers"][0]
     for key in ("args", "ports", "securityContext"):
         assert container[key] == same[key], key

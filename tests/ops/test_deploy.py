@@ -237,18 +237,31 @@ def test_k8s_manifests() -> None:
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     configmap = objs["ConfigMap/iot-gateway-config"]
-    mounted = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
-    assert mounted == "iot-gateway-config"
+    sources = deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+    assert sources[0]["configMap"]["name"] == "iot-gateway-config"
     config = yaml.safe_load(configmap["data"]["gateway.yaml"])
     assert config["admin"]["listen"] == "0.0.0.0:9090"
+    # /api/* on the pod IP needs the bearer token, mounted next to the configuration
+    # from a Secret, readable by the gateway's group only.
+    assert config["admin"]["token_file"] == "admin-token"
+    assert sources[1]["secret"]["items"] == [{"key": "admin-token", "path": "admin-token"}]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["defaultMode"] == 0o440
     kustomization = load_all(ROOT / "deploy" / "k8s" / "kustomization.yaml")[0]
     for resource in kustomization["resources"]:
         assert (ROOT / "deploy" / "k8s" / resource).is_file()
 
 
-def test_shipped_configs_validate() -> None:
+def test_shipped_configs_validate(tmp_path: Path) -> None:
     config = pytest.importorskip("gateway.config")
-    config.load_config(ROOT / "deploy" / "gateway.yaml")
+    # Where they are used, the admin token is mounted next to them.
+    token = tmp_path / "admin-token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    token.chmod(0o600)
+    shutil.copy(ROOT / "deploy" / "gateway.yaml", tmp_path / "gateway.yaml")
+    config.load_config(tmp_path / "gateway.yaml")
     text = k8s_objects()["ConfigMap/iot-gateway-config"]["data"]["gateway.yaml"]
-    parsed = config.parse_config_text(text, "deploy/k8s/configmap.yaml")
+    parsed = config.parse_config_text(text, "deploy/k8s/configmap.yaml", base_dir=tmp_path)
     assert str(parsed.admin.listen) == "0.0.0.0:9090"
+    assert parsed.admin.token is not None
