@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from gateway import mqtt_relay
+from gateway.auth.clock import clock_problem
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.net import dial
@@ -88,6 +89,8 @@ SETTLED_GRACE = 0.1
 STATUS_INTERVAL = 30.0
 # The error description devices get when their links are detached on shutdown.
 SHUTDOWN_DESCRIPTION = "gateway shutting down"
+# How often the wall clock is checked for being set (a Pi without RTC, before NTP).
+CLOCK_POLL = 1.0
 
 
 def run(config: GatewayConfig, *, trace: Iterable[str] = ()) -> int:
@@ -128,8 +131,10 @@ class Daemon:
     """One running gateway: what it serves, and its reload and drain."""
 
     def __init__(self, config: GatewayConfig, trace: Iterable[str] = (),
-                 credentials: CredentialStore | None = None) -> None:  # fmt: skip
+                 credentials: CredentialStore | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         trace = tuple(trace)
+        self.clock = clock  # wall-clock Unix seconds: token expiries, "is the clock set?"
         self.config = config  # in force: the start-up file plus reloaded live parts
         self.live_config = LiveConfig(config)
         # The store in force (None: built from the configuration); reloads replace it.
@@ -144,8 +149,9 @@ class Daemon:
         self.listener_observer = ListenerConnections(self.metrics, self.registry)
         self.tracer = FrameTracer(protocols=trace)
         self.router = Router(config, connector_io=AmqpConnectorIO(), observer=self.observer,
-                             tracer=self.tracer, credentials=self.credentials)  # fmt: skip
-        self.readiness = Readiness.from_config(self.registry, config)
+                             tracer=self.tracer, credentials=self.credentials,
+                             clock=clock)  # fmt: skip
+        self.readiness = Readiness.from_config(self.registry, config, clock=clock)
         self.listener_settings: dict[str, LiveListenerSettings] = {}
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
@@ -200,6 +206,7 @@ class Daemon:
             # what connections allocate (they were a few per cent of a busy relay).
             gc.freeze()
             sdnotify.ready(f"running: {status_text(self.registry)}")
+            nursery.start_soon(self._clock_loop)
             nursery.start_soon(sdnotify.watchdog_loop)
             if os.environ.get("NOTIFY_SOCKET"):
                 nursery.start_soon(self._status_loop)
@@ -269,6 +276,21 @@ class Daemon:
             else:
                 log.info("received %s, stopping", name)
                 self.request_stop()
+
+    async def _clock_loop(self) -> None:
+        """One log line when the wall clock is (or becomes) obviously unset, one when it
+        is set: meanwhile no SAS token is issued and /readyz says why, and both end by
+        themselves once NTP has set the clock."""
+        unset = False
+        while True:
+            problem = clock_problem(self.clock())
+            if problem is not None and not unset:
+                log.warning("%s; not issuing SAS tokens and not ready until it is set", problem)
+            elif problem is None and unset:
+                log.info("the system clock is set (%s): issuing SAS tokens, ready",
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock())))  # fmt: skip
+            unset = problem is not None
+            await trio.sleep(CLOCK_POLL)
 
     async def _status_loop(self) -> None:
         while True:
@@ -430,6 +452,7 @@ class Daemon:
             listener, self.live_config, task_status=task_status, observer=observer,
             listener_observer=self.listener_observer, tracer=self.tracer,
             credentials=self.live_credentials, settings=settings,  # type: ignore[arg-type]
+            clock=self.clock,
         )  # fmt: skip
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:

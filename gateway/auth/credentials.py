@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import SecretStr
 
+from gateway.auth.clock import clock_problem
 from gateway.auth.dps import derive_device_key
 from gateway.auth.local_auth import LocalAuthPolicy, LocalAuthResult, authenticate
 from gateway.auth.tokens import (
@@ -58,6 +59,17 @@ _VERIFIED_CACHE_LIMIT = 10_000
 class CredentialError(Exception):
     """A credential cannot be built or used (missing environment variable, no key for a
     token, ...). The message names entries and variables, never secrets."""
+
+
+class ClockNotSetError(CredentialError):
+    """No token is issued while the wall clock is obviously unset (`gateway.auth.clock`):
+    its expiry would be wrong. Temporary: issuing resumes once the clock is set."""
+
+
+def _check_clock(now: float) -> None:
+    problem = clock_problem(now)
+    if problem is not None:
+        raise ClockNotSetError(f"not issuing SAS tokens: {problem}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +272,7 @@ class CredentialStore:
             raise CredentialError(
                 f"{entry.identity} authenticates with an X.509 certificate, not a SAS token"
             )
+        _check_clock(now)
         return issue_device_token(
             entry.key.get_secret_value(),
             hub_host,
@@ -279,6 +292,7 @@ class CredentialStore:
             raise CredentialError(
                 f"{entry.identity} has no symmetric device key to sign a registration with"
             )
+        _check_clock(now)
         return issue_registration_token(
             entry.key.get_secret_value(), id_scope, entry.device_id, now, self.token_ttl
         )

@@ -202,7 +202,10 @@ class MqttCredentials:
                 CREDENTIAL_ERROR,
                 "the gateway holds no symmetric device key to sign this registration with",
             )
-        token = self.store.issue_registration_token(entry, id_scope, self.clock())
+        try:
+            token = self.store.issue_registration_token(entry, id_scope, self.clock())
+        except CredentialError as exc:
+            return _refusal(entry, ConnackCode.SERVER_UNAVAILABLE, CREDENTIAL_ERROR, str(exc))
         raw = encode.connect_with_password(connect, token.token.encode("utf-8"))
         return ConnectDecision(raw, entry, registration=True)
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.auth import local_auth
+from gateway.auth.clock import BUILD_EPOCH
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.auth.dps import derive_device_key
 from gateway.auth.local_auth import hash_password
@@ -19,7 +20,8 @@ from .conftest import ALL_KEYS, DEV1_KEY, DEV2_KEY, ENV_KEY, FLEET_KEY, HUB, Con
 
 PASSWORD = "dev2-local-password"
 PASSWORD_HASH = hash_password(PASSWORD, n=2**4, r=1, p=1)
-NOW = 1_700_000_000.0
+# A set clock: no token is issued before the build date (gateway.auth.clock).
+NOW = BUILD_EPOCH + 1_000_000.0
 
 
 @pytest.fixture

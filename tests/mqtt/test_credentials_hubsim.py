@@ -401,3 +401,25 @@ def hub_token(device_id: str, key: str) -> str:
         f"SharedAccessSignature sr={sr}&sig={quote_plus(base64.b64encode(sig).decode())}"
         f"&se={expiry}"
     )
+
+
+# -- the clock -------------------------------------------------------------------------------
+
+
+async def test_no_gateway_token_while_the_clock_is_unset(nursery, hub, keys, devices, tmp_path):
+    """A Pi without RTC before NTP: the relay refuses with CONNACK 3 (server unavailable,
+    so the device retries) instead of signing a token with a 1970 expiry; once the clock
+    is set the same relay goes on, no restart."""
+    now = [1_000.0]
+    port, observer = await start_relay(
+        nursery, hub, credentials_yaml(tmp_path, keys, hub), clock=lambda: now[0]
+    )
+    early = devices("dev2")
+    assert str(await early.connect(port)) == "Server unavailable"
+    await observer.wait_closed(CloseReason.CREDENTIAL_ERROR)
+    assert hub.recorder.auth == []  # nothing was signed, nothing reached the hub
+    now[0] = time.time()
+    device = devices("dev2")
+    assert await device.connect(port) == 0
+    auth = await wait_for(hub, lambda: hub.recorder.auth and hub.recorder.auth[0])
+    assert (auth.device_id, auth.mechanism, auth.ok) == ("dev2", "sas", True)

@@ -54,7 +54,7 @@ async def test_listeners_get_live_settings_and_the_store_router_gets_the_store(
 
     async def serve_mqtt_listener(listener_cfg, config, *, task_status=trio.TASK_STATUS_IGNORED,
                                   observer=None, listener_observer=None, stats=None, tracer=None,
-                                  credentials=None, settings=None):  # fmt: skip
+                                  credentials=None, settings=None, clock=None):  # fmt: skip
         calls["mqtt"] = {"credentials": credentials, "settings": settings, "config": config,
                          "observer": observer, "listener_observer": listener_observer}  # fmt: skip
         task_status.started([("127.0.0.1", 1883)])

@@ -35,6 +35,7 @@ from gateway.amqp.framing import FRAME_SASL, SASL_HEADER, encode_frame  # noqa: 
 from gateway.amqp.message import Message, Properties, decode_message, encode_message  # noqa: E402  # noqa: E402
 from gateway.amqp.performatives import Accepted, SaslInit, Source, Target  # noqa: E402
 from gateway.amqp.types import Int  # noqa: E402
+from gateway.auth.clock import BUILD_EPOCH  # noqa: E402
 from gateway.auth.credentials import CredentialStore, DeviceCredential  # noqa: E402
 from gateway.auth.local_auth import LocalAuthPolicy, hash_password, parse_password_hash  # noqa: E402
 from gateway.config import ConfigError, parse_config_text  # noqa: E402
@@ -43,7 +44,7 @@ from gateway.router import core  # noqa: E402
 from gateway.router.observe import NullObserver  # noqa: E402
 
 HUB = "hub.example"
-EPOCH = 1_700_000_000.0
+EPOCH = BUILD_EPOCH + 1_000_000.0  # a set clock (gateway.auth.clock)
 KEY = SecretStr("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 PASSWORD = "local secret"
 
@@ -253,6 +254,28 @@ async def test_one_put_before_the_attaches_then_renewals_while_linked(
         again = attach(dev, "dev1", session=session)
         await answered(dev, again)
         assert len(s.puts) == 7
+
+
+async def test_no_token_while_the_clock_is_unset(monkeypatch, caplog) -> None:
+    """Before NTP (a Pi without RTC) the attach is refused and nothing is put; once the
+    clock is set the next attach gets its token, without a restart."""
+    async with harness(monkeypatch, credentials=store()) as h:
+        assert h.router.tokens is not None
+        set_clock = h.router.tokens.clock
+        h.router.tokens.clock = lambda: 1_000.0
+        dev = await h.device()
+        session = dev.engine.begin()
+        early = attach(dev, "dev1", session=session)
+        ev = await refused(dev, early)
+        assert ev.error.condition == "amqp:unauthorized-access"
+        assert h.script.puts == []
+        assert "no token for dev1: not issuing SAS tokens: the system clock reads 1970-" in (
+            caplog.text
+        )
+        h.router.tokens.clock = set_clock
+        later = attach(dev, "dev1", session=session)
+        await answered(dev, later)
+        assert [p[1] for p in h.script.puts] == [audience("dev1")]
 
 
 async def test_failed_renewal_retried_with_backoff(monkeypatch, autojump_clock) -> None:
