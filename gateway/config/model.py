@@ -417,6 +417,11 @@ class AmqpConnector(ConnectorBase):
     idle_timeout: Duration = Field(120.0, description="0 = none")
     max_frame_size: int = Field(65536, ge=512, le=2**32 - 1)
     on_demand: bool = Field(True, description="connect at the first device attach, not at start")
+    idle_close: Duration = Field(
+        60.0,
+        description="close a pooled hub connection that has had no device this long (one "
+        "is kept with on_demand: false; 0 = never)",
+    )
     hostname: str | None = Field(
         None, description="AMQP open hostname (default: tls profile server_name, else host)"
     )

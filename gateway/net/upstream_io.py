@@ -53,8 +53,10 @@ class AmqpConnectorIO:
 
     def pool(self, connector: Any, connect: ConnectFn, *,
              rng: Callable[[], float] = random.random,
-             observer: PoolObserver | None = None) -> ConnectorPool[Any]:  # fmt: skip
-        """The `ConnectorPool` of `connector` (config entry)."""
+             observer: PoolObserver | None = None,
+             close: Callable[[Any], None] | None = None) -> ConnectorPool[Any]:  # fmt: skip
+        """The `ConnectorPool` of `connector` (config entry); ``close(conn)`` closes
+        a connection idle for the connector's ``idle_close``."""
         return ConnectorPool(
             connector.name,
             connect,
@@ -66,6 +68,8 @@ class AmqpConnectorIO:
             on_demand=bool(connector.on_demand),
             rng=rng,
             observer=observer,
+            idle_close=float(getattr(connector, "idle_close", 60.0)),
+            close=close,
         )
 
     async def open_stream(self, connector: Any,

@@ -183,7 +183,8 @@ class Router:
                 continue
             self.cbs_proxied[connector.name] = _cbs_proxied(connector)
             self.pools[connector.name] = connector_io.pool(
-                connector, self._connect_fn(connector), rng=rng, observer=self.observer
+                connector, self._connect_fn(connector), rng=rng, observer=self.observer,
+                close=self.retire_upstream,
             )
         # Connectors with `sasl: relay`: a connection per device, its login relayed.
         self.relay = RegistrationRelay(self)

@@ -63,6 +63,12 @@ class Pool(Protocol[C]):
 
     @property
     def max_devices_per_connection(self) -> int: ...
+    @property
+    def usable(self) -> bool:
+        """A connection is up and may be leased (it may be full)."""
+    @property
+    def backing_off(self) -> bool:
+        """No usable connection and the last attempt failed (the hub is unreachable)."""
     async def run(self, *, task_status: Any = ...) -> None: ...
     def close(self) -> None: ...
     async def acquire(self, owner: Any = None) -> Lease[C]:
@@ -91,9 +97,10 @@ class ConnectorIO(Protocol):
         """How long opening a connection to `connector` may take, in seconds."""
 
     def pool(self, connector: Any, connect: ConnectFn, *, rng: Callable[[], float],
-             observer: RouterObserver) -> Pool[Any]:  # fmt: skip
+             observer: RouterObserver, close: Callable[[Any], None]) -> Pool[Any]:  # fmt: skip
         """The pool of `connector` (config entry: its limits, timeouts and backoff),
-        running ``connect`` for each of its connections."""
+        running ``connect`` for each of its connections; ``close(conn)`` closes one
+        that had no device for the connector's ``idle_close``."""
 
     async def connect(self, connector: Any, profile: Any, container_id: str,
                       start: Callable[[Connection, str], UpstreamEnd], *,
