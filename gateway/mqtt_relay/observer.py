@@ -44,7 +44,11 @@ class RelayObserver(Protocol):
     `on_token_renewal_failure(identity)` (each failed
     renewal attempt and an expiry), `on_token_expiry(identity, seconds)` (a
     gateway-issued token's remaining life when issued; None once the session ended),
-    `on_device_identified(peer, client_id)` (the CONNECT named its client).
+    `on_device_identified(peer, client_id)` (the CONNECT named its client),
+    `device_record(peer)` and `upstream_record(peer, name, connector, remote,
+    client_id)` (the live records of the device's connection and of an upstream
+    connection: objects with ``messages_in``/``messages_out``/``bytes_in``/
+    ``bytes_out`` the relay adds to, or None) and `upstream_record_closed(record)`.
     """
 
     def on_packet(self, direction: str, packet_type: str, nbytes: int) -> None: ...
@@ -87,13 +91,15 @@ def call_hook(observer: Any, name: str, *args: Any) -> None:
 
 # Packet type names by the first byte's high nibble (0 and, before MQTT 5, 15 are refused
 # by the reader before anything is counted).
+_PUBLISH = int(PacketType.PUBLISH)
 TYPE_NAMES = ("RESERVED", *(PacketType(t).name for t in range(1, 16)))
 
 
 class PacketReport:
     """Counts and traces one connection's relayed packets."""
 
-    __slots__ = ("obs", "tracer", "conn_id", "_counting", "_on_packets", "_on_latency", "_on_batch")
+    __slots__ = ("obs", "tracer", "conn_id", "_counting", "_on_packets", "_on_latency", "_on_batch",
+                 "dev", "up")  # fmt: skip
 
     def __init__(self, observer: RelayObserver, tracer: PacketTracer | None, conn_id: str) -> None:
         self.obs = observer
@@ -111,6 +117,10 @@ class PacketReport:
         self._on_batch: Callable[[str, str, int, int, float], None] | None = getattr(
             observer, "on_batch", None
         )
+        # Live records of the device's connection and of the current upstream one (the
+        # admin API's messages and bytes), if the observer keeps them: see `_tally`.
+        self.dev: Any = None
+        self.up: Any = None
 
     @property
     def tracing(self) -> bool:
@@ -120,6 +130,8 @@ class PacketReport:
     def packet(self, direction: str, arrow: str, packet: Packet) -> None:
         """One packet relayed on its own."""
         self.obs.on_packet(direction, packet.type.name, packet.size)
+        if self.dev is not None or self.up is not None:
+            self._tally(direction, int(packet.type == _PUBLISH), packet.size)
         if self.tracer is not None and self.tracer.mqtt_enabled:
             self.tracer.mqtt(self.conn_id, arrow, packet)
 
@@ -137,6 +149,12 @@ class PacketReport:
         # other): counted in one call, its bytes the batch's extent (spans lie back
         # to back).
         kind = _single_kind(spans, count)
+        if self.dev is not None or self.up is not None:
+            if kind is not None:
+                publishes = count if kind == _PUBLISH else 0
+            else:
+                publishes = sum(1 for span in islice(spans, count) if span[0] >> 4 == _PUBLISH)
+            self._tally(direction, publishes, spans[count - 1][3] - spans[0][1])
         on_batch = self._on_batch
         if on_batch is not None and kind is not None:
             on_batch(
@@ -164,6 +182,26 @@ class PacketReport:
         if views and self.tracer is not None and self.tracer.mqtt_enabled:
             for packet in views:
                 self.tracer.mqtt(self.conn_id, arrow, packet)
+
+
+    def _tally(self, direction: str, publishes: int, nbytes: int) -> None:
+        """Messages (PUBLISH packets) and bytes (every packet's) relayed in one write,
+        on the device's record and the upstream connection's, each from its own side."""
+        dev, up = self.dev, self.up
+        if direction == IN:
+            if dev is not None:
+                dev.messages_in += publishes
+                dev.bytes_in += nbytes
+            if up is not None:
+                up.messages_out += publishes
+                up.bytes_out += nbytes
+        else:
+            if dev is not None:
+                dev.messages_out += publishes
+                dev.bytes_out += nbytes
+            if up is not None:
+                up.messages_in += publishes
+                up.bytes_in += nbytes
 
 
 def _single_kind(spans: list[Span], count: int) -> int | None:

@@ -154,6 +154,7 @@ class Session:
         self._dialled: str | None = None  # the connector endpoint reached (failover)
         self._profile: Any = None
         self._nursery: trio.Nursery | None = None
+        self.client_id = ""
 
     # -- the whole life of the connection ---------------------------------------------------
 
@@ -246,6 +247,10 @@ class Session:
         hub = hub_host_from_username(connect.username)
         self.label = f"{self.label} client {connect.client_id!r}"
         call_hook(self.obs, "on_device_identified", self.peer, connect.client_id)
+        self.client_id = connect.client_id
+        device_record = getattr(self.obs, "device_record", None)
+        if device_record is not None:
+            self.report.dev = device_record(self.peer)
         route = select_mqtt_route(self.config.mqtt_routes, connect.username)
         registration = registration_of(connect.username)
         if route is None:
@@ -343,6 +348,12 @@ class Session:
         link = UpstreamLink(stream, reader, generation)
         self.links.append(link)
         call_hook(self.obs, "on_upstream_open", self._connector.name)
+        upstream_record = getattr(self.obs, "upstream_record", None)
+        if upstream_record is not None:
+            link.record = upstream_record(self.peer, f"{self.conn_id}.{generation}",
+                                          self._connector.name, self._dialled, self.client_id)  # fmt: skip
+        if self.link is None:
+            self.report.up = link.record  # the first: current from the start
         return link
 
     async def _close_link_stream(self, link: UpstreamLink) -> None:
@@ -350,6 +361,8 @@ class Session:
         if link in self.links:
             self.links.remove(link)
             call_hook(self.obs, "on_upstream_close", self._connector.name)
+            if link.record is not None:
+                call_hook(self.obs, "upstream_record_closed", link.record)
 
     async def _refuse(self, connect: Connect, code: ConnackCode) -> None:
         """Answer the device with the gateway's own CONNACK refusal (best effort)."""
@@ -467,6 +480,7 @@ class Session:
 
     def switch_to(self, link: UpstreamLink) -> None:
         self.link = link
+        self.report.up = link.record
 
     async def close_link(self, link: UpstreamLink) -> None:
         link.stop_reading()

@@ -65,6 +65,7 @@ class UpstreamLink:
         "ended",
         "_stop_reading",
         "_receive_scope",
+        "record",
     )
 
     def __init__(self, stream: trio.abc.Stream, reader: PacketReader, generation: int) -> None:
@@ -78,6 +79,7 @@ class UpstreamLink:
         self.ended = trio.Event()  # its pump has finished
         self._stop_reading = False
         self._receive_scope: trio.CancelScope | None = None
+        self.record: Any = None  # its live record (the admin API), if the observer keeps one
 
     async def receive_some(self, max_bytes: int) -> bytes | bytearray | None:
         """The next bytes from the hub; None once `stop_reading()` was called."""

@@ -34,7 +34,7 @@ from prometheus_client import (
 )
 from prometheus_client.values import MutexValue
 
-from gateway.ops.registry import connection_id
+from gateway.ops.registry import ConnectionInfo, connection_id
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -596,6 +596,30 @@ class MqttRelayMetrics:
         if isinstance(conn_key, tuple):
             conn_key = connection_id(self.listener, conn_key)
         self.registry.identify_device(str(conn_key), device_id)
+
+    def device_record(self, conn_key: Any) -> Any:
+        """The registry record of the device's connection, for the relay to count on."""
+        if self.registry is None:
+            return None
+        if isinstance(conn_key, tuple):
+            conn_key = connection_id(self.listener, conn_key)
+        return self.registry.connection(str(conn_key))
+
+    def upstream_record(self, conn_key: Any, name: str, connector: str, remote: str | None,
+                        client_id: str) -> Any:  # fmt: skip
+        """A registry record for one upstream connection of a device's session (shown
+        in /api/connections; the connector's count is kept by ``on_upstream_open``)."""
+        if self.registry is None:
+            return None
+        info = ConnectionInfo(id=f"{connector}#{name}", kind="upstream", endpoint=connector,
+                              protocol="mqtt", remote=remote or "")  # fmt: skip
+        if client_id:
+            info.device_ids.add(client_id)
+        return self.registry.add_relay_upstream(info)
+
+    def upstream_record_closed(self, record: Any) -> None:
+        if self.registry is not None:
+            self.registry.remove_relay_upstream(record.id)
 
     def on_upstream_connect_failure(self, connector: str, reason: str) -> None:
         """TCP/TLS connect to the connector failed (reason as the TLS layer classifies it)."""

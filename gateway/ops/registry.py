@@ -55,12 +55,13 @@ class ConnectionInfo:
     bytes_out: int = 0
 
     def count_in(self, nbytes: int, count: int = 1) -> None:
-        """`count` messages (`nbytes` in all) from the device."""
+        """`count` messages (`nbytes` in all) received on this connection (from the
+        device, or on an upstream connection from the hub)."""
         self.messages_in += count
         self.bytes_in += nbytes
 
     def count_out(self, nbytes: int, count: int = 1) -> None:
-        """`count` messages (`nbytes` in all) to the device."""
+        """`count` messages (`nbytes` in all) sent on this connection."""
         self.messages_out += count
         self.bytes_out += nbytes
 
@@ -202,6 +203,15 @@ class Registry:
             if connector is not None and connector.connections > 0:
                 connector.connections -= 1
         return info
+
+    def add_relay_upstream(self, info: ConnectionInfo) -> ConnectionInfo:
+        """Register an MQTT session's upstream connection, whose connector count
+        `relay_upstream_opened` keeps."""
+        self._connections[info.id] = info
+        return info
+
+    def remove_relay_upstream(self, connection_id: str) -> None:
+        self._connections.pop(connection_id, None)
 
     def connection(self, connection_id: str) -> ConnectionInfo | None:
         return self._connections.get(connection_id)

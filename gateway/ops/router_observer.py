@@ -74,13 +74,21 @@ class OpsObserver:
                                    device=_device_of(pair.address), count=count)  # fmt: skip
             else:
                 metrics.on_message(_route(pair), pair.direction, nbytes, count=count)
-        if self.registry is not None:
-            conn = self.registry.connection(pair.device.id)
-            if conn is not None:
-                if pair.direction == "in":
+        registry = self.registry
+        if registry is not None:
+            conn = registry.connection(pair.device.id)
+            up = pair.upstream
+            hub = registry.connection(up.id) if up is not None else None
+            if pair.direction == "in":
+                if conn is not None:
                     conn.count_in(nbytes, count)
-                else:
+                if hub is not None:
+                    hub.count_out(nbytes, count)
+            else:
+                if conn is not None:
                     conn.count_out(nbytes, count)
+                if hub is not None:
+                    hub.count_in(nbytes, count)
 
     def on_relay_latency(self, seconds: float, deliveries: int) -> None:
         """`deliveries` transfers read in one chunk were relayed `seconds` after the

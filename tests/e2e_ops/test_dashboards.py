@@ -211,7 +211,7 @@ async def test_every_query_uses_metrics_a_live_gateway_exports(nursery, hub, key
                 '  - {prefix: "devices/", connector: iothub}\n'
                 '  - {prefix: "dead/", connector: dead}\n'),
         connector=(f"  - {{name: dead, protocol: amqp, host: 127.0.0.1, port: {dead}, "
-                   "allow_plaintext: true, reconnect: {initial: 0.2s, max: 0.5s}}\n"),
+                   "allow_plaintext: true, on_demand: false, reconnect: {initial: 0.2s, max: 0.5s}}\n"),
     )  # fmt: skip
     data = yaml.safe_load(text)
     # A listener that admits nobody from loopback: a refused device connection.
@@ -247,7 +247,8 @@ async def test_every_query_uses_metrics_a_live_gateway_exports(nursery, hub, key
     # A reload of a broken file is rejected (and counted).
     (tmp_path / "gateway.yaml").write_text("listeners: [\n")
     assert await daemon.reload() is False
-    # The unreachable connector keeps retrying (backoff 0.2 s): wait for a reconnect.
+    # The unreachable connector (on_demand: false) keeps retrying (backoff 0.2 s): wait
+    # for a reconnect.
     await wait_for_series(url, "iotgw_reconnects_total", connector="dead")
     await wait_for_series(url, "iotgw_protocol_errors_total", protocol="mqtt", side="device")
     status, body = await trio.to_thread.run_sync(http_get, url + "/metrics")
