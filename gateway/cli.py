@@ -70,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PROTOCOLS",
         help="log every frame of these protocols, comma-separated: amqp,mqtt (overrides log.trace)",
     )
+    run.add_argument(
+        "--allow-placeholders",
+        action="store_true",
+        help="start even with the examples' placeholders (myhub.azure-devices.net, ...) left "
+        "in the configuration, if they really are yours",
+    )
     run.set_defaults(handler=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file and print the route table")
@@ -184,6 +190,13 @@ def _cmd_run(options: argparse.Namespace) -> int:
     config = _load(options.config, sys.stderr)
     if config is None:
         return EXIT_CONFIG
+    if config.placeholders and not options.allow_placeholders:
+        for line in config.placeholders:
+            print(line, file=sys.stderr)
+        print("iot-gateway run: refusing to start with the examples' placeholders above; "
+              "replace them, or pass --allow-placeholders if they really are yours",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
     from gateway.ops.logging import setup_logging
 
     setup_logging(options.log_level or config.log.level, config.log.format)
@@ -207,6 +220,11 @@ def _cmd_check(options: argparse.Namespace) -> int:
 
     print(f"{options.config}: OK")
     print(render_summary(config), end="")
+    for line in config.placeholders:
+        # `run` refuses these (unless --allow-placeholders): say so now.
+        head, _, message = line.partition(": ")
+        key, _, text = message.partition(": ")
+        print(f"{head}: {key}: warning: {text} (`run` refuses to start with it)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,4 +1,10 @@
-"""Load a YAML file into a GatewayConfig; every error as ``file:line: key.path: message``."""
+"""Load a YAML file into a GatewayConfig; every error as ``file:line: key.path: message``.
+
+Every problem is reported in one pass: when some entries fail their own checks,
+the cross-reference checks (names of connectors and TLS profiles, duplicate
+names and routes, clashing binds) still run over the entries that passed, and
+a reference to an entry already reported is not reported again.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 import gateway.config.credentials as credentials
 import gateway.config.model as model
 from gateway.config.model import GatewayConfig
+from gateway.config.placeholders import find_placeholders
 from gateway.config.yamlsource import YamlDocument, YamlSourceError, load_yaml
 
 _SECRET_WORDS = ("password", "secret", "token", "key")
@@ -58,17 +65,120 @@ def parse_config_text(
         raise ConfigError([f"{filename}:{doc.line_of(())}: config: expected a mapping of sections"])
     if base_dir is None:
         base_dir = Path(filename).parent
+    context = {"base_dir": Path(base_dir), "env": env}
     try:
-        return GatewayConfig.model_validate(
-            doc.data, context={"base_dir": Path(base_dir), "env": env}
-        )
+        config = GatewayConfig.model_validate(doc.data, context=context)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, doc, filename)) from None
+        errors = exc.errors(include_url=False)
+        errors += _cross_reference_errors(errors, doc.data, context)
+        raise ConfigError(_format_errors(errors, doc, filename)) from None
+    config._placeholders = [
+        _located(doc, filename, list(loc), message)
+        for loc, message in find_placeholders(config, doc.data)
+    ]
+    return config
 
 
-def _format_errors(exc: ValidationError, doc: YamlDocument, filename: str) -> list[str]:
+def _located(doc: YamlDocument, filename: str, loc: list[Any], message: str) -> str:
+    found, shown = _locate(doc.data, loc)
+    return f"{filename}:{doc.line_of(tuple(found))}: {_dotted(shown)}: {message}"
+
+
+_LIST_SECTIONS = ("listeners", "connectors", "link_routes", "mqtt_routes")
+# A key that names another entry -> the section that entry lives in.
+_REFERENCES = {"connector": "connectors", "tls_profile": "tls_profiles"}
+
+
+def _cross_reference_errors(
+    errors: list[Any], data: Any, context: dict[str, Any]
+) -> list[Any]:
+    """The cross-reference errors of `data` once the entries with `errors` are left out
+    (pydantic runs them only when every field is valid), located in the original."""
+    if not isinstance(data, dict):
+        return []
+    dropped: dict[str, set[Any]] = {}
+    for error in errors:
+        loc = error["loc"]
+        if not loc:
+            return []
+        if (loc[0] in _LIST_SECTIONS and len(loc) > 1 and isinstance(loc[1], int)) or (
+            loc[0] == "tls_profiles" and len(loc) > 1
+        ):
+            dropped.setdefault(loc[0], set()).add(loc[1])
+        else:
+            dropped.setdefault("", set()).add(loc[0])  # a whole section
+    pruned = dict(data)
+    kept: dict[str, list[int]] = {}
+    # Names of left-out entries: references to them are not errors of their own.
+    gone: dict[str, set[str]] = {"connectors": set(), "tls_profiles": set()}
+    for section in _LIST_SECTIONS:
+        items = data.get(section)
+        if section in dropped and isinstance(items, list):
+            kept[section] = [i for i in range(len(items)) if i not in dropped[section]]
+            pruned[section] = [items[i] for i in kept[section]]
+            if section == "connectors":
+                gone[section] |= {str(items[i].get("name")) for i in dropped[section]
+                                  if isinstance(items[i], dict)}  # fmt: skip
+    profiles = data.get("tls_profiles")
+    if "tls_profiles" in dropped and isinstance(profiles, dict):
+        pruned["tls_profiles"] = {k: v for k, v in profiles.items() if k not in dropped["tls_profiles"]}
+        gone["tls_profiles"] |= {str(k) for k in dropped["tls_profiles"]}
+    all_profiles_gone = False
+    for section in dropped.get("", ()):
+        # An invalid admin section must not make its default address clash with a listener.
+        if section == "admin":
+            pruned["admin"] = {"enabled": False}
+        else:
+            pruned.pop(section, None)
+            all_profiles_gone |= section == "tls_profiles"
+    try:
+        GatewayConfig.model_validate(pruned, context=context)
+    except ValidationError as again:
+        found = []
+        for error in again.errors(include_url=False):
+            loc = list(error["loc"])
+            if len(loc) > 1 and loc[0] in kept and isinstance(loc[1], int):
+                loc[1] = kept[loc[0]][loc[1]]
+            section = _REFERENCES.get(str(loc[-1])) if loc else None
+            if section is not None:
+                value = _value_at(data, loc)
+                if str(value) in gone[section] or (section == "tls_profiles" and all_profiles_gone):
+                    continue
+                error = {**error, "msg": _known_again(str(error["msg"]), data.get(section))}
+            found.append({**error, "loc": tuple(loc)})
+        return found
+    return []
+
+
+def _known_again(message: str, entries: Any) -> str:
+    """``(known: ...)`` listing every entry of the file, the left-out ones too."""
+    head, sep, _ = message.partition(" (known: ")
+    if not sep:
+        return message
+    if isinstance(entries, dict):
+        names = [str(name) for name in entries]
+    elif isinstance(entries, list):
+        names = [str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e]
+    else:
+        names = []
+    return f"{head} (known: {', '.join(sorted({repr(n) for n in names})) or 'none defined'})"
+
+
+def _value_at(data: Any, loc: list[Any]) -> Any:
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _format_errors(errors: list[Any], doc: YamlDocument, filename: str) -> list[str]:
     lines: list[tuple[int, str]] = []
-    for error in exc.errors(include_url=False):
+    for error in errors:
         loc = list(error["loc"])
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc.append("protocol")

@@ -595,6 +595,13 @@ class GatewayConfig(Section):
     )
 
     _source_path: Path | None = PrivateAttr(default=None)
+    # `file:line: key: ...` for each examples' placeholder left in (gateway.config.placeholders).
+    _placeholders: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def placeholders(self) -> list[str]:
+        """Placeholders of the shipped examples left in this configuration, located."""
+        return list(self._placeholders)
 
     @property
     def source_path(self) -> Path | None:
