@@ -31,6 +31,7 @@ def test_schema_covers_every_section_and_forbids_unknown_keys() -> None:
         "mqtt_routes",
         "credentials",
         "proxy",
+        "store_and_forward",
     }
     assert schema["additionalProperties"] is False
     for name, definition in schema["$defs"].items():

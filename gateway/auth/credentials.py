@@ -85,6 +85,8 @@ class DeviceCredential:
     key: SecretStr | None = field(default=None, repr=False, compare=False)
     cert_file: Path | None = None
     key_file: Path | None = None
+    # The entry opted in to store-and-forward (config: store_and_forward: true).
+    store_and_forward: bool = False
 
     @property
     def identity(self) -> str:
@@ -105,6 +107,7 @@ class _Group:
     local: LocalAuthPolicy
     source: str
     entry: str
+    store_and_forward: bool = False
 
     def matches(self, device_id: str) -> bool:
         return fnmatch.fnmatchcase(device_id, self.pattern)
@@ -176,6 +179,7 @@ class CredentialStore:
                         ref.describe() if ref else "key",
                         where,
                         key=_key_value(ref, env, f"{where}.key"),
+                        store_and_forward=device.store_and_forward,
                     )
                 )
             else:
@@ -189,6 +193,7 @@ class CredentialStore:
                         where,
                         cert_file=device.cert_file,
                         key_file=device.key_file,
+                        store_and_forward=device.store_and_forward,
                     )
                 )
         groups: list[_Group] = []
@@ -202,6 +207,7 @@ class CredentialStore:
                     _policy(group),
                     ref.describe() if ref else "group_key",
                     where,
+                    store_and_forward=group.store_and_forward,
                 )
             )
         return cls(devices, groups, token_ttl=section.token_ttl, renew_at=section.renew_at)
@@ -225,6 +231,7 @@ class CredentialStore:
                     f"group {group.pattern} ({group.source})",
                     group.entry,
                     key=SecretStr(derived),
+                    store_and_forward=group.store_and_forward,
                 )
         return None
 
@@ -315,6 +322,7 @@ class CredentialStore:
                     "source": device.source,
                     "local_auth": device.local.describe(),
                     "entry": device.entry,
+                    "store_and_forward": device.store_and_forward,
                 }
             )
         for group in self._groups:
@@ -325,6 +333,7 @@ class CredentialStore:
                     "source": group.source,
                     "local_auth": group.local.describe(),
                     "entry": group.entry,
+                    "store_and_forward": group.store_and_forward,
                 }
             )
         return rows

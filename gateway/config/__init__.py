@@ -33,11 +33,14 @@ from gateway.config.model import (
     TlsProfile,
     export_schema,
 )
+from gateway.config.sizes import ByteSize, parse_size
+from gateway.config.store import StoreAndForwardConfig, StoreAndForwardSection
 
 __all__ = [
     "AdminSection",
     "AmqpConnector",
     "AmqpListener",
+    "ByteSize",
     "ConfigError",
     "Connector",
     "CredentialsSection",
@@ -56,9 +59,12 @@ __all__ = [
     "MqttRoute",
     "PoolSettings",
     "ReconnectSettings",
+    "StoreAndForwardConfig",
+    "StoreAndForwardSection",
     "TlsProfile",
     "export_schema",
     "load_config",
     "parse_config_text",
     "parse_duration",
+    "parse_size",
 ]

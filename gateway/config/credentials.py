@@ -312,6 +312,11 @@ class DeviceCredentialConfig(LocalAuthFields):
     key_file: Path | None = Field(
         None, description="private key of cert_file (PEM); mode 0600, like secrets_file"
     )
+    store_and_forward: bool = Field(
+        False,
+        description="keep this device's telemetry while the hub is unreachable (needs the "
+        "top-level store_and_forward: section)",
+    )
 
     _key_ref: KeyRef | None = PrivateAttr(default=None)
 
@@ -380,6 +385,11 @@ class GroupCredentialConfig(LocalAuthFields):
     group_key: SecretStr = Field(
         description="enrollment group key: a name in secrets_file, env:VARIABLE, or (with "
         "allow_inline_secrets) an inline base64 key",
+    )
+    store_and_forward: bool = Field(
+        False,
+        description="keep this device's telemetry while the hub is unreachable (needs the "
+        "top-level store_and_forward: section)",
     )
 
     _key_ref: KeyRef | None = PrivateAttr(default=None)

@@ -32,6 +32,7 @@ from gateway.config.credentials import CredentialsSection
 from gateway.config.durations import Duration
 from gateway.config.hostport import HostPort
 from gateway.config.proxy_url import parse_proxy_url
+from gateway.config.store import StoreAndForwardSection
 
 DEFAULT_AMQP_PORT = 5671
 DEFAULT_MQTT_PORT = 8883
@@ -593,6 +594,11 @@ class GatewayConfig(Section):
         description="default HTTP CONNECT proxy of connectors without their own proxy "
         "setting: {url, username, password_file} or env (HTTPS_PROXY, NO_PROXY)",
     )
+    store_and_forward: StoreAndForwardSection | None = Field(
+        None,
+        description="keep opted-in devices' telemetry on disk while the hub is unreachable; "
+        "absent = off",
+    )
 
     _source_path: Path | None = PrivateAttr(default=None)
     # `file:line: key: ...` for each examples' placeholder left in (gateway.config.placeholders).
@@ -757,6 +763,28 @@ def _cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                 ((("mqtt_routes", i, "hub")), f"duplicate route for hub {mqtt_route.hub!r}")
             )
         seen_hubs.add(hub)
+    problems.extend(_store_opt_ins(config))
+    return problems
+
+
+def _store_opt_ins(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    """``store_and_forward: true`` on a credential needs the top-level section."""
+    if config.store_and_forward is not None or config.credentials is None:
+        return []
+    problems: list[tuple[Loc, str]] = []
+    for section, entries in (
+        ("devices", config.credentials.devices),
+        ("groups", config.credentials.groups),
+    ):
+        for i, entry in enumerate(entries):
+            if entry.store_and_forward:
+                problems.append(
+                    (
+                        ("credentials", section, i, "store_and_forward"),
+                        "store_and_forward: true needs the top-level store_and_forward: "
+                        "section (at least its path)",
+                    )
+                )
     return problems
 
 
