@@ -49,8 +49,9 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract("gateway", (
         # Sans-I/O protocol engines: nothing of the gateway outside themselves.
         Layer("protocol", ("gateway.amqp", "gateway.mqtt")),
-        # Configuration model and credentials: no relay, no I/O, no operations.
-        Layer("foundations", ("gateway.auth", "gateway.config"), peers=True),
+        # Configuration model, credentials and the message store: no relay, no
+        # operations (the store's disk work is its own, in a worker thread).
+        Layer("foundations", ("gateway.auth", "gateway.config", "gateway.store"), peers=True),
         # The relays (AMQP link router, MQTT session relay) and the I/O they are
         # handed by the daemon: three peers that never import each other.
         Layer("relays and I/O", ("gateway.router", "gateway.mqtt_relay", "gateway.net")),
