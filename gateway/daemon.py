@@ -67,9 +67,11 @@ from gateway.ops.registry import Registry
 from gateway.ops.reload import ReloadPlan, plan_reload
 from gateway.ops.router_observer import OpsObserver
 from gateway.ops.startup import StartupError, bind_error, tls_error
+from gateway.ops.store_status import StoreCollector, StoreStatus
 from gateway.ops.trace import FrameTracer
 from gateway.router.core import Router
 from gateway.router.routes import RouteTable
+from gateway.store import MessageStore, StoreUnavailable
 
 log = logging.getLogger("gateway.daemon")
 
@@ -170,19 +172,40 @@ class Daemon:
         self.registry.set_credentials(
             credentials_snapshot(lambda: self.credentials, lambda: self.router.tokens)
         )
+        # Store and forward: opened by run() when configured, before any relay starts,
+        # and closed after they all stopped. None: off, or it could not be opened
+        # (store_status.error says why); the relays then take the transparent path.
+        self.store: MessageStore | None = None
+        self.store_status = StoreStatus.from_config(config.store_and_forward, config.connectors)
+        self.registry.set_store(self.store_status.snapshot)
+        if self.metrics is not None and self.store_status.configured:
+            self.metrics.registry.register(
+                StoreCollector(self.store_status,
+                               device_labels=bool(config.gateway.metrics_device_labels))
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ running
 
     async def run(self, signals: Any = None, *,
                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
-        config = self.config
         await self.bind()
         if self.metrics is not None:
             set_connect_failure_hook(self.metrics.on_tls_handshake_failure)
         set_dial_hook(self.registry.connector_dialled)
         if self.tracer.amqp_enabled or self.tracer.mqtt_enabled:
             log.info("frame trace on for %s", ",".join(_traced(self.tracer)))
+        await self.open_store()
+        try:
+            return await self._run(signals, task_status=task_status)
+        finally:
+            await self.close_store()
+
+    async def _run(self, signals: Any = None, *,
+                   task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:  # fmt: skip
+        config = self.config
         async with trio.open_nursery() as nursery:
+            if self.store is not None:
+                nursery.start_soon(self.store.run)  # max_age expiry
             await nursery.start(self.router.run)
             for connector in config.connectors:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
@@ -245,6 +268,28 @@ class Daemon:
             self.listener_settings.clear()
             self.admin_sockets = []
             raise
+
+    async def open_store(self) -> None:
+        """Open the message store when ``store_and_forward:`` is configured. A store that
+        cannot be opened (corrupt, locked by another gateway, no disk) is one error line
+        and ``iotgw_store_up 0``; the gateway runs without it and relays live traffic."""
+        section = self.config.store_and_forward
+        if section is None or self.store is not None:
+            return
+        try:
+            self.store = await MessageStore.open(section, clock=self.clock)
+        except StoreUnavailable as exc:
+            self.store_status.error = exc
+            log.error("%s; running without store and forward (live traffic is relayed; "
+                      "see docs/store-and-forward.md)", exc.reason)  # fmt: skip
+            return
+        self.store_status.store = self.store
+
+    async def close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
 
     def _listener_settings(self, listener: Any) -> LiveListenerSettings:
         """The listener's live settings; its TLS profile's certificate and key loaded."""

@@ -8,6 +8,7 @@ connection, GET and HEAD only:
     /readyz           200 "ready" or 503 with the reason from the readiness check
     /api/connections  /api/links  /api/routes  /api/connectors  /api/listeners
     /api/credentials  (JSON; identities the gateway holds credentials for, no secrets)
+    /api/store        (JSON; the store-and-forward backlog, limits and counters)
 
 With a token (``admin.token_file``, required when the endpoint is not on
 loopback) every ``/api/*`` request must carry ``Authorization: Bearer TOKEN``;
@@ -129,6 +130,7 @@ class _AdminServer:
             "/api/connectors": registry.connectors,
             "/api/listeners": registry.listeners,
             "/api/credentials": registry.credentials,
+            "/api/store": registry.store,
         }
         self.routes: dict[str, Handler] = {
             "/metrics": self._metrics,

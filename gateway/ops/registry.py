@@ -183,6 +183,7 @@ class Registry:
         self._listeners: dict[str, ListenerInfo] = {}
         self._routes: list[dict[str, Any]] = []
         self._credentials: Callable[[], list[dict[str, Any]]] | None = None
+        self._store: Callable[[], dict[str, Any]] | None = None
 
     # -- connections -----------------------------------------------------
 
@@ -336,6 +337,15 @@ class Registry:
         """Where /api/credentials comes from: the credential store's ``describe``
         (identities, kinds, local auth: never a key, token or password)."""
         self._credentials = describe
+
+    # -- store and forward -----------------------------------------------
+
+    def set_store(self, snapshot: Callable[[], dict[str, Any]] | None) -> None:
+        """Where /api/store comes from (`gateway.ops.store_status.StoreStatus.snapshot`)."""
+        self._store = snapshot
+
+    def store(self) -> dict[str, Any]:
+        return {"state": "off"} if self._store is None else self._store()
 
     # -- snapshots (plain JSON-able data) --------------------------------
 

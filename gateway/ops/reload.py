@@ -33,7 +33,7 @@ __all__ = ["LISTENER_LIVE_FIELDS", "ReloadPlan", "plan_reload"]
 # Listener settings a reload changes in place; the rest need a restart.
 LISTENER_LIVE_FIELDS = ("max_connections", "allowed_networks")
 _GATEWAY_LIVE_FIELDS = ("drain_timeout",)
-_RESTART_SECTIONS = ("admin", "tls_profiles", "connectors")
+_RESTART_SECTIONS = ("admin", "tls_profiles", "connectors", "store_and_forward")
 
 
 @dataclass

@@ -224,12 +224,19 @@ def listeners_table(items: list[dict[str, Any]], now: float) -> str:
     return render_table("Listeners", headers, rows)
 
 
-_SECTIONS: dict[str, tuple[str, Callable[[list[dict[str, Any]], float], str]]] = {
+def store_table(snapshot: dict[str, Any]) -> str:
+    from gateway.ops.store_view import store_tables
+
+    return store_tables(snapshot, render_table)
+
+
+_SECTIONS: dict[str, tuple[str, Callable[[Any, float], str]]] = {
     "connections": ("/api/connections", connections_table),
     "links": ("/api/links", links_table),
     "routes": ("/api/routes", routes_table),
     "connectors": ("/api/connectors", connectors_table),
     "listeners": ("/api/listeners", listeners_table),
+    "store": ("/api/store", lambda items, now: store_table(items)),
 }
 _DEFAULT_SECTIONS = ("connections", "links", "routes", "connectors")
 
@@ -269,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--routes", action="store_true", help="route table")
     parser.add_argument("--connectors", action="store_true", help="connectors and their state")
     parser.add_argument("--listeners", action="store_true", help="listeners and bound addresses")
+    parser.add_argument(
+        "--store", action="store_true", help="store and forward: backlog by connector and device"
+    )
     parser.add_argument(
         "--all", action="store_true", help="connections, links, routes and connectors tables"
     )
@@ -310,6 +320,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     now = time.time()
     tables = []
     for name in chosen:
+        if name == "store":  # one object, not a list of rows
+            tables.append(store_table(data[name] if isinstance(data[name], dict) else {}))
+            continue
         items = data[name] if isinstance(data[name], list) else []
         tables.append(_SECTIONS[name][1](items, now))
     out.write("\n".join(tables))

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.ops.store_view import summary_line
+
 __all__ = ["admin_token_from_config", "admin_url_from_config", "gather", "render_summary", "Snapshot"]
 
 # Where systemd/install.sh puts the configuration: used when neither --admin nor -c is given.
@@ -96,6 +98,7 @@ class Snapshot:
         self.earlier: dict[tuple[str, tuple[tuple[str, str], ...]], float] | None = None
         self.window = 0.0
         self.taken_at = time.time()
+        self.store: dict[str, Any] = {}
 
     def total(self, name: str, source: str = "now", **labels: str) -> float:
         samples = self.metrics if source == "now" else (self.earlier or {})
@@ -160,6 +163,11 @@ def gather(
     for name in ("connections", "links", "routes", "connectors", "listeners"):
         items = fetch_json(base_url, f"/api/{name}", timeout)
         snap.api[name] = items if isinstance(items, list) else []
+    try:
+        store = fetch_json(base_url, "/api/store", timeout)
+    except Exception:  # an older gateway without /api/store: no store line
+        store = None
+    snap.store = store if isinstance(store, dict) else {}
     status, body = _get(base_url + "/readyz", timeout)
     snap.ready = (status == 200, body.strip())
     status, body = _get(base_url + "/metrics", timeout)
@@ -267,6 +275,9 @@ def render_summary(snap: Snapshot, base_url: str) -> str:
         ("Soonest token expiry", "no gateway-held tokens" if math.isnan(token)
          else f"in {_duration(token)}"),
     ]  # fmt: skip
+    store_line = summary_line(snap.store)
+    if store_line is not None:  # only with a store_and_forward: section
+        rows.append(("Store and forward", store_line))
     width = max(len(k) for k, _ in rows)
     lines = ["Gateway", f"  {'attr'.ljust(width)}  value", "  " + "=" * (width + 40)]
     lines += [f"  {k.ljust(width)}  {v}".rstrip() for k, v in rows]

@@ -217,6 +217,8 @@ async def test_every_query_uses_metrics_a_live_gateway_exports(nursery, hub, key
     # A listener that admits nobody from loopback: a refused device connection.
     data["listeners"].append({"name": "lan", "protocol": "amqp", "bind": "127.0.0.1:0",
                               "allowed_networks": ["10.0.0.0/8"]})  # fmt: skip
+    # The store's series (backlog per connector, refusals, errors) exist from the start.
+    data["store_and_forward"] = {"path": str(tmp_path / "store.db")}
     config = write_config(tmp_path / "gateway.yaml", yaml.safe_dump(data))
     daemon = await start_daemon(nursery, config)
     url = admin_url(daemon)
