@@ -50,6 +50,9 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT = 2.0  # seconds a locked database is waited for before the operation fails
 CACHE_KIB = 4096  # SQLite page cache: bounds the memory a large backlog can take
 EXPIRE_CHUNK = 1000
+# Disk space held back in ``<path>.reserve`` (at most max_bytes / 8): released when the
+# disk is full so the hub's acknowledgements can still be recorded (deletes need room).
+RESERVE_BYTES = 2 * 1024 * 1024
 ERROR_LOG_INTERVAL = 60.0
 
 _SCHEMA = (
@@ -205,6 +208,10 @@ class MessageStore:
         self._conn = conn
         if fresh:
             os.chmod(self.path, 0o600)
+        if fresh:
+            # Free pages can be given back to the file system (see _room_for_appends);
+            # only settable before the first table exists.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreUnavailable(
@@ -241,6 +248,10 @@ class MessageStore:
         ).fetchone()[0]
         self._next_seq = int(top or 0) + 1
         self._update_file_bytes()
+        if not self._ensure_reserve():
+            log.warning("store %s: no room for the %d-byte reserve file on a full disk; "
+                        "new messages are refused until there is", self.path,
+                        self._reserve_size())  # fmt: skip
 
     async def aclose(self) -> None:
         """Finish the commit under way, checkpoint the WAL into the database, close."""
@@ -384,6 +395,9 @@ class MessageStore:
 
     async def _commit_batch(self) -> None:
         self._committing = True
+        # Let the appenders woken by the previous commit queue their next messages
+        # first, so they share this fsync instead of waiting for the one after.
+        await trio.lowlevel.cancel_shielded_checkpoint()
         batch: list[_Op] = []
         appends = 0
         while self._queue and appends < self.config.batch_max:
@@ -414,7 +428,10 @@ class MessageStore:
                 for op in batch:
                     op.error = error
             else:
-                self._applied(batch, appends, oldest)
+                self._applied(batch, oldest)
+                refused = next((op.error for op in batch if op.error is not None), None)
+                if refused is not None:  # appends refused by a full disk, deletes done
+                    self._failed(refused)
             finally:
                 for op in batch:
                     op.done = True
@@ -424,23 +441,53 @@ class MessageStore:
                 self._wake()
 
     def _write_sync(self, batch: list[_Op]) -> dict[str, float | None]:
+        """One transaction for the batch (worker thread). On a full disk the appends are
+        refused and the deletes still recorded, using the reserve file's space if need be:
+        otherwise the hub's acknowledgements could not be recorded and every replayed
+        message would be sent again and again."""
+        appends = [op for op in batch if isinstance(op, _Append)]
+        deletes = [op for op in batch if isinstance(op, _Delete)]
+        if appends and not self._room_for_appends():
+            self._refuse(appends, self._disk_full("no room left beside the reserve"))
+            appends = []
+        if not appends and not deletes:
+            return {}
+        try:
+            return self._transaction(appends, deletes)
+        except (sqlite3.Error, OSError) as exc:
+            error = classify(exc, self.path)
+            if error.kind != "disk_full" or not deletes:
+                raise
+            self._refuse(appends, error)
+            self._release_reserve()
+            return self._transaction([], deletes)
+
+    @staticmethod
+    def _refuse(appends: list[_Append], error: StoreUnavailable) -> None:
+        for op in appends:
+            op.error = error
+
+    def _disk_full(self, detail: str) -> StoreUnavailable:
+        return StoreUnavailable(f"store {self.path}: the disk is full ({detail})", kind="disk_full")
+
+    def _transaction(
+        self, appends: list[_Append], deletes: list[_Delete]
+    ) -> dict[str, float | None]:
         conn = self._conn
         if conn is None:
             raise StoreUnavailable(f"store {self.path}: the store is closed", kind="closed")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            rows = [(op.seq, *op.row, op.size) for op in batch if isinstance(op, _Append)]
-            if rows:
+            if appends:
                 conn.executemany(
                     "INSERT INTO messages (seq, device, connector, protocol, address, meta, "
                     "payload, stored_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    [(op.seq, *op.row, op.size) for op in appends],
                 )
             touched: set[str] = set()
-            for op in batch:
-                if isinstance(op, _Delete):
-                    op.removed = self._delete_rows(conn, op.seqs)
-                    touched.update(row[0] for row in op.removed)
+            for op in deletes:
+                op.removed = self._delete_rows(conn, op.seqs)
+                touched.update(row[0] for row in op.removed)
             # The new oldest time of devices whose first messages went (index lookups).
             oldest: dict[str, float | None] = {}
             for device in touched:
@@ -457,6 +504,53 @@ class MessageStore:
             raise
         self._update_file_bytes()
         return oldest
+
+    # -- the reserve: disk space kept back so deletes work on a full disk -------------------
+
+    @property
+    def _reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def _reserve_size(self) -> int:
+        return max(64 * 1024, min(RESERVE_BYTES, self.config.max_bytes // 8))
+
+    def _ensure_reserve(self) -> bool:
+        """Create the reserve file if it is missing; False if the disk has no room for it."""
+        path = self._reserve_path
+        size = self._reserve_size()
+        try:
+            if path.stat().st_size >= size:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            with open(path, "wb") as handle:
+                chunk = b"\0" * 65536
+                for _ in range(0, size, len(chunk)):
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+        return True
+
+    def _release_reserve(self) -> None:
+        with contextlib.suppress(OSError):
+            self._reserve_path.unlink()
+
+    def _room_for_appends(self) -> bool:
+        """Appends may go ahead while the reserve is held, or can be made again (after
+        giving the pages of deleted messages back to the file system)."""
+        if self._ensure_reserve():
+            return True
+        conn = self._require_conn()
+        # Pages of deleted messages go back to the file system, then try again.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self._ensure_reserve()
 
     def _delete_rows(
         self, conn: sqlite3.Connection, seqs: Sequence[int]
@@ -486,16 +580,16 @@ class MessageStore:
                 total += os.stat(f"{self.path}{suffix}").st_size
         self._file_bytes = total
 
-    def _applied(
-        self, batch: list[_Op], appends: int, oldest: dict[str, float | None]
-    ) -> None:
+    def _applied(self, batch: list[_Op], oldest: dict[str, float | None]) -> None:
         """A batch committed: bring the counters up to date (event loop thread)."""
-        self.commits += 1
+        appends = sum(1 for op in batch if isinstance(op, _Append) and op.error is None)
+        if appends or any(isinstance(op, _Delete) for op in batch):
+            self.commits += 1
         if appends:
             self.batch_sizes.append(appends)
             del self.batch_sizes[:-1000]
         for op in batch:
-            if isinstance(op, _Append):
+            if isinstance(op, _Append) and op.error is None:
                 device, connector, protocol = op.row[0], op.row[1], op.row[2]
                 self._ledger.release(device, op.size)
                 self._ledger.add(device, protocol, connector, op.size, op.row[6])

@@ -3,6 +3,7 @@ and the failures it must survive (corrupt, locked, full disk)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -417,7 +418,7 @@ def tiny_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mount = tmp_path / "tiny"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
         capture_output=True,
         check=False,
     )
@@ -440,6 +441,24 @@ async def test_really_full_disk(tiny_tmpfs: Path) -> None:
                 stored += 1
         assert info.value.kind == "disk_full"
         assert store.backlog("dev1") == stored and len(await store.peek("dev1", 10_000)) == stored
+        assert (tiny_tmpfs / "store.db.reserve").exists()
+        # Whatever room is left, something else takes it.
+        with open(tiny_tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\xff" * 65536)
+                filler.flush()
+        # The hub takes messages: their deletes are recorded even on the full disk
+        # (the reserve file gives up its space if need be), so they are not sent again.
+        while store.backlog("dev1"):
+            await store.delete([m.seq for m in await store.peek("dev1", 100)])
+        await store.append(**message("dev1", 0, 4000))  # room again: pages given back
+        assert store.backlog("dev1") == 1 and (tiny_tmpfs / "store.db.reserve").exists()
+    finally:
+        await store.aclose()
+    # And after a restart, the deletes are still there.
+    store = await MessageStore.open(config)
+    try:
+        assert store.backlog("dev1") == 1
     finally:
         await store.aclose()
 
