@@ -47,6 +47,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.net import dial
 from gateway.net.ack_batching import AckBatching
 from gateway.net.amqp_listener import serve_amqp_listener
+from gateway.net.handshake import HandshakeBudget
 from gateway.net.hooks import set_connect_failure_hook, set_dial_hook
 from gateway.net.listeners import ListenerObserver, ListenerSettings, ListenerStats, serve_listener
 from gateway.net.tls import ClientContextCache, TLSConnectError, client_context
@@ -63,6 +64,7 @@ from gateway.ops.lifecycle import (
     in_flight,
     status_text,
 )
+from gateway.ops.logging import REPEAT_WINDOW, flush_suppressed
 from gateway.ops.registry import Registry
 from gateway.ops.reload import ReloadPlan, plan_reload
 from gateway.ops.router_observer import OpsObserver
@@ -155,6 +157,8 @@ class Daemon:
                              clock=clock)  # fmt: skip
         self.readiness = Readiness.from_config(self.registry, config, clock=clock)
         self.listener_settings: dict[str, LiveListenerSettings] = {}
+        # Bytes held by device connections before authentication, all listeners together.
+        self.handshake = HandshakeBudget()
         self.listener_addresses: dict[str, list[tuple[str, int]]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
         self.admin_sockets: list[trio.SocketListener] = []  # bound by bind(), then served
@@ -231,6 +235,7 @@ class Daemon:
             sdnotify.ready(f"running: {status_text(self.registry)}")
             nursery.start_soon(self._clock_loop)
             nursery.start_soon(sdnotify.watchdog_loop)
+            nursery.start_soon(_report_suppressed_loop)
             if os.environ.get("NOTIFY_SOCKET"):
                 nursery.start_soon(self._status_loop)
             if signals is not None:
@@ -240,6 +245,7 @@ class Daemon:
             await self._drain()
             nursery.cancel_scope.cancel()
         log.info("gateway %s stopped", config.gateway.id)
+        flush_suppressed(final=True)
         return EXIT_OK
 
     async def bind(self) -> None:
@@ -488,7 +494,8 @@ class Daemon:
         if listener.protocol == "amqp":
             await serve_amqp_listener(listener, self.config, self.router,
                                       observer=self.listener_observer, task_status=task_status,
-                                      settings=settings)  # type: ignore[arg-type]  # fmt: skip
+                                      settings=settings,  # type: ignore[arg-type]
+                                      handshake=self.handshake)  # fmt: skip
             return
         observer = (self.metrics.mqtt_observer(listener.name, registry=self.registry)
                     if self.metrics is not None else None)  # fmt: skip
@@ -497,7 +504,7 @@ class Daemon:
             listener, self.live_config, task_status=task_status, observer=observer,
             listener_observer=self.listener_observer, tracer=self.tracer,
             credentials=self.live_credentials, settings=settings,  # type: ignore[arg-type]
-            clock=self.clock,
+            clock=self.clock, handshake=self.handshake,
         )  # fmt: skip
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:
@@ -508,6 +515,13 @@ class Daemon:
             partial(serve_admin, sockets=sockets, api_token=lambda: self.admin_token),
             self.config.admin.listen, self.registry, self.metrics, self.readiness,
         )  # fmt: skip
+
+
+async def _report_suppressed_loop() -> None:
+    """Counts of suppressed repeated warnings are logged at most a window late."""
+    while True:
+        await trio.sleep(REPEAT_WINDOW)
+        flush_suppressed()
 
 
 # ---------------------------------------------------------------- MQTT listeners
@@ -541,6 +555,7 @@ async def serve_mqtt_listener(
     clock: Callable[[], float] = time.time,
     renewal_mode: mqtt_relay.RenewalMode = mqtt_relay.RenewalMode.AUTO,
     settings: ListenerSettings | None = None,
+    handshake: HandshakeBudget | None = None,
 ) -> None:
     """Serve one `protocol: mqtt` listener until cancelled: the listener
     (`gateway.net.listeners`) hands each device connection to the MQTT relay.
@@ -555,6 +570,8 @@ async def serve_mqtt_listener(
     (sleeping until a renewal uses trio's clock). `settings`: the daemon passes
     its own live `ListenerSettings` so a reload can change limits and a drain
     can stop admissions; by default they are built from `listener_cfg`.
+    `handshake`: the budget of bytes held before authentication, shared by the
+    daemon's listeners (by default this listener's own).
     """
     settings = settings or ListenerSettings.from_config(listener_cfg, config)
     handler = mqtt_relay.connection_handler(
@@ -567,6 +584,7 @@ async def serve_mqtt_listener(
         credentials=credentials,
         clock=clock,
         renewal_mode=renewal_mode,
+        handshake=handshake if handshake is not None else HandshakeBudget(),
     )
     await serve_listener(
         settings, handler, observer=listener_observer, stats=stats, task_status=task_status

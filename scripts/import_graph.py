@@ -47,7 +47,9 @@ class Contract:
 
 CONTRACTS: tuple[Contract, ...] = (
     Contract("gateway", (
-        # Sans-I/O protocol engines: nothing of the gateway outside themselves.
+        # Pure helpers every layer may use (device text in log lines, bounded).
+        Layer("text", ("gateway.logsafe",)),
+        # Sans-I/O protocol engines: nothing of the gateway outside themselves and text.
         Layer("protocol", ("gateway.amqp", "gateway.mqtt")),
         # Configuration model, credentials and the message store: no relay, no
         # operations (the store's disk work is its own, in a worker thread).

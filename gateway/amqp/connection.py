@@ -29,6 +29,8 @@ from .framing import (
     HEADER_AMQP,
     HEADER_SASL,
     MIN_MAX_FRAME_SIZE,
+    PRE_OPEN_FRAME_LIMIT,
+    SASL_FRAME_LIMIT,
     SASL_HEADER,
     FrameReader,
     encode_frame_into,
@@ -151,7 +153,13 @@ class Connection:
 
         self._phase = _HEADER
         self._pre = bytearray()  # header and SASL bytes (before the AMQP frame phase)
-        self._reader = FrameReader(max_frame_size)
+        # A server reads small frames until the peer's open (see PRE_OPEN_FRAME_LIMIT).
+        self._reader = FrameReader(
+            min(max_frame_size, PRE_OPEN_FRAME_LIMIT) if role == "server" else max_frame_size
+        )
+        self._sasl_frame_limit = (
+            min(max_frame_size, SASL_FRAME_LIMIT) if role == "server" else max_frame_size
+        )
         self._out = bytearray()
         self._held = bytearray()  # frames written before our open went out
         self.pending_events: list[Event] = []
@@ -267,6 +275,11 @@ class Connection:
             for channel, what, size in records:
                 trace(TRACE_SEND, channel, what, size)
         return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet processed (a partial header, SASL frame or frame)."""
+        return len(self._pre) + self._reader.buffered
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Process received bytes (b"" = the peer closed its end) and return events.
@@ -581,8 +594,16 @@ class Connection:
         if len(pre) < 8:
             return False
         size = int.from_bytes(pre[:4], "big")
-        if size > self.max_frame_size or size < 8:
-            raise FramingError(f"SASL frame of {size} bytes (limit {self.max_frame_size})")
+        limit = self._sasl_frame_limit
+        if size > limit or size < 8:
+            description = f"SASL frame of {size} bytes (limit {limit})"
+            sasl = self.sasl
+            if isinstance(sasl, SaslServer) and self._phase is _SASL:
+                # Refused from its header, not read whole: a SASL outcome, then closed.
+                pre.clear()
+                self._answer_sasl(sasl.on_malformed(description))
+                return True
+            raise FramingError(description)
         if len(pre) < size:
             return False
         raw = bytes(pre[:size])
@@ -762,6 +783,7 @@ class Connection:
                 C.INVALID_FIELD,
             )
         self.send_max_frame_size = min(mfs, self.max_frame_size)
+        self._reader.max_frame_size = self.max_frame_size  # as our open says, from now on
         self._remote_channel_max = open_.channel_max
         if open_.idle_time_out:
             self.remote_idle_timeout = open_.idle_time_out / 1000.0

@@ -44,6 +44,8 @@ __all__ = [
     "FRAME_AMQP",
     "FRAME_SASL",
     "MIN_MAX_FRAME_SIZE",
+    "PRE_OPEN_FRAME_LIMIT",
+    "SASL_FRAME_LIMIT",
     "HEADER_AMQP",
     "HEADER_SASL",
     "HEADER_TLS",
@@ -67,6 +69,14 @@ TLS_HEADER = b"AMQP\x02\x01\x00\x00"
 FRAME_AMQP = 0
 FRAME_SASL = 1
 MIN_MAX_FRAME_SIZE = 512
+# What a device may send before it is authenticated (a server engine's limits).
+# The spec promises only MIN_MAX_FRAME_SIZE until the open exchange; we accept
+# more, as clients' SASL PLAIN (a SAS token for the longest ids, about 1 KB) and
+# open frames (container id, host name, properties) can exceed it, but bounded.
+#: largest SASL frame a server engine reads (larger: SASL outcome auth, closed)
+SASL_FRAME_LIMIT = 8192
+#: largest frame a server engine reads before the peer's open (its open included)
+PRE_OPEN_FRAME_LIMIT = 16384
 
 HEADER_AMQP = "amqp"
 HEADER_SASL = "sasl"

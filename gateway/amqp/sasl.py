@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway.logsafe import shown
+
 from .constants import SASL_AUTH, SASL_OK, SASL_SYS
 from .errors import AMQPError, FramingError
 from .events import SaslAuthenticated
@@ -141,7 +143,7 @@ class SaslServer:
         found none it could use (uamqp-c does this when MSSBCBS is missing)."""
         offered = ", ".join(self.mechanisms)
         if self.failure:
-            asked = repr(self.requested)[:42] if self.requested is not None else "none"
+            asked = shown(self.requested) if self.requested is not None else "none"
             return f"{self.failure} (client asked for {asked}; offered {offered})"
         if ended and self.offered and self.requested is None:
             return (

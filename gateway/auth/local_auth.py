@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from gateway.logsafe import shown_plain
+
 SCRYPT_PREFIX = "scrypt"
 # Interactive-login strength (about 40 ms and 16 MiB here): devices reconnect
 # rarely and a successful check is cached per store, see CredentialStore.
@@ -220,6 +222,7 @@ def authenticate(
     ``verify=False`` skips the scrypt computation and treats the password as
     already verified (used by a caller that cached a previous success).
     """
+    identity = shown_plain(identity)  # the device's text, for the log
     if policy.trust_network:
         return LocalAuthResult(True, f"{identity}: accepted from {peer_ip} (trust: network)")
     if policy.password_hash is None and not policy.allowed_addresses:

@@ -188,6 +188,13 @@ class AmqpListener(ListenerBase):
 class MqttListener(ListenerBase):
     protocol: Literal["mqtt"]
     max_packet_size: int = Field(DEFAULT_MQTT_MAX_PACKET_SIZE, ge=1024, le=268435460)
+    max_connect_size: int = Field(
+        16384,
+        ge=1024,
+        le=268435460,
+        description="largest CONNECT (Will included) accepted before the hub authenticates "
+        "the device; a larger one is refused once its header is read (gateway.mqtt.limits)",
+    )
 
 
 Listener = Annotated[AmqpListener | MqttListener, Field(discriminator="protocol")]

@@ -15,6 +15,7 @@ from .constants import (
     PacketType,
 )
 from .errors import (
+    ConnectTooLarge,
     MalformedPacket,
     MQTTError,
     MQTTProtocolError,
@@ -60,6 +61,7 @@ __all__ = [
     "MalformedPacket",
     "Packet",
     "PacketReader",
+    "ConnectTooLarge",
     "PacketTooLarge",
     "PacketType",
     "Pingreq",

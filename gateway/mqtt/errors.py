@@ -7,6 +7,8 @@ an MQTT 5 reason code, and for CONNECT problems the 3.1.1 CONNACK return code.
 
 from __future__ import annotations
 
+from gateway.logsafe import shown
+
 
 class MQTTError(Exception):
     """Base class of every error raised by `gateway.mqtt`."""
@@ -49,6 +51,16 @@ class PacketTooLarge(MQTTProtocolError):
         self.limit = limit
 
 
+class ConnectTooLarge(PacketTooLarge):
+    """The first packet, sent before the device is authenticated, exceeds the
+    CONNECT limit (see `gateway.mqtt.limits`); raised once its fixed header is read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)
+        self.reason = f"CONNECT of {size} bytes exceeds the limit of {limit} bytes"
+        self.args = (self.reason,)
+
+
 class UnsupportedProtocolVersion(MQTTProtocolError):
     """CONNECT names a protocol or level we cannot relay (3.1.1 CONNACK code 1)."""
 
@@ -56,6 +68,6 @@ class UnsupportedProtocolVersion(MQTTProtocolError):
     connack_code = 1
 
     def __init__(self, protocol_name: str, protocol_level: int) -> None:
-        super().__init__(f"unsupported protocol {protocol_name!r} level {protocol_level}")
+        super().__init__(f"unsupported protocol {shown(protocol_name)} level {protocol_level}")
         self.protocol_name = protocol_name
         self.protocol_level = protocol_level

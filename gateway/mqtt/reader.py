@@ -14,7 +14,10 @@ without building a view per packet:
 
 Bounds before buffering: the type and flags are checked from the first byte
 and the size as soon as the remaining length is decoded, so an oversize or
-garbage packet is refused before its body is read. After an error the reader
+garbage packet is refused before its body is read. The first packet (the
+CONNECT, sent before the device is authenticated) may be given a lower limit,
+`max_connect_size`; `needed` says how many more bytes complete the packet under
+way, so a caller can read no more than that. After an error the reader
 stays failed and re-raises it. `next_spans` only frames (fixed header and
 size): the bodies are the caller's to check, e.g. with `parse_packet` or
 `gateway.mqtt.triage`.
@@ -23,7 +26,7 @@ size): the bodies are the caller's to check, e.g. with `parse_packet` or
 from __future__ import annotations
 
 from .constants import DEFAULT_MAX_PACKET_SIZE
-from .errors import MalformedPacket, MQTTProtocolError, PacketTooLarge
+from .errors import ConnectTooLarge, MalformedPacket, MQTTProtocolError, PacketTooLarge
 from .packets import Connect, Packet, check_fixed_header, parse_packet
 
 # (first byte, start, body start, end): one packet's place in the buffer.
@@ -64,6 +67,7 @@ class PacketReader:
 
     __slots__ = (
         "max_packet_size",
+        "max_connect_size",
         "_level",
         "_valid",
         "_buf",
@@ -74,11 +78,17 @@ class PacketReader:
     )
 
     def __init__(
-        self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE, *, protocol_level: int | None = None
+        self,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        *,
+        protocol_level: int | None = None,
+        max_connect_size: int | None = None,
     ) -> None:
         if max_packet_size < 2:
             raise ValueError("max_packet_size must be at least 2")
         self.max_packet_size = max_packet_size
+        # The first packet's limit (None: max_packet_size): a device's CONNECT.
+        self.max_connect_size = max_connect_size
         self._level = protocol_level
         self._valid = valid_first_bytes(protocol_level)
         # Unconsumed bytes are self._buf[self._pos:]. A read that arrives on an empty
@@ -103,6 +113,32 @@ class PacketReader:
     def buffered(self) -> int:
         """Bytes received but not yet returned as a packet (a partial packet at EOF)."""
         return len(self._buf) - self._pos
+
+    @property
+    def needed(self) -> int | None:
+        """Bytes still missing from the packet under way: None while its fixed header
+        is incomplete, 0 when a whole packet is buffered (or nothing is)."""
+        buf, pos = self._buf, self._pos
+        n = len(buf)
+        if pos >= n:
+            return 0
+        remaining = 0
+        shift = 0
+        i = pos + 1
+        while True:
+            if i >= n or shift == 28:
+                return None
+            byte = buf[i]
+            i += 1
+            remaining |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+        return max(0, i + remaining - n)
+
+    def head(self, n: int) -> bytes:
+        """The first `n` bytes received and not yet returned as a packet (or fewer)."""
+        return bytes(self._buf[self._pos : self._pos + n])
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
@@ -170,6 +206,7 @@ class PacketReader:
             return buf, spans
         valid = self._valid
         limit = self.max_packet_size
+        connect_limit = self.max_connect_size if not self.packets_read else None
         error: MQTTProtocolError | None = None
         while pos < n and count:
             first = buf[pos]
@@ -209,6 +246,12 @@ class PacketReader:
             if end - pos > limit:
                 error = PacketTooLarge(end - pos, limit)
                 break
+            if connect_limit is not None:
+                # Only the first packet; then the usual limit.
+                if end - pos > connect_limit:
+                    error = ConnectTooLarge(end - pos, connect_limit)
+                    break
+                connect_limit = None
             if end > n:
                 break
             spans.append((first, pos, i, end))

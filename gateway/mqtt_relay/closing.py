@@ -23,6 +23,7 @@ class CloseReason:
     TOPIC_REFUSED = "topic_refused"  # allowed_topics policy
     KEEPALIVE_TIMEOUT = "keepalive_timeout"
     PACKET_TOO_LARGE = "packet_too_large"  # from the device
+    CONNECT_TOO_LARGE = "connect_too_large"  # over the pre-authentication limits
     DEVICE_PROTOCOL_ERROR = "device_protocol_error"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     DEVICE_DISCONNECT = "device_disconnect"  # the device sent DISCONNECT

@@ -19,7 +19,7 @@ from .in_flight import AckBatchingFactory
 from .observer import NullObserver, PacketTracer, RelayObserver
 from .renewal import RenewalMode
 from .session import Session
-from .upstream import OpenUpstream
+from .upstream import HandshakeBudget, OpenUpstream
 
 if TYPE_CHECKING:
     from gateway.auth.credentials import CredentialStore
@@ -41,6 +41,7 @@ async def relay_mqtt_connection(
     tracer: PacketTracer | None = None,
     credentials: MqttCredentials | None = None,
     renewal_mode: RenewalMode = RenewalMode.AUTO,
+    handshake: HandshakeBudget | None = None,
 ) -> str:
     """Relay one device connection until either side ends it; returns the CloseReason.
 
@@ -51,7 +52,9 @@ async def relay_mqtt_connection(
     ("<-" from the device, "->" to it) when its `mqtt_enabled` is set.
     `credentials`: the listener's `MqttCredentials` (None: devices bring their
     own credentials); `renewal_mode` how a token renewal replaces the upstream
-    connection (see `gateway.mqtt_relay.renewal`).
+    connection (see `gateway.mqtt_relay.renewal`). `handshake`: the daemon's
+    budget for bytes held before authentication (None: each CONNECT is still
+    bounded, their sum is not).
     """
     session = Session(
         device_stream,
@@ -64,6 +67,7 @@ async def relay_mqtt_connection(
         credentials,
         renewal_mode,
         ack_batching,
+        handshake,
     )
     return await session.run()
 
@@ -79,6 +83,7 @@ def connection_handler(
     credentials: CredentialStore | None = None,
     clock: Callable[[], float] = time.time,
     renewal_mode: RenewalMode = RenewalMode.AUTO,
+    handshake: HandshakeBudget | None = None,
 ) -> ConnectionHandler:
     """The handler for one `protocol: mqtt` listener's connections.
 
@@ -102,6 +107,7 @@ def connection_handler(
             tracer=tracer,
             credentials=held,
             renewal_mode=renewal_mode,
+            handshake=handshake,
         )
 
     return handle

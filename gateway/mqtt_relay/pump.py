@@ -34,6 +34,7 @@ from typing import Protocol
 
 import trio
 
+from gateway.logsafe import shown
 from gateway.mqtt.constants import MQTT_5, PacketType
 from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge
 from gateway.mqtt.packets import Connack, Packet, Puback, Publish, Subscribe
@@ -285,14 +286,14 @@ def check_policy(session: PumpSession, packet: Packet) -> None:
         if not policy.allows_publish(topic):
             raise Stop(
                 CloseReason.TOPIC_REFUSED,
-                f"PUBLISH to {topic!r} refused: not in the route's allowed_topics",
+                f"PUBLISH to {shown(topic)} refused: not in the route's allowed_topics",
             )
     elif isinstance(packet, Subscribe):
         for topic_filter in packet.topic_filters:
             if not policy.allows_subscribe(topic_filter):
                 raise Stop(
                     CloseReason.TOPIC_REFUSED,
-                    f"SUBSCRIBE to {topic_filter!r} refused: not in the route's allowed_topics",
+                    f"SUBSCRIBE to {shown(topic_filter)} refused: not in the route's allowed_topics",
                 )
 
 

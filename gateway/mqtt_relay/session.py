@@ -2,7 +2,11 @@
 
 Per device connection:
 
-1. Read CONNECT within the listener's `handshake_timeout` (else close).
+1. Read CONNECT within the listener's `handshake_timeout` (else close). It is
+   read in small pieces held in the daemon's handshake budget
+   (`HandshakeBudget`), never more than the CONNECT still needs; a CONNECT
+   larger than the listener's `max_connect_size`, or with a field over the
+   limits of `gateway.mqtt.limits`, is refused before it is read whole.
 2. Pick the route (`routes`): by the CONNECT user name (`username` routes),
    else by the hub host, the user name up to the first `/`.
 3. Open a connection to the route's connector (the opener the daemon handed
@@ -20,6 +24,12 @@ Answers the gateway gives itself (the only packets it ever writes):
   unavailable" (MQTT 5: 0x88), which devices retry.
 - a Will topic outside the route's `allowed_topics`: CONNACK 5 (MQTT 5: 0x87).
 - an unsupported protocol level: CONNACK 1 (3.1.1 section 3.1.2.2).
+- a CONNECT over the pre-authentication limits (`gateway.mqtt.limits`): a
+  client id too long, or a CONNECT over `max_connect_size`, CONNACK 2
+  "identifier rejected" (MQTT 5: 0x85, or 0x95 "packet too large" for the
+  whole CONNECT); a user name or password too long, CONNACK 4 (MQTT 5: 0x86).
+  When the oversized CONNECT's protocol level is not yet known, the connection
+  is closed without one.
 
 Everything else comes from the hub, refusals included. Once the session is
 relayed, nothing is answered on the hub's behalf: a protocol error, an
@@ -54,9 +64,16 @@ from typing import Any
 import trio
 
 from gateway.auth.dps import registration_of
+from gateway.logsafe import shown, source
 from gateway.mqtt import encode
 from gateway.mqtt.constants import MQTT_5, V5_CONNACK_EQUIVALENT, ConnackCode
-from gateway.mqtt.errors import MQTTProtocolError, PacketTooLarge, UnsupportedProtocolVersion
+from gateway.mqtt.errors import (
+    ConnectTooLarge,
+    MQTTProtocolError,
+    PacketTooLarge,
+    UnsupportedProtocolVersion,
+)
+from gateway.mqtt.limits import DEFAULT_MAX_CONNECT_SIZE, check_connect, connect_level
 from gateway.mqtt.packets import Connect, Packet
 from gateway.mqtt.reader import PacketReader
 from gateway.mqtt.session import RelayState
@@ -78,7 +95,7 @@ from .observer import IN, PacketReport, PacketTracer, RelayObserver, call_hook
 from .pump import DeviceToHub, HubToDevice, Tracking
 from .renewal import RenewalMode, SessionLost, TokenRenewal
 from .routes import find_connector, hub_host_from_username, select_mqtt_route
-from .upstream import OpenUpstream, UpstreamLink, UpstreamUnavailable
+from .upstream import HandshakeBudget, OpenUpstream, UpstreamLink, UpstreamUnavailable
 
 __all__ = ["Session"]
 
@@ -89,6 +106,8 @@ RECEIVE_SIZE = 262144
 # Packets from the hub are bounded too, but generously: the hub, not the
 # gateway, decides what a device may receive.
 UPSTREAM_MAX_PACKET_SIZE = 2 * 1024 * 1024
+# Reads while waiting for CONNECT: at most this much, and no more than it still needs.
+HANDSHAKE_READ = 4096
 # Writing the gateway's own CONNACK or closing a stream never waits longer than this.
 CLOSE_TIMEOUT = 2.0
 
@@ -116,8 +135,10 @@ class Session:
         credentials: MqttCredentials | None = None,
         renewal_mode: RenewalMode = RenewalMode.AUTO,
         ack_batching: AckBatchingFactory | None = None,
+        handshake: HandshakeBudget | None = None,
     ) -> None:
         self.device = device
+        self.handshake = handshake
         self.peer = peer
         self.listener_cfg = listener_cfg
         self.config = config
@@ -128,7 +149,10 @@ class Session:
         self.ack_batching = ack_batching
         self.link: UpstreamLink | None = None  # the current upstream connection
         self.links: list[UpstreamLink] = []  # every open one (two during a renewal)
-        self.device_reader = PacketReader(listener_cfg.max_packet_size)
+        self.device_reader = PacketReader(
+            listener_cfg.max_packet_size,
+            max_connect_size=getattr(listener_cfg, "max_connect_size", DEFAULT_MAX_CONNECT_SIZE),
+        )
         self.state = RelayState()
         self.policy: TopicPolicy | None = None
         self.topic_aliases: dict[int, str] = {}
@@ -186,29 +210,49 @@ class Session:
                 )
             self.obs.on_close(stop.reason)
             level = logging.INFO if stop.reason in ROUTINE else logging.WARNING
-            log.log(level, "mqtt %s closed: %s (%s)", self.label, stop.reason, stop.detail)
+            log.log(level, "mqtt %s closed: %s (%s)", self.label, stop.reason, stop.detail,
+                    extra=source(self.peer[0], stop.reason))  # fmt: skip
+            # A Stop's traceback holds this frame, whose locals hold the Stop (and its
+            # context the frames of the error it replaced): a cycle that kept each
+            # ended session, its CONNECT and buffers included, until a full collection.
+            stop.__traceback__ = stop.__context__ = stop.__cause__ = None
+            if self.stop is not None:
+                self.stop.__traceback__ = self.stop.__context__ = self.stop.__cause__ = None
         return stop.reason
 
     # -- step 1: CONNECT ----------------------------------------------------------------
 
     async def _read_connect(self) -> Connect:
         timeout = float(self.listener_cfg.handshake_timeout)
-        with trio.move_on_after(timeout):
-            packet = await self._next_device_packet()
-            try:
-                self.state.client_packet(packet)
-            except MQTTProtocolError as exc:
-                raise Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
-            assert isinstance(packet, Connect)
-            return packet
+        hold = self.handshake.hold() if self.handshake is not None else None
+        try:
+            with trio.move_on_after(timeout):
+                packet = await self._next_device_packet(hold)
+                try:
+                    self.state.client_packet(packet)
+                except MQTTProtocolError as exc:
+                    raise Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+                assert isinstance(packet, Connect)
+                refusal = check_connect(packet)
+                if refusal is not None:
+                    await self._refuse(packet, refusal[0])
+                    raise Stop(CloseReason.CONNECT_TOO_LARGE, refusal[1])
+                return packet
+        finally:
+            if hold is not None:
+                hold.release()
         raise Stop(CloseReason.CONNECT_TIMEOUT, f"no CONNECT within {timeout:g}s")
 
-    async def _next_device_packet(self) -> Packet:
-        """The device's next packet; raises Stop on EOF and errors."""
+    async def _next_device_packet(self, hold: Any = None) -> Packet:
+        """The device's CONNECT; raises Stop on EOF and errors. Reads only what the
+        packet still needs, in the handshake budget's `hold` (if any)."""
         reader = self.device_reader
         while True:
             try:
                 packet = reader.next_packet()
+            except ConnectTooLarge as exc:
+                await self._refuse_oversized()
+                raise Stop(CloseReason.CONNECT_TOO_LARGE, exc.reason) from None
             except PacketTooLarge as exc:
                 raise Stop(CloseReason.PACKET_TOO_LARGE, exc.reason) from None
             except UnsupportedProtocolVersion as exc:
@@ -218,15 +262,29 @@ class Session:
                 raise Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
             if packet is not None:
                 return packet
-            await self.read_device()
+            size = min(reader.needed or HANDSHAKE_READ, HANDSHAKE_READ)
+            if hold is not None:
+                await hold.grow_to(reader.buffered + size)
+            await self.read_device(size)
 
-    async def read_device(self) -> bool:
-        """Feed the device reader its next bytes; raises Stop on EOF and errors
-        (keep-alive expiry: `_watch_keep_alive`). Always True: the device is read
-        until the session ends."""
+    async def _refuse_oversized(self) -> None:
+        """Answer a CONNECT over the size limit if its protocol level is known."""
+        reader = self.device_reader
+        level = connect_level(reader.head(16))
+        if level is None:
+            return  # too little of it to answer in the device's version: close
+        if level == MQTT_5:
+            await self._send_own(encode.connack(0x95, protocol_level=level))
+        else:
+            await self._send_own(encode.connack(ConnackCode.IDENTIFIER_REJECTED))
+
+    async def read_device(self, size: int = RECEIVE_SIZE) -> bool:
+        """Feed the device reader its next bytes (at most `size`); raises Stop on EOF
+        and errors (keep-alive expiry: `_watch_keep_alive`). Always True: the device
+        is read until the session ends."""
         self.device_reading = True
         try:
-            data = await self.device.receive_some(RECEIVE_SIZE)
+            data = await self.device.receive_some(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not is_ragged_eof(exc):
                 raise Stop(CloseReason.DEVICE_ERROR, describe(exc)) from None
@@ -245,7 +303,7 @@ class Session:
 
     async def _open_upstream(self, connect: Connect) -> None:
         hub = hub_host_from_username(connect.username)
-        self.label = f"{self.label} client {connect.client_id!r}"
+        self.label = f"{self.label} client {shown(connect.client_id)}"
         call_hook(self.obs, "on_device_identified", self.peer, connect.client_id)
         self.client_id = connect.client_id
         device_record = getattr(self.obs, "device_record", None)
@@ -259,16 +317,16 @@ class Session:
                 scope, reg_id = registration
                 raise Stop(
                     CloseReason.NO_ROUTE,
-                    f"no mqtt route for registration {reg_id!r} of ID scope {scope!r}",
+                    f"no mqtt route for registration {shown(reg_id)} of ID scope {shown(scope)}",
                 )
-            raise Stop(CloseReason.NO_ROUTE, f"no mqtt route for hub {hub!r}")
+            raise Stop(CloseReason.NO_ROUTE, f"no mqtt route for hub {shown(hub)}")
         if route.allowed_topics is not None:
             self.policy = TopicPolicy(route.allowed_topics)
             if connect.will is not None and not self.policy.allows_publish(connect.will.topic):
                 await self._refuse(connect, ConnackCode.NOT_AUTHORIZED)
                 raise Stop(
                     CloseReason.TOPIC_REFUSED,
-                    f"Will topic {connect.will.topic!r} not in allowed_topics of {route.match}",
+                    f"Will topic {shown(connect.will.topic)} not in allowed_topics of {route.match}",
                 )
         connector = find_connector(self.config, route.connector)
         profile = self.config.tls_profiles[connector.tls_profile] if connector.tls_profile else None
@@ -297,9 +355,9 @@ class Session:
         log.info(
             "mqtt %s: %s -> connector %s (%s), protocol level %d, keep-alive %ds%s",
             self.label,
-            f"registration {registration[1]!r} of ID scope {registration[0]!r}"
+            f"registration {shown(registration[1])} of ID scope {shown(registration[0])}"
             if registration is not None
-            else f"hub {hub!r}",
+            else f"hub {shown(hub)}",
             connector.name,
             self._dialled or f"{connector.host}:{connector.port}",
             connect.protocol_level,

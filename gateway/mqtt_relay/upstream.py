@@ -13,7 +13,14 @@ import trio
 
 from gateway.mqtt.reader import PacketReader
 
-__all__ = ["OpenUpstream", "Opened", "UpstreamLink", "UpstreamUnavailable"]
+__all__ = [
+    "HandshakeBudget",
+    "HandshakeHold",
+    "OpenUpstream",
+    "Opened",
+    "UpstreamLink",
+    "UpstreamUnavailable",
+]
 
 
 class UpstreamUnavailable(Exception):
@@ -44,6 +51,20 @@ class OpenUpstream(Protocol):
     """
 
     async def __call__(self, connector: Any, profile: Any) -> Opened: ...
+
+
+class HandshakeHold(Protocol):
+    """One connection's bytes in the daemon's handshake budget."""
+
+    async def grow_to(self, amount: int) -> None: ...
+    def release(self) -> None: ...
+
+
+class HandshakeBudget(Protocol):
+    """The bytes device connections may hold before they are authenticated, across
+    all of them (`gateway.net.handshake.HandshakeBudget`, handed in by the daemon)."""
+
+    def hold(self) -> HandshakeHold: ...
 
 
 class UpstreamLink:

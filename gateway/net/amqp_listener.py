@@ -3,7 +3,13 @@
 Binding, `allowed_networks`, `max_connections` and device-side TLS come from
 `gateway.net.listeners`. Per connection: the AMQP header, SASL (if any) and
 open must complete within the listener's ``handshake_timeout``; after that
-the engine's idle timeouts apply both ways.
+the engine's idle timeouts apply both ways. Until the device's open has
+arrived its bytes are read in small pieces held in the daemon's handshake
+budget (`gateway.net.handshake`), and the engine reads SASL frames of at most
+`SASL_FRAME_LIMIT` and frames of at most `PRE_OPEN_FRAME_LIMIT` bytes (its
+open included), refusing larger ones from their header. After the open,
+frames are bounded by the listener's `max_frame_size`; a device's attaches
+before it has put a token over CBS are such frames, one at a time.
 
 The router is handed in by the daemon (`AmqpDeviceRouter`, which
 `gateway.router.core.Router` implements): this module imports no relay. Per
@@ -30,16 +36,18 @@ import trio
 
 from gateway.amqp import AMQPError, Connection, SaslServer
 from gateway.amqp.events import Event
-from gateway.amqp.framing import SASL_HEADER, FrameReader
+from gateway.amqp.framing import SASL_FRAME_LIMIT, SASL_HEADER, FrameReader
 from gateway.amqp.performatives import SaslInit
+from gateway.logsafe import source
 
 from .amqp_connector import EngineDriver, EventHandler
+from .handshake import HandshakeBudget, HandshakeStream
 from .listeners import ListenerSettings, serve_listener
 
 log = logging.getLogger("gateway.net.amqp")
 
 # A sasl-init larger than this is passed on unchecked (the engine refuses it).
-MAX_SASL_INIT = 65536
+MAX_SASL_INIT = SASL_FRAME_LIMIT
 
 # check(username, password, the sasl-init frame as received)
 PlainCheck = Callable[[str, str, bytes], Awaitable[None]]
@@ -91,6 +99,10 @@ class SaslPlainGate(trio.abc.Stream):
         self._held = bytearray()
         self._header_seen = False
         self._done = False
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -173,13 +185,22 @@ def _plain_login(response: bytes | None) -> tuple[str, str] | None:
 
 
 async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener: Any,
-                        router: AmqpDeviceRouter, observer: Any = None) -> None:  # fmt: skip
+                        router: AmqpDeviceRouter, observer: Any = None,
+                        handshake: HandshakeBudget | None = None) -> None:  # fmt: skip
     """Run one device connection until it ends; `observer` (the listener's, optional)
-    counts a failed SASL negotiation as a refusal with reason ``sasl``."""
+    counts a failed SASL negotiation as a refusal with reason ``sasl``. `handshake`:
+    the budget of bytes held before the device's open (None: a budget of its own)."""
     device = router.new_device(listener, peer)
+    engine = device.engine
+    gate: SaslPlainGate | None = None
+    budget = handshake if handshake is not None else HandshakeBudget()
+    guarded = HandshakeStream(
+        stream, budget.hold(), lambda: engine.buffered + (gate.held if gate is not None else 0)
+    )
+    stream = guarded
     check = router.sasl_precheck(device)
     if check is not None and device.engine.sasl is not None:
-        stream = SaslPlainGate(stream, check)
+        stream = gate = SaslPlainGate(stream, check)
     handler = router.device_handler(device)
     driver = EngineDriver(stream, device.engine, handler, name=device.id,
                           tracer=router.tracer)  # fmt: skip
@@ -193,15 +214,18 @@ async def handle_device(stream: trio.abc.Stream, peer: tuple[str, int], listener
             async def handshake_deadline() -> None:
                 with trio.move_on_after(timeout):
                     await device.opened.wait()
+                    guarded.done()
                     return
                 log.warning("listener %s: %s:%d did not complete the AMQP handshake in %.0fs",
-                            device.listener, peer[0], peer[1], timeout)  # fmt: skip
+                            device.listener, peer[0], peer[1], timeout,
+                            extra=source(peer[0]))  # fmt: skip
                 driver.abort()
 
             nursery.start_soon(handshake_deadline)
             await driver.run()
             nursery.cancel_scope.cancel()
     finally:
+        guarded.done()
         device.lost(driver.transport_error or "connection ended")
         _report_sasl_failure(device.engine.sasl, device.listener, peer, observer)
 
@@ -214,7 +238,7 @@ def _report_sasl_failure(sasl: Any, listener: str, peer: tuple[str, int], observ
     if summary is None:
         return
     log.warning("listener %s: %s:%d SASL negotiation failed: %s", listener, peer[0], peer[1],
-                summary)  # fmt: skip
+                summary, extra=source(peer[0]))  # fmt: skip
     refused = getattr(observer, "on_device_refused", None)
     if refused is not None:
         refused(listener, "sasl")
@@ -228,17 +252,20 @@ async def serve_amqp_listener(
     observer: Any = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     settings: ListenerSettings | None = None,
+    handshake: HandshakeBudget | None = None,
 ) -> None:
     """Serve one `protocol: amqp` listener until cancelled; started() gets the bound addresses.
 
     `observer` gets the admissions (`gateway.ops.metrics.Metrics` fits).
     `settings`: the daemon passes its own live settings so a reload can change
     the limits and a drain can stop admissions; by default they are built from
-    `listener`.
+    `listener`. `handshake`: the budget of bytes held before authentication,
+    shared by the daemon's listeners (by default this listener's own).
     """
     settings = settings or ListenerSettings.from_config(listener, config)
+    budget = handshake if handshake is not None else HandshakeBudget()
 
     async def handler(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        await handle_device(stream, peer, listener, router, observer)
+        await handle_device(stream, peer, listener, router, observer, budget)
 
     await serve_listener(settings, handler, observer=observer, task_status=task_status)

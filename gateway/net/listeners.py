@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import trio
 
+from gateway.logsafe import source
+
 from .plain_stream import PlainStream
 from .tls import classify_tls_error, server_context
 from .tls_stream import accept_tls_stream
@@ -175,7 +177,8 @@ async def serve_listener(
     def refuse(peer: Peer, reason: str, detail: str) -> None:
         counters.refused[reason] += 1
         obs.on_device_refused(settings.name, reason)
-        log.warning("listener %s refused %s: %s", settings.name, _fmt(peer), detail)
+        log.warning("listener %s refused %s: %s", settings.name, _fmt(peer), detail,
+                    extra=source(peer[0]))  # fmt: skip
 
     async def run_connection(stream: trio.SocketStream, peer: Peer) -> None:
         conn: trio.abc.Stream = stream

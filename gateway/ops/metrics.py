@@ -650,6 +650,7 @@ class MqttRelayMetrics:
 _MQTT_PROTOCOL_ERRORS = {
     "device_protocol_error": "device",
     "packet_too_large": "device",
+    "connect_too_large": "device",
     "unsupported_protocol": "device",
     "upstream_protocol_error": "upstream",
 }

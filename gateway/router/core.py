@@ -33,6 +33,7 @@ import trio
 from gateway.amqp import Connection, Delivery, Link
 from gateway.amqp.performatives import Attach
 from gateway.auth.dps import registration_of
+from gateway.logsafe import shown, shown_plain, source
 
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
 from .device import DeviceConn
@@ -500,17 +501,19 @@ class Router:
         match = self.routes.match(None if address is None else str(address), direction)
         if match is None:
             self.observer.on_attach_refused(NOT_FOUND)
-            log.info("device %s: attach %r refused: no route for %s address %r", device.id,
-                     attach.name, direction, address)  # fmt: skip
-            refuse_attach(link, amqp_error(NOT_FOUND, f"no route for address {address!r}"))
+            log.info("device %s: attach %s refused: no route for %s address %s", device.id,
+                     shown(attach.name), direction, shown(address),
+                     extra=source(device.peer[0]))  # fmt: skip
+            refuse_attach(link, amqp_error(NOT_FOUND, f"no route for address {shown(address)}"))
             return
         connector = match.route.connector
         if connector in self.relay.connectors:
             why = self.relay.admits(device, connector, str(match.address))
             if why is not None:
                 self.observer.on_attach_refused(NOT_FOUND)
-                log.info("device %s: attach %r to %r refused: %s", device.id, attach.name,
-                         address, why)  # fmt: skip
+                log.info("device %s: attach %s to %s refused: %s", device.id,
+                         shown(attach.name), shown(address), why,
+                         extra=source(device.peer[0]))  # fmt: skip
                 refuse_attach(link, amqp_error(NOT_FOUND, why))
                 return
         pool = self.pools.get(connector)
@@ -577,9 +580,10 @@ class Router:
     def _refuse_unauthorised(self, pair: LinkPair, identity: IdentityPath) -> None:
         self.observer.on_attach_refused(UNAUTHORIZED)
         who = "/".join(identity)
-        log.info("device %s: attach to %r refused: no token for %s on this connection",
-                 pair.device.id, pair.address, who)  # fmt: skip
-        pair.refuse(UNAUTHORIZED, f"no valid token for {who} was put on this connection")
+        log.info("device %s: attach to %s refused: no token for %s on this connection",
+                 pair.device.id, shown(pair.address), shown_plain(who),
+                 extra=source(pair.device.peer[0]))  # fmt: skip
+        pair.refuse(UNAUTHORIZED, f"no valid token for {shown_plain(who)} was put on this connection")
 
     async def _admit_later(self, pair: LinkPair, b: Binding) -> None:
         await b.ready.wait()

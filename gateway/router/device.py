@@ -47,6 +47,7 @@ from gateway.amqp.events import Event
 from gateway.amqp.performatives import Attach
 from gateway.auth.dps import registration_resource
 from gateway.auth.local_auth import LocalAuthResult
+from gateway.logsafe import shown_plain, source
 
 from .cbs import CbsRequest, DeviceCbs
 from .identity import PlainIdentity, parse_plain_username
@@ -206,6 +207,10 @@ class DeviceConn:
             elif t is ConnectionError:
                 if ev.protocol:
                     self.router.observer.on_protocol_error("device", str(ev.error.condition))
+                    log.warning("device %s (%s:%d): protocol error, connection closed: %s: %s",
+                                self.id, self.peer[0], self.peer[1], ev.error.condition,
+                                shown_plain(ev.error.description or "", 256),
+                                extra=source(self.peer[0], str(ev.error.condition)))  # fmt: skip
                 self.lost(f"{ev.error.condition}: {ev.error.description}")
         flush_relay_counts()  # one metrics update per pair and chunk
         self.wake()

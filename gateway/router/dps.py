@@ -45,6 +45,7 @@ from gateway.amqp.types import Symbol
 from gateway.auth.credentials import CredentialError
 from gateway.auth.dps import registration_of, registration_resource
 from gateway.auth.tokens import looks_like_sas_token
+from gateway.logsafe import shown, source
 
 from .device import DeviceConn, RelayedLogin, Verdict
 from .gateway_tokens import GatewayTokens
@@ -129,8 +130,8 @@ class RegistrationRelay:
             if not kept:
                 await io.close(stream)
         device.relay_verdict = Verdict(username, SASL_OK)
-        log.info("device %s: registration %r of ID scope %r logged in at connector %s",
-                 device.id, reg_id, scope, connector.name)  # fmt: skip
+        log.info("device %s: registration %s of ID scope %s logged in at connector %s",
+                 device.id, shown(reg_id), shown(scope), connector.name)  # fmt: skip
 
     async def _signed_init(self, device: DeviceConn, username: str, password: str, frame: bytes,
                            scope: str, reg_id: str) -> bytes | None:  # fmt: skip
@@ -161,9 +162,10 @@ class RegistrationRelay:
         self.router.observer.on_device_refused(device.listener, "registration")
         registration = registration_of(username)
         assert registration is not None
-        log.warning("device %s (%s:%d): SASL login for registration %r of ID scope %r refused "
+        log.warning("device %s (%s:%d): SASL login for registration %s of ID scope %s refused "
                     "(outcome %d): %s", device.id, device.peer[0], device.peer[1],
-                    registration[1], registration[0], code, why)  # fmt: skip
+                    shown(registration[1]), shown(registration[0]), code, why,
+                    extra=source(device.peer[0]))  # fmt: skip
 
     def verdict(self, device: DeviceConn, username: str) -> int:
         """The engine's SASL answer for a registration login (see `login`)."""
@@ -188,7 +190,7 @@ class RegistrationRelay:
         if login is None:
             return "the registration node is reachable only on a connection that logged in for it"
         if login.connector.name != connector or registration_of(address) != login.registration:
-            return f"this connection logged in for registration {login.registration[1]!r}"
+            return f"this connection logged in for registration {shown(login.registration[1])}"
         return None
 
     def take_stream(self, device: DeviceConn) -> tuple[Any, Any] | None:

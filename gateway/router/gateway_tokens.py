@@ -36,6 +36,7 @@ from gateway.amqp.performatives import Error
 from gateway.auth.credentials import CredentialError, CredentialStore, DeviceCredential
 from gateway.auth.local_auth import LocalAuthResult
 from gateway.auth.tokens import IssuedToken, looks_like_sas_token
+from gateway.logsafe import shown_plain, source
 
 from .cbs import PendingPut
 from .device import DeviceConn, PlainCheck
@@ -198,7 +199,8 @@ class GatewayTokens:
         device.plain_check = None
         if not result.ok:
             log.warning("device %s (%s:%d): SASL PLAIN login as %s refused: %s", device.id,
-                        device.peer[0], device.peer[1], entry.identity, result.reason)  # fmt: skip
+                        device.peer[0], device.peer[1], shown_plain(entry.identity), result.reason,
+                        extra=source(device.peer[0]))  # fmt: skip
             return False
         device.local_auth[entry.identity] = result
         log.info("device %s: SASL PLAIN login: %s", device.id, result.reason)
@@ -246,10 +248,10 @@ class GatewayTokens:
         if not result.ok:
             hint = ""
             if entry.local.password_hash is not None and device.plain is None:
-                hint = f" (connect with SASL PLAIN {entry.identity}@sas.<hub> and its local password)"
+                hint = f" (connect with SASL PLAIN {shown_plain(entry.identity)}@sas.<hub> and its local password)"
             log.warning("device %s (%s:%d): attach for %s refused: local authentication failed: "
-                        "%s%s", device.id, device.peer[0], device.peer[1], who(identity),
-                        result.reason, hint)  # fmt: skip
+                        "%s%s", device.id, device.peer[0], device.peer[1], shown_plain(who(identity)),
+                        result.reason, hint, extra=source(device.peer[0]))  # fmt: skip
             return amqp_error(UNAUTHORIZED, f"local authentication failed: {result.reason}")
         try:
             issued = self.store.issue_token(entry, self.hub_host(b.connector), self.clock())
