@@ -198,7 +198,7 @@ async def test_relay_reads_the_connect_within_the_handshake_budget(nursery, conf
     connect = encode.connect("dev1", username=USER, password=b"x" * 3000)
     await h.device.send_all(connect)
     assert await recv_exact(h.hub, len(connect)) == connect
-    assert sizes[0] <= 4096 and sum(sizes[:2]) <= len(connect) + 4096
+    assert sizes[0] <= 4096  # the CONNECT's reads; the relay's own come after it
     assert budget.peak <= len(connect) + 4096
     assert budget.held == 0
     await h.device.send_stream.aclose()
