@@ -150,4 +150,22 @@ def render_summary(config: GatewayConfig) -> str:
             f"token ttl {format_duration(creds.token_ttl)}, renew at {creds.renew_at:.0%}"
             " (iot-gateway credentials list -c FILE)"
         )
+    if config.store_and_forward is not None:
+        saf = config.store_and_forward
+        opted = 0
+        if config.credentials is not None:
+            opted = sum(1 for e in (*config.credentials.devices, *config.credentials.groups)
+                        if e.store_and_forward)  # fmt: skip
+        out.append(
+            f"store and forward: {saf.path}, max {_size(saf.max_bytes)} "
+            f"({saf.device_share:.0%} per device), max age {format_duration(saf.max_age)}, "
+            f"replay {saf.replay_rate:g}/s per connector; {opted} credentials entries opted in"
+        )
     return "\n".join(out) + "\n"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n}B"

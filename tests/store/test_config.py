@@ -154,3 +154,14 @@ def test_opt_in_must_be_a_boolean(tmp_path: Path) -> None:
     assert len(found) == 1 and found[0].startswith(
         "gw.yaml:5: credentials.devices[1].store_and_forward: "
     ), found
+
+
+def test_check_summary_line(tmp_path: Path) -> None:
+    from gateway.config.summary import render_summary
+
+    config = parse(OPT_IN + "store_and_forward: {path: s.db, max_age: 1d}\n", tmp_path)
+    text = render_summary(config)
+    assert (
+        f"store and forward: {tmp_path / 's.db'}, max 64MiB (25% per device), max age 1d, "
+        "replay 50/s per connector; 3 credentials entries opted in"
+    ) in text
