@@ -68,6 +68,16 @@ _SCHEMA = (
         size INTEGER NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS messages_by_device ON messages (device, seq)",
+    # Per device and lane totals, kept in the same transactions as the messages, so
+    # opening a store reads this small table rather than every message.
+    """CREATE TABLE IF NOT EXISTS lanes (
+        device TEXT NOT NULL,
+        protocol TEXT NOT NULL,
+        connector TEXT NOT NULL,
+        messages INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (device, protocol, connector)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS device_meta (
         device TEXT NOT NULL,
         key TEXT NOT NULL,
@@ -236,12 +246,7 @@ class MessageStore:
         except BaseException:
             self._rollback()
             raise
-        # One pass over the table: SQLite streams it, so memory stays flat.
-        for device, protocol, connector, count, size, oldest in conn.execute(
-            "SELECT device, protocol, connector, count(*), sum(size), min(stored_at) "
-            "FROM messages GROUP BY device, protocol, connector"
-        ):
-            self._ledger.load(device, protocol, connector, count, size, oldest)
+        self._load_lanes(conn)
         top = conn.execute(
             "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
             " coalesce((SELECT max(seq) FROM messages), 0))"
@@ -252,6 +257,65 @@ class MessageStore:
             log.warning("store %s: no room for the %d-byte reserve file on a full disk; "
                         "new messages are refused until there is", self.path,
                         self._reserve_size())  # fmt: skip
+
+    def _load_lanes(self, conn: sqlite3.Connection) -> None:
+        """The counters from the lanes table, each device's oldest time from the index;
+        the table is rebuilt from the messages if it does not add up (a store written
+        before it existed)."""
+        lanes = conn.execute(
+            "SELECT device, protocol, connector, messages, bytes FROM lanes"
+        ).fetchall()
+        counted = sum(row[3] for row in lanes)
+        present = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        if counted != present:
+            log.warning("store %s: rebuilding the per-device totals from %d messages",
+                        self.path, present)  # fmt: skip
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM lanes")
+                # One pass over the table: SQLite streams it, so memory stays flat.
+                conn.execute(
+                    "INSERT INTO lanes (device, protocol, connector, messages, bytes) "
+                    "SELECT device, protocol, connector, count(*), sum(size) FROM messages "
+                    "GROUP BY device, protocol, connector"
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            lanes = conn.execute(
+                "SELECT device, protocol, connector, messages, bytes FROM lanes"
+            ).fetchall()
+        oldest: dict[str, float] = {}
+        for device, protocol, connector, count, size in lanes:
+            if device not in oldest:
+                row = conn.execute(
+                    "SELECT stored_at FROM messages WHERE device = ? ORDER BY seq LIMIT 1",
+                    (device,),
+                ).fetchone()
+                oldest[device] = row[0] if row else self._clock()
+            self._ledger.load(device, protocol, connector, count, size, oldest[device])
+
+    @staticmethod
+    def _adjust_lanes(
+        conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, int]], sign: int
+    ) -> None:
+        """Add (sign 1) or take away (sign -1) messages from the lanes table."""
+        totals: dict[tuple[str, str, str], list[int]] = {}
+        for device, protocol, connector, size in rows:
+            entry = totals.setdefault((device, protocol, connector), [0, 0])
+            entry[0] += 1
+            entry[1] += size
+        if not totals:
+            return
+        conn.executemany(
+            "INSERT INTO lanes (device, protocol, connector, messages, bytes) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device, protocol, connector) DO UPDATE SET "
+            "messages = messages + excluded.messages, bytes = bytes + excluded.bytes",
+            [(*key, sign * n, sign * b) for key, (n, b) in totals.items()],
+        )
+        if sign < 0:
+            conn.execute("DELETE FROM lanes WHERE messages <= 0")
 
     async def aclose(self) -> None:
         """Finish the commit under way, checkpoint the WAL into the database, close."""
@@ -484,6 +548,9 @@ class MessageStore:
                     "payload, stored_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(op.seq, *op.row, op.size) for op in appends],
                 )
+                self._adjust_lanes(
+                    conn, ((op.row[0], op.row[2], op.row[1], op.size) for op in appends), 1
+                )
             touched: set[str] = set()
             for op in deletes:
                 op.removed = self._delete_rows(conn, op.seqs)
@@ -566,6 +633,7 @@ class MessageStore:
                     chunk,
                 ).fetchall()
             )
+        self._adjust_lanes(conn, removed, -1)
         return removed
 
     def _rollback(self) -> None:

@@ -75,5 +75,13 @@ async def _check(tmp: Path, ops: list[tuple[str, str, object]]) -> None:
         for d in DEVICES:
             got = await store.peek(d, 1000)
             assert [(m.seq, m.payload) for m in got] == model[d]
+        # The persisted per-device totals agree with the messages themselves.
+        conn = store._conn
+        assert conn is not None
+        lanes = conn.execute("SELECT device, protocol, connector, messages, bytes FROM lanes "
+                             "ORDER BY 1, 2, 3").fetchall()  # fmt: skip
+        counted = conn.execute("SELECT device, protocol, connector, count(*), sum(size) "
+                               "FROM messages GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").fetchall()  # fmt: skip
+        assert lanes == counted
     finally:
         await store.aclose()

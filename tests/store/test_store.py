@@ -239,6 +239,29 @@ async def test_restart_rebuilds_the_counters(config: StoreAndForwardSection, clo
         await store.aclose()
 
 
+async def test_totals_rebuilt_when_they_do_not_add_up(
+    config: StoreAndForwardSection, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await MessageStore.open(config)
+    await fill(store, "dev1", 4)
+    await fill(store, "dev2", 2, 300)
+    before = store.stats()
+    await store.aclose()
+    with sqlite3.connect(config.path) as conn:
+        conn.execute("DELETE FROM lanes WHERE device = 'dev1'")
+    with caplog.at_level(logging.WARNING, "gateway.store"):
+        store = await MessageStore.open(config)
+    try:
+        assert "rebuilding the per-device totals from 6 messages" in caplog.text
+        after = store.stats()
+        assert after.bytes == before.bytes and after.connectors.keys() == before.connectors.keys()
+        assert {d: (b.messages, b.bytes) for d, b in after.devices.items()} == {
+            d: (b.messages, b.bytes) for d, b in before.devices.items()
+        }
+    finally:
+        await store.aclose()
+
+
 async def test_seq_not_reused_after_everything_was_deleted(config: StoreAndForwardSection) -> None:
     store = await MessageStore.open(config)
     seqs = await fill(store, "dev1", 3)
