@@ -11,6 +11,8 @@ SAS token over `$cbs` (no reply-to, as the C SDK does), attaches a sender to
   after `warmup` seconds measures `duration` seconds of accepted deliveries and
   their send-to-settle latency.
 - `rate`: sends `rate` messages per second in total (open loop, 1 ms ticks).
+  With `linger` seconds in the spec, traffic goes on that long after the
+  result, unmeasured (the harness traces the hop's syscalls meanwhile).
 - `idle`: connects, reports, then holds the connections until SIGTERM.
 - `storm`: connects all devices at once and reports how long until each and
   all had their telemetry link attached (CBS + attach), then exits.
@@ -239,12 +241,19 @@ class Load(MessagingHandler):
 
     def on_window_end(self) -> None:
         self.measuring = False
-        self.sending = False
         elapsed = time.perf_counter() - self.window_start
         emit("result", messages=self.acked_in_window, elapsed_s=round(elapsed, 4),
              msgs_per_s=round(self.acked_in_window / elapsed, 2), latency=summary_ms(self.latencies),
              errors=self.errors, sent_total=self.sent_total, acked_total=self.acked_total,
              rate_missed=self.rate_missed)  # fmt: skip
+        linger = float(self.spec.get("linger", 0))
+        if linger > 0:  # the same traffic on, unmeasured, while the harness traces syscalls
+            self.container.schedule(linger, _Call(self.end_sending))
+        else:
+            self.end_sending()
+
+    def end_sending(self) -> None:
+        self.sending = False
         self.result_sent = True
         self.container.schedule(DRAIN_TIMEOUT, _Call(self.finish))
         self.maybe_finish()

@@ -54,6 +54,12 @@ class Params:
     s5_devices: int = 1000
     s5_pool: tuple[int, int] = (2, 500)
     s6_rate: int = 1000
+    s7_devices: int = 200
+    s7_rate: int = 400  # msg/s in total: 2 msg/s per device
+    s7_window: int = 10
+    s7_duration: float = 20.0
+    s7_probe: float = 5.0  # seconds of syscall trace after the CPU window
+    s7_rounds: int = 3
     connect_timeout: float = 180.0
     settle: float = 1.0  # seconds between "all connected" and reading RSS
 
@@ -70,6 +76,11 @@ SMOKE = Params(
     s5_devices=20,
     s5_pool=(2, 10),
     s6_rate=200,
+    s7_devices=10,
+    s7_rate=50,
+    s7_duration=1.0,
+    s7_probe=0.5,
+    s7_rounds=2,
     connect_timeout=30.0,
     settle=0.2,
 )

@@ -219,12 +219,14 @@ class Load:
         start = time.perf_counter()
         await asyncio.sleep(float(spec["duration"]))
         self.measuring = False
-        self.sending = False
         elapsed = time.perf_counter() - start
         emit("result", messages=self.acked_in_window, elapsed_s=round(elapsed, 4),
              msgs_per_s=round(self.acked_in_window / elapsed, 2), latency=summary_ms(self.latencies),
              errors=0, sent_total=self.sent_total, acked_total=self.acked_total,
              rate_missed=self.rate_missed)  # fmt: skip
+        # With `linger`, the same traffic goes on unmeasured while the harness traces syscalls.
+        await asyncio.sleep(float(spec.get("linger", 0)))
+        self.sending = False
         if self.mode == "rate":
             ticker.cancel()
         deadline = time.monotonic() + DRAIN_TIMEOUT

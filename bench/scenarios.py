@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .harness import Bench
+from .light import TITLE as LIGHT_TITLE
+from .light import scenario_7
 from .results import PATHS, WS_PATH, Metric, ScenarioResult
 from .upstreams import Upstream
 
@@ -23,6 +25,7 @@ TITLES = {
     4: "Idle memory: {steps} idle devices",
     5: "Connect storm: {devices} AMQP devices at once (CBS + attach)",
     6: "Added latency at light load ({rate} msg/s)",
+    7: LIGHT_TITLE,
 }
 
 
@@ -299,4 +302,5 @@ SCENARIOS: dict[int, Callable[[Bench], ScenarioResult]] = {
     4: scenario_4,
     5: scenario_5,
     6: scenario_6,
+    7: scenario_7,
 }

@@ -8,7 +8,6 @@ a reference to an entry already reported is not reported again.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -285,6 +284,8 @@ def _unknown_key(key: str, shown: list[Any]) -> str:
         owners = [proto for proto, cls in variants.items() if key in cls.model_fields]
         if owners:
             return f"unknown key: {key!r} is only valid for protocol {owners[0]}"
+    import difflib  # only for an unknown key's hint
+
     hint = difflib.get_close_matches(key, _known_keys(), n=1)
     if hint and hint[0] != key:
         return f"unknown key (did you mean {hint[0]!r}?)"

@@ -66,11 +66,64 @@ class _WakeBatch:
         for driver in woken:
             driver._wake_noted = False
             engine = driver.engine
-            if engine.wants_write or driver._done or engine.closed:
+            if driver._done or engine.closed:
                 driver._wake_writer()
+            elif engine.wants_write:
+                driver._want_write()
 
 
 _batch = _WakeBatch()
+
+
+class _TurnFlush(trio.abc.Instrument):
+    """Writes what the engines queued during an event-loop turn, once per turn.
+
+    A connection whose writer task is idle does not get the task woken for
+    each relayed frame: it is noted here, and just before trio waits for I/O
+    again (every task woken by the last wait has run: all the ready
+    connections were read) each noted connection's bytes go to its socket in
+    one non-blocking write (`send_nowait`), one TLS record per connection per
+    turn, with no task switch. What the kernel does not take at once is left
+    to the connection's writer task, woken for it.
+    """
+
+    def __init__(self) -> None:
+        self.noted: list[EngineDriver] = []
+        self._token = trio.lowlevel.current_trio_token()
+
+    def note(self, driver: EngineDriver) -> None:
+        driver._flush_noted = True
+        self.noted.append(driver)
+
+    def before_io_wait(self, timeout: float) -> None:
+        noted = self.noted
+        if not noted:
+            return
+        self.noted = []
+        for driver in noted:
+            driver._flush_noted = False
+            try:
+                if driver._flush_now():
+                    continue
+            except Exception:  # never lose the instrument: the writer task reports it
+                log.debug("flush of %s failed", driver.name, exc_info=True)
+            driver._flush_backlog = True
+            # Not reschedule(): the timeout of the wait about to start is computed
+            # already; this wakes the loop at once.
+            self._token.run_sync_soon(driver._wake_writer)
+
+
+_FLUSH: trio.lowlevel.RunVar[_TurnFlush] = trio.lowlevel.RunVar("gateway_amqp_turn_flush")
+
+
+def _turn_flush() -> _TurnFlush:
+    try:
+        return _FLUSH.get()
+    except LookupError:
+        flush = _TurnFlush()
+        trio.lowlevel.add_instrument(flush)
+        _FLUSH.set(flush)
+        return flush
 
 
 class _IdleTimers:
@@ -142,7 +195,7 @@ class EngineDriver:
     __slots__ = (
         "stream", "engine", "handler", "name", "error", "transport_error", "_done",
         "_cancel", "_wanted", "_wake_noted", "_parked", "_timer", "_timer_final",
-        "_failure", "ack_batching",
+        "_failure", "ack_batching", "_flush", "_flush_noted", "_flush_backlog",
     )  # fmt: skip
 
     def __init__(self, stream: trio.abc.Stream, engine: Connection, handler: EventHandler, *,
@@ -161,6 +214,11 @@ class EngineDriver:
         self._timer: list[Any] | None = None
         self._timer_final = False  # armed once both opens are exchanged
         self._failure: BaseException | None = None
+        # Writes at the end of the event-loop turn (`_TurnFlush`), for streams that
+        # can write without waiting; set when run() starts.
+        self._flush: _TurnFlush | None = None
+        self._flush_noted = False
+        self._flush_backlog = False  # the stream kept bytes a turn's flush could not send
         # Hub connections: when to let the hub's dispositions gather before a read.
         self.ack_batching: AckBatching | None = None
         if tracer is not None and tracer.amqp_enabled:
@@ -185,12 +243,32 @@ class EngineDriver:
             self._parked = None
             trio.lowlevel.reschedule(task)
 
+    def _want_write(self) -> None:
+        """The engine has bytes to send: at the end of this turn if the writer is idle."""
+        flush = self._flush
+        if flush is None or self._parked is None:
+            self._wake_writer()
+        elif not self._flush_noted:
+            flush.note(self)
+
+    def _flush_now(self) -> bool:
+        """At the end of a turn: send what the engine queued; False if the writer
+        task must take over (bytes left, or the connection is ending)."""
+        if self._parked is None:
+            return True  # the writer is awake: it looks at the engine before it sleeps
+        if self._done or self.engine.closed:
+            return False
+        data = self.engine.data_to_send()
+        return not data or self.stream.send_nowait(data)  # type: ignore[attr-defined]
+
     def abort(self) -> None:
         """Stop now, without flushing (the stream is closed by the caller)."""
         if self._cancel is not None:
             self._cancel.cancel()
 
     async def run(self) -> None:
+        if hasattr(self.stream, "send_nowait"):
+            self._flush = _turn_flush()
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -219,8 +297,11 @@ class EngineDriver:
             batch.depth -= 1
             if not batch.depth and batch.woken:
                 batch.flush()
-        if self.engine.wants_write or self.engine.closed:
+        engine = self.engine
+        if engine.closed:
             self._wake_writer()
+        elif engine.wants_write:
+            self._want_write()
 
     async def _reader(self) -> None:
         engine = self.engine
@@ -248,7 +329,7 @@ class EngineDriver:
                 if events:
                     self._dispatch(events)
                 elif engine.wants_write:
-                    self._wake_writer()  # e.g. our header and open answering the peer's
+                    self._want_write()  # e.g. our header and open answering the peer's
                 if batching is not None:
                     batching.answered(now, engine.settled_by_peer - settled)
                 if not self._timer_final:
@@ -275,8 +356,9 @@ class EngineDriver:
             while True:
                 self._wanted = False
                 data = engine.data_to_send()
-                if data:
-                    await stream.send_all(data)
+                if data or self._flush_backlog:
+                    self._flush_backlog = False
+                    await stream.send_all(data)  # after what a turn's flush left
                     late = engine.tick(trio.current_time())
                     if late:
                         self._dispatch(late)
@@ -324,7 +406,7 @@ class EngineDriver:
             if events:
                 self._dispatch(events)
             elif self.engine.wants_write:
-                self._wake_writer()  # a heartbeat
+                self._want_write()  # a heartbeat
             self._arm_timer(now)
         except Exception as exc:  # a handler bug ends this connection, not the timer task
             self._failure = exc

@@ -42,11 +42,9 @@ from typing import Any
 import trio
 
 from .hooks import report_dial
-from .http_proxy import proxy_tcp_opener
 from .tls import ClientContextCache, TLSConnectError, classify_tls_error
 from .tls_diagnose import PROBE_TIMEOUT, untrusted_ca_hint
 from .tls_stream import open_tls_stream
-from .websocket_stream import websocket_wrapper
 
 __all__ = [
     "DialError",
@@ -248,11 +246,21 @@ def tcp_opener_for(connector: Any) -> TcpOpener | None:
     endpoint to the proxy by name (the proxy resolves it) and returns the
     tunnelled socket and the proxy's address as the address reached.
     """
+    if getattr(connector, "proxy", None) in (None, "none"):
+        return None
+    # Imported only when a proxy is configured: h11 stays out of the daemon otherwise.
+    from .http_proxy import proxy_tcp_opener
+
     return proxy_tcp_opener(connector, open_direct_tcp)
 
 
 def stream_wrapper_for(connector: Any) -> StreamWrapper | None:
     """SEAM (``transport: websockets``): what wraps the TLS stream. None: nothing."""
+    if getattr(connector, "transport", "tcp") != "websockets":
+        return None
+    # Imported only for WebSocket connectors: wsproto stays out of the daemon otherwise.
+    from .websocket_stream import websocket_wrapper
+
     return websocket_wrapper(connector)
 
 

@@ -9,6 +9,16 @@ waits for the socket (as `gateway.net.tls_stream.TLSStream`: a relay loop
 yields in its receives); waits use trio's I/O wait; and errors are trio's (`trio.BrokenResourceError` with the `OSError` as cause,
 `trio.ClosedResourceError` once closed, `trio.BusyResourceError` for two
 tasks sending or receiving at once).
+
+Two things for a relay at light load, where each read is one small message:
+
+- a read that took less than asked for emptied the socket, so the next
+  `receive_some` waits for it to be readable before reading rather than
+  reading first (that read would fail with EAGAIN: one system call per
+  message saved);
+- `send_nowait` writes what the kernel takes at once, outside any task (the
+  AMQP engine driver flushes its connections once per event-loop turn); the
+  rest is kept and goes out first with the next `send_all`.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ def take_socket(tcp: trio.SocketStream) -> socket.socket:
 class PlainStream(trio.abc.HalfCloseableStream):
     """A connected TCP socket (non-blocking) as a trio stream."""
 
-    __slots__ = ("_sock", "_closed", "_receiving", "_sending")
+    __slots__ = ("_sock", "_closed", "_receiving", "_sending", "_drained", "_backlog", "_failed")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -46,6 +56,9 @@ class PlainStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
         self._sending = False
+        self._drained = False  # the last read emptied the socket
+        self._backlog = bytearray()  # what send_nowait could not send yet
+        self._failed: OSError | None = None  # a send_nowait failure, raised by send_all
 
     @classmethod
     def from_trio(cls, tcp: trio.SocketStream) -> PlainStream:
@@ -67,23 +80,27 @@ class PlainStream(trio.abc.HalfCloseableStream):
         sock = self._sock
         self._receiving = True
         try:
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _broken(exc) from exc
-            else:
-                await cancel_shielded_checkpoint()
-                return data
+            if not self._drained:
+                try:
+                    data = sock.recv(size)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _broken(exc) from exc
+                else:
+                    self._drained = len(data) < size
+                    await cancel_shielded_checkpoint()
+                    return data
             while True:
                 await wait_readable(sock)
                 try:
-                    return sock.recv(size)
+                    data = sock.recv(size)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     raise _broken(exc) from exc
+                self._drained = len(data) < size
+                return data
         finally:
             self._receiving = False
 
@@ -93,6 +110,11 @@ class PlainStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the stream is closed")
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
+        if self._failed is not None:
+            raise _broken(self._failed) from self._failed
+        if self._backlog:
+            data = bytes(self._backlog) + bytes(data)  # what send_nowait left goes first
+            self._backlog = bytearray()
         sock = self._sock
         self._sending = True
         try:
@@ -108,6 +130,29 @@ class PlainStream(trio.abc.HalfCloseableStream):
                         raise _broken(exc) from exc
         finally:
             self._sending = False
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send what the kernel takes now, without waiting; True if all of it went.
+
+        Otherwise the rest is kept, in order, for the next `send_all` (which may
+        be ``send_all(b"")``), and a failure is raised by that call. Not a
+        checkpoint: callable from outside a task.
+        """
+        if self._closed or self._sending or self._backlog or self._failed is not None:
+            if not self._closed:
+                self._backlog += data  # behind what a waiting send_all is sending
+            return False
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._failed = exc
+            return False
+        if sent < len(data):
+            self._backlog += memoryview(data)[sent:]
+            return False
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
