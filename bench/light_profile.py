@@ -63,11 +63,11 @@ def _stat_times(pid: int) -> tuple[float, float]:
 
 
 def run(protocol: str, path: str, seconds: float, *, profile_dir: Path | None = None,
-        py_spy: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+        py_spy: list[str] | None = None, ack_batching: str | None = None) -> dict[str, Any]:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="iot-gateway-light-"))
     params = dataclasses.replace(FULL, warmup=3.0, duration=seconds)
     bench = Bench(work, params, paths=("stunnel", "gateway"), profile_dir=profile_dir,
-                  progress=lambda text: None)  # fmt: skip
+                  progress=lambda text: None, ack_batching=ack_batching)  # fmt: skip
     try:
         with bench.hub(params.s7_devices, amqp=True, mqtt=True) as hub:
             port = hub.amqp_port if protocol == "amqp" else hub.mqtt_port
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --cprofile: a shorter run whose counts are subtracted")
     parser.add_argument("--py-spy", type=Path, metavar="FILE")
     parser.add_argument("--py-spy-native", action="store_true")
+    parser.add_argument("--ack-batching", metavar="DURATION",
+                        help="the gateway connectors' ack_batching (default: the gateway's)")
     args = parser.parse_args(argv)  # fmt: skip
     for _ in range(args.repeat):
         for path in args.path.split(","):
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for seconds, sub in ((args.baseline_seconds, "short"), (args.seconds, "long")):
                     directory = args.cprofile / sub
-                    result = run(args.protocol, path, seconds, profile_dir=directory)
+                    result = run(args.protocol, path, seconds, profile_dir=directory,
+                                 ack_batching=args.ack_batching)
                     result["counts"] = counts(directory / "light-gateway.pstats")
                     runs.append(result)
                 short, long = runs
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
                        "-r", "400", "-d", str(int(args.seconds) - 1), "-o", str(args.py_spy),
                        "-p", "{pid}"] + (["--native"] if args.py_spy_native else [])  # fmt: skip
-            print(json.dumps(run(args.protocol, path, args.seconds, py_spy=spy)), flush=True)
+            print(json.dumps(run(args.protocol, path, args.seconds, py_spy=spy,
+                                 ack_batching=args.ack_batching)), flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from bench.stunnel import stunnel_binary
+from bench.syscalls import perf_binary
 from bench.upstreams import mosquitto_binary
 
 pytestmark = pytest.mark.bench
@@ -78,7 +79,7 @@ def test_run_info_and_outputs(smoke: dict[str, Any]) -> None:
     assert run["smoke"] is True
     assert run["machine"]["nproc"] >= 1 and run["machine"]["cpu_model"]
     assert run["command"].startswith("python -m bench --smoke")
-    assert [s["number"] for s in smoke["scenarios"]] == [1, 2, 3, 4, 5, 6]
+    assert [s["number"] for s in smoke["scenarios"]] == [1, 2, 3, 4, 5, 6, 7]
     assert "gateway/stunnel" in smoke["_stdout"]
     assert smoke["_markdown"].startswith("### Run of ")
     assert "| scenario | metric | direct | stunnel | gateway |" in smoke["_markdown"]
@@ -142,3 +143,25 @@ def test_added_latency(smoke: dict[str, Any]) -> None:
             assert p99[path] is not None and p99[path] > 0
         added = values(item, f"{protocol} added p99 vs direct")
         assert added["direct"] is None and added["gateway"] is not None
+
+
+def test_light_load(smoke: dict[str, Any]) -> None:
+    item = scenario(smoke, 7)
+    paths = (["stunnel"] if STUNNEL else []) + ["gateway"]
+    for protocol in ("AMQP", "MQTT"):
+        cpu = values(item, f"[{protocol}] hop CPU per 10k msgs (median of rounds)")
+        rate = values(item, f"[{protocol}] throughput")
+        for path in paths:
+            assert cpu[path] is not None and cpu[path] >= 0
+            assert rate[path] and rate[path] > 0
+        if perf_binary() is not None:
+            syscalls = values(item, f"[{protocol}] syscalls per msg")
+            hub_writes = values(item, f"[{protocol}] TLS writes (records) to hub per msg")
+            for path in paths:
+                assert syscalls[path] and syscalls[path] > 0, item["details"]
+                assert hub_writes[path] and hub_writes[path] > 0, item["details"]
+        # Rounds alternate the order of the paths.
+        rounds = item["details"][protocol.lower()]
+        assert len(rounds) == 2 and all(set(r) == set(paths) for r in rounds)
+    rss = values(item, "idle RSS, no device (AMQP + MQTT configured)")
+    assert rss["gateway"] and rss["gateway"] > 5
