@@ -70,8 +70,10 @@ CONTRACTS: tuple[Contract, ...] = (
         Layer("interfaces", ("gateway.router.observe", "gateway.router.ports"), peers=True),
         Layer("link pairs", ("gateway.router.linkpair",)),
         Layer("CBS", ("gateway.router.cbs",)),
+        Layer("local links", ("gateway.router.local_link",)),
         Layer("connections", ("gateway.router.device", "gateway.router.upstream")),
         Layer("gateway-held tokens", ("gateway.router.gateway_tokens",)),
+        Layer("store-and-forward", ("gateway.router.forwarder",)),
         Layer("provisioning logins", ("gateway.router.dps",)),
         Layer("wiring", ("gateway.router.core",)),
     )),  # fmt: skip

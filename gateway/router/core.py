@@ -38,6 +38,7 @@ from gateway.logsafe import shown, shown_plain, source
 from .cbs import PUT_TOKEN, CbsRequest, PendingPut, is_cbs_address
 from .device import DeviceConn
 from .dps import RegistrationRelay, is_relay
+from .forwarder import StoreAndForward
 from .gateway_tokens import GatewayTokens, Grant, Injection
 from .identity import IdentityPath, audience_path, covers, identity_of_address, token_audience
 from .linkpair import (
@@ -165,7 +166,8 @@ class Router:
     def __init__(self, config: Any, *, connector_io: ConnectorIO,
                  observer: RouterObserver | None = None,
                  rng: Callable[[], float] = random.random, tracer: Any = None,
-                 credentials: Any = None, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 credentials: Any = None, clock: Callable[[], float] = time.time,
+                 store: Any = None) -> None:  # fmt: skip
         self.config = config
         self.tracer = tracer  # frame trace (gateway.ops.trace.FrameTracer), or None
         self.container_id = str(config.gateway.id)
@@ -179,12 +181,18 @@ class Router:
         self.pools: dict[str, Pool[UpstreamConn]] = {}
         # Connector name -> $cbs served by the gateway (True) or link-routed (False).
         self.cbs_proxied: dict[str, bool] = {}
+        # Store-and-forward (a `gateway.store.MessageStore`, or None: off), see forwarder.py.
+        self.sf: StoreAndForward | None = None
+        pool_observer: Any = self.observer
+        if store is not None:
+            self.sf = StoreAndForward(self, store, clock=clock)
+            pool_observer = _PoolWatch(self.observer, self.sf)
         for connector in config.connectors:
             if getattr(connector, "protocol", "amqp") != "amqp" or is_relay(connector):
                 continue
             self.cbs_proxied[connector.name] = _cbs_proxied(connector)
             self.pools[connector.name] = connector_io.pool(
-                connector, self._connect_fn(connector), rng=rng, observer=self.observer,
+                connector, self._connect_fn(connector), rng=rng, observer=pool_observer,
                 close=self.retire_upstream,
             )
         # Connectors with `sasl: relay`: a connection per device, its login relayed.
@@ -248,6 +256,8 @@ class Router:
                 await nursery.start(pool.run)
             if self.tokens is not None:
                 await nursery.start(self.tokens.run)
+            if self.sf is not None:
+                await nursery.start(self.sf.forwarder.run)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -524,6 +534,9 @@ class Router:
         if self.cbs_proxied.get(connector, False) and is_cbs_address(match.address):
             device.cbs.attach(link, attach, connector)
             return
+        if self.sf is not None and self.sf.intercept(device, link, attach, str(match.address),
+                                                     direction, connector):  # fmt: skip
+            return
         pair = LinkPair(device, link, attach, match, direction, connector)
         device.pairs.add(pair)
         b = self.binding_for(device, connector)
@@ -539,6 +552,10 @@ class Router:
         attach). ``(identity, entry)``: the gateway must put a token for the identity
         first (it holds the device's key)."""
         if pair.state is not PairState.PENDING:
+            return True
+        if self.sf is not None and (b.error is not None or not b.valid) and self.sf.fallback(
+            pair, b.error.condition if b.error is not None else FORCED
+        ):
             return True
         if b.error is not None:
             self.observer.on_attach_refused(b.error.condition)
@@ -647,6 +664,22 @@ class Router:
         b.put_started()
         b.upstream.cbs_pair().forward(req, pending, settled)
         device.wake()
+
+
+class _PoolWatch:
+    """The pools' observer when store-and-forward is on: the router's observer,
+    and the pool state store-and-forward decides "hub unreachable" by."""
+
+    def __init__(self, observer: RouterObserver, sf: StoreAndForward) -> None:
+        self._observer = observer
+        self._sf = sf
+
+    def on_connector_state(self, connector: str, state: str, detail: str) -> None:
+        self._sf.on_connector_state(connector, state)
+        self._observer.on_connector_state(connector, state, detail)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._observer, name)
 
 
 class _Dedicated:

@@ -52,6 +52,7 @@ from gateway.logsafe import shown_plain, source
 from .cbs import CbsRequest, DeviceCbs
 from .identity import PlainIdentity, parse_plain_username
 from .linkpair import FORCED, LinkPair, amqp_error, flush_relay_counts, relay_disposition
+from .local_link import LocalLink
 from .observe import RouterObserver
 
 log = logging.getLogger("gateway.router.device")
@@ -153,6 +154,7 @@ class DeviceConn:
         self.engine.open()  # our open goes out as soon as the device's header arrives
         self.driver: Any = None
         self.pairs: set[LinkPair] = set()
+        self.local_links: set[LocalLink] = set()  # store-and-forward telemetry links
         self.bindings: dict[str, DeviceBinding] = {}
         self.cbs = DeviceCbs(self)
         self.plain: PlainIdentity | None = None
@@ -181,6 +183,8 @@ class DeviceConn:
                     ctx.on_dev_transfer(ev)
                 elif type(ctx) is tuple:
                     self.cbs.on_request(ev.link, ev)
+                elif type(ctx) is LocalLink:
+                    ctx.on_transfer(ev)
             elif t is DispositionReceived:
                 for conn in relay_disposition(ev):
                     conn.context.wake()
@@ -247,6 +251,8 @@ class DeviceConn:
             ctx.on_dev_detach(ev.closed, ev.error)
         elif type(ctx) is tuple:
             self.cbs.detached(link, ev.closed)
+        elif type(ctx) is LocalLink:
+            ctx.on_detach(ev.closed)
         elif link.state is LinkState.DETACH_RCVD:
             link.detach(None, ev.closed)
 
@@ -258,11 +264,15 @@ class DeviceConn:
             ctx.on_dev_detach(ev.closed, ev.error)
         elif type(ctx) is tuple:
             self.cbs.detached(ev.link, ev.closed)
+        elif type(ctx) is LocalLink:
+            ctx.on_detach(ev.closed)
 
     def _on_end(self, ev: RemoteEnd) -> None:
         session = ev.session
         for pair in [p for p in self.pairs if p.dev_link.session is session]:
             pair.device_lost()
+        for local in [lk for lk in self.local_links if lk.link.session is session]:
+            local.device_lost()
         for link in list(self.cbs.senders + self.cbs.receivers):
             if link.session is session:
                 self.cbs.detached(link, True)
@@ -283,6 +293,8 @@ class DeviceConn:
         for pair in list(self.pairs):
             pair.device_lost()
         self.pairs.clear()
+        for local in list(self.local_links):
+            local.device_lost()
         for binding in self.bindings.values():
             binding.release()
         self.bindings.clear()

@@ -68,6 +68,14 @@ class UpstreamBinding(Protocol):
 _LIVE_SESSION = (SessionState.BEGIN_SENT, SessionState.MAPPED)
 
 
+def _own_event(ctx: object, ev: Event) -> None:
+    """An event of a link or session the gateway runs itself on this connection
+    (store-and-forward replay, `forwarder.py`): handed to its ``on_upstream_event``."""
+    on_event = getattr(ctx, "on_upstream_event", None)
+    if on_event is not None:
+        on_event(ev)
+
+
 class UpstreamConn:
     _serial = itertools.count(1)
 
@@ -159,6 +167,8 @@ class UpstreamConn:
                     ctx.on_up_transfer(ev)
                 elif type(ctx) is GatewayCbs:
                     ctx.on_reply(ev)
+                else:
+                    _own_event(ctx, ev)
             elif t is DispositionReceived:
                 for conn in relay_disposition(ev):
                     conn.context.wake()
@@ -166,6 +176,9 @@ class UpstreamConn:
                 if cbs is not None and cbs.held and ev.deliveries[:1] \
                         and ev.deliveries[0].link is cbs.sender:
                     cbs.on_disposition()
+                own = ev.deliveries[0].link.context if ev.deliveries else None
+                if type(own) is not LinkPair and own is not None:
+                    _own_event(own, ev)
             elif t is RemoteFlow:
                 self._on_flow(ev)
             elif t is RemoteAttach:
@@ -177,12 +190,16 @@ class UpstreamConn:
                 elif ctx is None:
                     # The hub does not attach to us; refuse anything it tries.
                     refuse_attach(ev.link, amqp_error("amqp:not-allowed", "no such node"))
+                else:
+                    _own_event(ctx, ev)
             elif t is RemoteDetach:
                 ctx = ev.link.context
                 if type(ctx) is LinkPair:
                     ctx.on_up_detach(ev.closed, ev.error)
                 elif type(ctx) is GatewayCbs:
                     ctx.on_detach(ev.link, ev.error)
+                elif ctx is not None:
+                    _own_event(ctx, ev)
                 elif ev.link.state is LinkState.DETACH_RCVD:
                     ev.link.detach(None, ev.closed)
             elif t is LinkError:
@@ -192,6 +209,8 @@ class UpstreamConn:
                     ctx.on_up_detach(ev.closed, ev.error)
                 elif type(ctx) is GatewayCbs:
                     ctx.on_detach(ev.link, ev.error)
+                else:
+                    _own_event(ctx, ev)
             elif t is RemoteBegin:
                 if ev.session.state is SessionState.BEGIN_RCVD:
                     ev.session.end(amqp_error("amqp:not-allowed", "sessions are begun by the gateway"))
@@ -220,6 +239,8 @@ class UpstreamConn:
 
     def _on_end(self, ev: RemoteEnd) -> None:
         session = ev.session
+        if session.context is not None:  # device sessions' context has no handler
+            _own_event(session.context, ev)
         error = ev.error or amqp_error(FORCED, "the hub ended the session")
         for pair in [p for p in self.pairs if p.up_link is not None and p.up_link.session is session]:
             pair.on_up_detach(True, error)

@@ -1,0 +1,576 @@
+"""Store-and-forward for AMQP devices: who is served locally, and the replay.
+
+Direction: above `gateway_tokens`, `device`, `upstream` and `local_link`; `core`
+owns a `StoreAndForward` when the daemon hands the router a store. What it needs
+of the router is declared here (`SfRouter`).
+
+Eligible (all of): the gateway holds the identity's key (``credentials:``), the
+entry says ``store_and_forward: true``, the device relies on the gateway for its
+hub token (no SASL PLAIN SAS token, no ``$cbs`` link of its own), and its local
+proof passes as for gateway-put tokens. Everyone else takes the transparent path
+unchanged.
+
+An eligible device's telemetry attach is answered locally (`local_link.LocalLink`)
+when its identity has a backlog in the store (so per-device order holds), when
+the connector already knows the hub is down (its pool is backing off: decided at
+once, no dial wait), or when the router's lease on the connector fails as
+unreachable. Its other attaches (C2D, twin, methods) while the hub is unreachable
+are refused with ``amqp:internal-error`` "hub unreachable; only telemetry is
+stored".
+
+The `Forwarder` replays, per connector: for each identity with an AMQP backlog
+(oldest first, store order), on a pooled upstream connection, it puts a token
+the gateway issues for that identity, attaches a sender to the stored target
+address and sends the stored messages with their message-format and bytes (the
+original delivery tag unless it collides within the window), a window of
+`WINDOW` unsettled at the connector's ``replay_limiter`` rate. ``accepted``:
+deleted; ``rejected``: handed to ``store.reject`` (counted, logged, deleted, never
+retried); anything else, or a lost link or connection: tried again later with
+backoff. When an identity's backlog is empty its local links are detached with
+``amqp:link:detach-forced`` (see `local_link`).
+
+At least once: a crash between the hub's ``accepted`` and the delete sends the
+window again, so duplicates are bounded by `WINDOW` per identity and restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, Session, SessionState
+from gateway.amqp.events import (
+    DispositionReceived,
+    LinkError,
+    RemoteAttach,
+    RemoteDetach,
+    RemoteEnd,
+)
+from gateway.amqp.performatives import Accepted, Attach, Error, Rejected, Source, Target
+from gateway.auth.credentials import CredentialError
+
+from .cbs import PendingPut
+from .device import DeviceConn
+from .gateway_tokens import GatewayTokens
+from .identity import IdentityPath, identity_of_address
+from .linkpair import NOT_FOUND, RESOURCE_LIMIT, LinkPair, PairState, amqp_error, refuse_attach
+from .local_link import LocalLink, decode_meta, telemetry_key
+from .observe import RouterObserver
+from .ports import Pool
+from .upstream import UpstreamConn
+
+log = logging.getLogger("gateway.router.store")
+
+INTERNAL_ERROR = "amqp:internal-error"
+HUB_UNREACHABLE = "hub unreachable; only telemetry is stored"
+# Unsettled replayed messages per identity; also the duplicate bound after a crash.
+WINDOW = 16
+# Identities replayed at once on one connector (the limiter shares the rate).
+PARALLEL = 8
+# How long a put-token or the hub's attach answer may take during replay.
+HUB_WAIT = 10.0
+RETRY_INITIAL = 0.5
+RETRY_MAX = 10.0
+_OK_STATUS = (200, 202)
+
+
+class SfRouter(Protocol):
+    """What store-and-forward needs of the router (`core.Router`)."""
+
+    @property
+    def tokens(self) -> GatewayTokens | None: ...
+    @property
+    def observer(self) -> RouterObserver: ...
+    @property
+    def pools(self) -> dict[str, Pool[UpstreamConn]]: ...
+    @property
+    def io(self) -> Any: ...  # ports.ConnectorIO
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> bool: ...
+
+
+def key_identity(key: str) -> IdentityPath:
+    dev, _, mod = key.partition("/")
+    return ("devices", dev, "modules", mod) if mod else ("devices", dev)
+
+
+class StoreAndForward:
+    """The router's store-and-forward state: eligibility, local links, hub state."""
+
+    def __init__(self, router: SfRouter, store: Any, *, clock: Callable[[], float] = time.time) -> None:
+        from gateway.store import StoreFull, StoreUnavailable  # foundations; the store's errors
+
+        self.router = router
+        self.store = store
+        self.full_errors: tuple[type[Exception], type[Exception]] = (StoreFull, StoreUnavailable)
+        self.clock = clock
+        self.links: dict[str, set[LocalLink]] = {}
+        # Connector -> its pool's last reported state ("up", "connecting", "backoff", "idle").
+        self.pool_states: dict[str, str] = {}
+        self.changed = trio.Event()  # a pool state changed or a message was stored
+        self.forwarder = Forwarder(self)
+        # Counted here (the store counts its own): for operators and tests.
+        self.counts: dict[str, int] = {"local_attaches": 0, "refused_attaches": 0,
+                                       "stored": 0, "refused_full": 0, "refused_unavailable": 0,
+                                       "detached": 0}  # fmt: skip
+        self._full_logged: set[str] = set()
+
+    # ------------------------------------------------------------------ state
+
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
+        return self.router.start_soon(fn, *args)
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def on_connector_state(self, connector: str, state: str) -> None:
+        if self.pool_states.get(connector) != state:
+            self.pool_states[connector] = state
+            self.poke()
+
+    def hub_down(self, connector: str) -> bool:
+        """The connector already knows the hub cannot be reached (its pool backs off)."""
+        return self.pool_states.get(connector) == "backoff"
+
+    # ------------------------------------------------------------ eligibility
+
+    def eligible(self, device: DeviceConn, address: str) -> IdentityPath | None:
+        """The identity `device` acts for on `address` if store-and-forward applies."""
+        tokens = self.router.tokens
+        if tokens is None or device.plain_token is not None or device.cbs.senders:
+            return None
+        identity = identity_of_address(address)
+        if identity is None or len(identity) not in (2, 4):
+            return None
+        entry = tokens.entry_for(identity)
+        if entry is None or not getattr(entry, "store_and_forward", False):
+            return None
+        if not tokens.local_auth(device, entry).ok:
+            return None  # the transparent path refuses it, with the reason
+        return identity
+
+    def intercept(self, device: DeviceConn, link: Link, attach: Attach, address: str,
+                  direction: str, connector: str) -> bool:  # fmt: skip
+        """Serve or refuse the attach here (True), or leave it to the router (False)."""
+        if self.eligible(device, address) is None:
+            return False
+        key = telemetry_key(address) if direction == "in" else None
+        if key is not None:
+            if self.store.backlog(key) > 0 or self.hub_down(connector):
+                self._serve(device, link, attach, key, connector)
+                return True
+            return False
+        if self.hub_down(connector):
+            self._refuse(device, link, address)
+            return True
+        return False
+
+    def fallback(self, pair: LinkPair, condition: str) -> bool:
+        """The router could not bind `pair` to the hub (`condition`): serve a telemetry
+        attach of an eligible device locally, refuse its others as unreachable (True);
+        False: not ours, the router refuses as usual."""
+        if condition in (RESOURCE_LIMIT, NOT_FOUND) or pair.state is not PairState.PENDING:
+            return False
+        device = pair.device
+        if not isinstance(device, DeviceConn) or self.eligible(device, pair.address) is None:
+            return False
+        # The pair never reached the hub: take its device link over.
+        device.pairs.discard(pair)
+        pair.state = PairState.DONE
+        key = telemetry_key(pair.address) if pair.direction == "in" else None
+        if key is not None:
+            self._serve(device, pair.dev_link, pair.attach, key, pair.connector)
+        else:
+            self._refuse(device, pair.dev_link, pair.address)
+        return True
+
+    def _serve(self, device: DeviceConn, link: Link, attach: Attach, key: str, connector: str) -> None:
+        local = LocalLink(self, device, link, attach, key, connector)
+        device.local_links.add(local)
+        self.links.setdefault(key, set()).add(local)
+        self.counts["local_attaches"] += 1
+        log.info("device %s: telemetry link of %s served locally (store-and-forward; backlog %d)",
+                 device.id, key, self.store.backlog(key))  # fmt: skip
+        self.poke()
+
+    def _refuse(self, device: DeviceConn, link: Link, address: str) -> None:
+        self.counts["refused_attaches"] += 1
+        self.router.observer.on_attach_refused(INTERNAL_ERROR)
+        log.info("device %s: attach to %r refused: %s", device.id, address, HUB_UNREACHABLE)
+        refuse_attach(link, amqp_error(INTERNAL_ERROR, HUB_UNREACHABLE))
+        device.wake()
+
+    # ------------------------------------------------------- local link events
+
+    def stored(self, link: LocalLink) -> None:
+        self.counts["stored"] += 1
+        self._full_logged.discard(link.key)
+        self.poke()
+
+    def refused(self, link: LocalLink, kind: str, reason: str) -> None:
+        self.counts[f"refused_{kind}"] += 1
+        if kind == "unavailable":
+            log.error("device %s: message of %s released: the store is unavailable: %s",
+                      link.device.id, link.key, reason)  # fmt: skip
+        elif link.key not in self._full_logged:  # once per episode: a flooder logs one line
+            self._full_logged.add(link.key)
+            log.warning("device %s: messages of %s released: %s", link.device.id, link.key, reason)
+
+    def link_gone(self, link: LocalLink) -> None:
+        links = self.links.get(link.key)
+        if links is not None:
+            links.discard(link)
+            if not links:
+                del self.links[link.key]
+        device = link.device
+        if isinstance(device, DeviceConn):
+            device.local_links.discard(link)
+
+    def drained(self, key: str) -> None:
+        """`key`'s backlog is empty and the hub took the last of it: its local links go."""
+        if self.store.backlog(key) > 0:
+            return
+        for link in list(self.links.get(key, ())):
+            if link.detach_forced():
+                self.counts["detached"] += 1
+
+    def local_keys(self, connector: str) -> list[str]:
+        return [k for k, links in self.links.items() if any(lk.connector == connector for lk in links)]
+
+
+class _ForwardBinding:
+    """The forwarder's place on one upstream connection (what `cbs.PendingPut` and
+    `UpstreamConn.fail` need of a binding)."""
+
+    def __init__(self, connector: str, upstream: UpstreamConn) -> None:
+        self.connector = connector
+        self.upstream = upstream
+        self.device: Any = None  # no device connection: the gateway's own puts
+        self.lost = trio.Event()
+        self.session: Session | None = None
+
+    def authorise(self, audience: str) -> None:
+        pass
+
+    def put_finished(self) -> None:
+        pass
+
+    def invalidate(self) -> None:
+        self.lost.set()
+
+    def begin(self) -> Session:
+        s = self.session
+        if s is None or s.state not in (SessionState.BEGIN_SENT, SessionState.MAPPED):
+            s = self.upstream.engine.begin()
+            s.context = self
+            self.session = s
+        return s
+
+    def on_upstream_event(self, ev: Any) -> None:
+        if type(ev) is RemoteEnd and ev.session is self.session:
+            self.session = None
+            if ev.session.state is SessionState.END_RCVD:
+                ev.session.end()
+
+
+_NO_OUTCOME = object()
+
+
+class _ReplayLink:
+    """One sender link the forwarder attached for one identity's stored messages."""
+
+    _names = itertools.count(1)
+
+    def __init__(self, binding: _ForwardBinding, key: str, address: str) -> None:
+        self.binding = binding
+        self.key = key
+        self.address = address
+        self.attached = trio.Event()
+        self.changed = trio.Event()
+        self.error: Error | None = None
+        self.refused = False
+        self.outcomes: dict[Delivery, Any] = {}
+        session = binding.begin()
+        self.link = session.attach(
+            f"sf-{key}-{next(self._names)}", False, Source(address=f"sf-{key}"),
+            Target(address=address), snd_settle_mode=0, rcv_settle_mode=0,
+        )  # fmt: skip
+        self.link.context = self
+        binding.upstream.wake()
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and not self.binding.lost.is_set() and self.link.is_open
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def send(self, tag: bytes, payload: bytes, message_format: int) -> Delivery:
+        d = self.link.send_transfer(tag, payload, message_format=message_format)
+        d.context = self
+        self.outcomes[d] = None
+        self.binding.upstream.wake()
+        return d
+
+    def on_upstream_event(self, ev: Any) -> None:
+        t = type(ev)
+        if t is DispositionReceived:
+            for d in ev.deliveries:
+                if d in self.outcomes and self.outcomes[d] is None and (ev.settled or ev.state is not None):
+                    # Settled without an outcome: not known to be accepted, so sent again.
+                    self.outcomes[d] = ev.state if ev.state is not None else _NO_OUTCOME
+                    if not ev.settled:
+                        d.settle()
+            self._changed()
+        elif t is RemoteAttach:
+            if ev.attach.target is None:
+                self.refused = True  # its detach with the hub's error follows
+            self.attached.set()
+            self._changed()
+        elif t is RemoteDetach or t is LinkError:
+            if t is RemoteDetach and self.link.state is LinkState.DETACH_RCVD:
+                self.link.detach(None, True)
+                self.binding.upstream.wake()
+            self.error = ev.error or amqp_error("amqp:link:detach-forced", "the hub detached")
+            self.attached.set()
+            self._changed()
+
+    def close(self) -> None:
+        if self.link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED) and not self.binding.lost.is_set():
+            try:
+                self.link.detach(None, True)
+            except LocalProtocolError:
+                pass
+            self.binding.upstream.wake()
+
+
+async def _wait(event: trio.Event, lost: trio.Event, timeout: float) -> None:
+    """Until `event` or `lost` is set, or `timeout` passed."""
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as n:
+            async def one(e: trio.Event) -> None:
+                await e.wait()
+                n.cancel_scope.cancel()
+
+            n.start_soon(one, event)
+            n.start_soon(one, lost)
+
+
+class _Retry(Exception):
+    """Stop this round for the identity; try again after a backoff."""
+
+
+class Forwarder:
+    """Replays stored AMQP messages when their connector's hub is reachable."""
+
+    def __init__(self, sf: StoreAndForward) -> None:
+        self.sf = sf
+        self.rounds = 0  # replay rounds run (tests wait on progress, not time)
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for connector in self.sf.router.pools:
+                nursery.start_soon(self._connector_loop, connector)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _work(self, connector: str) -> list[str]:
+        waiting = self.sf.store.devices_waiting("amqp", connector)
+        keys = list(dict.fromkeys([*waiting, *self.sf.local_keys(connector)]))
+        now = trio.current_time()
+        return [k for k in keys if self._retry_at.get(k, 0.0) <= now]
+
+    def _next_retry(self, connector: str) -> float:
+        keys = set(self.sf.store.devices_waiting("amqp", connector)) | set(self.sf.local_keys(connector))
+        times = [self._retry_at[k] for k in keys if k in self._retry_at]
+        return max(0.0, min(times) - trio.current_time()) if times else math.inf
+
+    async def _connector_loop(self, connector: str) -> None:
+        sf = self.sf
+        pool = sf.router.pools[connector]
+        delay = RETRY_INITIAL
+        while True:
+            changed = sf.changed
+            keys = self._work(connector)
+            if not keys:
+                with trio.move_on_after(self._next_retry(connector)):
+                    await changed.wait()
+                continue
+            if sf.hub_down(connector):
+                # The pool reconnects on its own: wait for its state to change.
+                with trio.move_on_after(RETRY_MAX):
+                    await changed.wait()
+                continue
+            try:
+                lease = await pool.acquire(owner=self)
+            except sf.router.io.unavailable as exc:
+                log.debug("store-and-forward: connector %s unavailable for replay: %s", connector,
+                          getattr(exc, "description", exc))  # fmt: skip
+                with trio.move_on_after(delay):
+                    await changed.wait()
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            delay = RETRY_INITIAL
+            upstream = lease.conn
+            binding = _ForwardBinding(connector, upstream)
+            try:
+                if not upstream.usable:
+                    with trio.move_on_after(RETRY_INITIAL):
+                        await lease.lost.wait()
+                    continue
+                upstream.bindings.add(binding)
+                await self._round(binding, keys)
+            finally:
+                upstream.bindings.discard(binding)
+                s = binding.session
+                if s is not None and not binding.lost.is_set() and upstream.usable:
+                    s.end()
+                    upstream.wake()
+                lease.release()
+            self.rounds += 1
+            left = self._work(connector)
+            if left and all(sf.store.backlog(k) == 0 for k in left):
+                # Only local links still storing their last messages: wait for them.
+                with trio.move_on_after(RETRY_MAX):
+                    await changed.wait()
+
+    async def _round(self, binding: _ForwardBinding, keys: list[str]) -> None:
+        limiter = trio.CapacityLimiter(PARALLEL)
+
+        async def one(key: str) -> None:
+            async with limiter:
+                if binding.lost.is_set():
+                    return
+                try:
+                    await self._replay(binding, key)
+                except _Retry as exc:
+                    self._backoff(key, str(exc))
+                else:
+                    self._failures.pop(key, None)
+                    self._retry_at.pop(key, None)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+
+    def _backoff(self, key: str, why: str) -> None:
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        delay = min(RETRY_MAX, RETRY_INITIAL * 2**n)
+        self._retry_at[key] = trio.current_time() + delay
+        log.info("store-and-forward: replay of %s paused for %.1fs: %s", key, delay, why)
+
+    async def _put_token(self, binding: _ForwardBinding, key: str) -> float:
+        """Put a token the gateway issues for `key`; the time it must be renewed by."""
+        sf = self.sf
+        tokens = sf.router.tokens
+        identity = key_identity(key)
+        entry = tokens.entry_for(identity) if tokens is not None else None
+        if tokens is None or entry is None:
+            raise _Retry(f"the gateway holds no credentials for {key} any more")
+        try:
+            issued = tokens.store.issue_token(entry, tokens.hub_host(binding.connector), sf.clock())
+        except CredentialError as exc:
+            raise _Retry(f"no token for {key}: {exc}") from None
+        done = trio.Event()
+        result: list[tuple[int | None, str | None]] = []
+
+        def on_done(status: int | None, description: str | None) -> None:
+            result.append((status, description))
+            done.set()
+
+        try:
+            binding.upstream.cbs_pair().put_token(
+                issued.audience, issued.token,
+                PendingPut(binding, issued.audience, None, None, False, None, on_done),  # type: ignore[arg-type]
+            )  # fmt: skip
+        except LocalProtocolError as exc:
+            raise _Retry(f"CBS link unusable: {exc}") from None
+        binding.upstream.wake()
+        await _wait(done, binding.lost, HUB_WAIT)
+        status, description = result[0] if result else (None, "no answer from the hub")
+        if status not in _OK_STATUS:
+            raise _Retry(f"the hub refused the gateway's token for {key} (status {status}: {description})")
+        # Renew at half its life (monotonic deadline for this round).
+        return trio.current_time() + max(1.0, (issued.expires_at - issued.issued_at) / 2)
+
+    async def _replay(self, binding: _ForwardBinding, key: str) -> None:
+        sf = self.sf
+        store = sf.store
+        limiter = store.replay_limiter(binding.connector)
+        renew_by = -math.inf
+        link: _ReplayLink | None = None
+        try:
+            while True:
+                batch = await store.peek(key, WINDOW)
+                if not batch:
+                    break
+                if binding.lost.is_set():
+                    raise _Retry("upstream connection lost")
+                if trio.current_time() >= renew_by:
+                    renew_by = await self._put_token(binding, key)
+                address = batch[0].address
+                # One link per address: a run of messages for the first one's.
+                same = [m.address == address for m in batch]
+                batch = batch[: same.index(False)] if False in same else batch
+                if link is None or link.address != address or not link.usable:
+                    if link is not None:
+                        link.close()
+                    link = _ReplayLink(binding, key, address)
+                    await _wait(link.attached, binding.lost, HUB_WAIT)
+                    if link.refused or link.error is not None or not link.attached.is_set():
+                        why = link.error.description if link.error is not None else "no answer"
+                        raise _Retry(f"the hub refused the link to {address!r}: {why}")
+                sent: list[tuple[Delivery, Any]] = []
+                tags: set[bytes] = set()
+                for msg in batch:
+                    await limiter.acquire()
+                    if not link.usable:
+                        break
+                    meta = decode_meta(msg.meta)
+                    tag = meta.delivery_tag
+                    if tag is None or tag in tags or len(tag) > 32:
+                        tag = b"sf-%d" % msg.seq  # fresh: none stored, or a clash in the window
+                    tags.add(tag)
+                    sent.append((link.send(tag, msg.payload, meta.message_format), msg))
+                with trio.move_on_after(HUB_WAIT * 6):  # a hub that never answers: retry
+                    while link.usable and any(link.outcomes.get(d) is None for d, _ in sent):
+                        await _wait(link.changed, binding.lost, HUB_WAIT * 6)
+                accepted, again = [], 0
+                rejected: list[tuple[Any, str]] = []
+                for d, msg in sent:
+                    state = link.outcomes.pop(d, None)
+                    if type(state) is Accepted:
+                        accepted.append(msg.seq)
+                    elif type(state) is Rejected:
+                        err = state.error
+                        why = f"{err.condition}: {err.description}" if err is not None else "rejected"
+                        rejected.append((msg, why))
+                    else:
+                        again += 1
+                if accepted:
+                    await store.delete(accepted)
+                    store.record_replayed(binding.connector, key, len(accepted))
+                for msg, why in rejected:
+                    log.warning("store-and-forward: the hub rejected stored message %d of %s: %s",
+                                msg.seq, key, why)  # fmt: skip
+                    await store.reject(msg, why)
+                if again or len(sent) < len(batch):
+                    why = link.error.description if link.error is not None else "not accepted"
+                    raise _Retry(f"{again + len(batch) - len(sent)} message(s) to retry: {why}")
+        finally:
+            if link is not None:
+                link.close()
+        sf.drained(key)
+
+
+__all__ = ["Forwarder", "HUB_UNREACHABLE", "INTERNAL_ERROR", "StoreAndForward", "WINDOW"]
