@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import trio
 
-from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, Session, SessionState
+from gateway.amqp import Delivery, Link, LinkState, LocalProtocolError, SessionState
 from gateway.amqp.events import (
     DispositionReceived,
     LinkError,
@@ -112,10 +112,11 @@ class StoreAndForward:
         self.links: dict[str, set[LocalLink]] = {}
         # Connector -> its pool's last reported state ("up", "connecting", "backoff", "idle").
         self.pool_states: dict[str, str] = {}
+        self.down: set[str] = set()
         self.changed = trio.Event()  # a pool state changed or a message was stored
         self.forwarder = Forwarder(self)
         # Counted here (the store counts its own): for operators and tests.
-        self.counts: dict[str, int] = {"local_attaches": 0, "refused_attaches": 0,
+        self.counts: dict[str, int] = {"local_attaches": 0, "local_at_once": 0, "refused_attaches": 0,
                                        "stored": 0, "refused_full": 0, "refused_unavailable": 0,
                                        "detached": 0}  # fmt: skip
         self._full_logged: set[str] = set()
@@ -130,13 +131,20 @@ class StoreAndForward:
         self.changed = trio.Event()
 
     def on_connector_state(self, connector: str, state: str) -> None:
+        # Down from the first failure (backoff) until a connection is up again: the
+        # reconnect attempts in between ("connecting") do not make devices wait.
+        if state == "backoff":
+            self.down.add(connector)
+        elif state == "up":
+            self.down.discard(connector)
         if self.pool_states.get(connector) != state:
             self.pool_states[connector] = state
             self.poke()
 
     def hub_down(self, connector: str) -> bool:
-        """The connector already knows the hub cannot be reached (its pool backs off)."""
-        return self.pool_states.get(connector) == "backoff"
+        """The connector already knows the hub cannot be reached: its last connection
+        attempt failed or its connection was lost, and none is up since."""
+        return connector in self.down
 
     # ------------------------------------------------------------ eligibility
 
@@ -163,6 +171,7 @@ class StoreAndForward:
         key = telemetry_key(address) if direction == "in" else None
         if key is not None:
             if self.store.backlog(key) > 0 or self.hub_down(connector):
+                self.counts["local_at_once"] += 1  # no lease tried: no dial to wait for
                 self._serve(device, link, attach, key, connector)
                 return True
             return False
@@ -253,7 +262,6 @@ class _ForwardBinding:
         self.upstream = upstream
         self.device: Any = None  # no device connection: the gateway's own puts
         self.lost = trio.Event()
-        self.session: Session | None = None
 
     def authorise(self, audience: str) -> None:
         pass
@@ -264,19 +272,6 @@ class _ForwardBinding:
     def invalidate(self) -> None:
         self.lost.set()
 
-    def begin(self) -> Session:
-        s = self.session
-        if s is None or s.state not in (SessionState.BEGIN_SENT, SessionState.MAPPED):
-            s = self.upstream.engine.begin()
-            s.context = self
-            self.session = s
-        return s
-
-    def on_upstream_event(self, ev: Any) -> None:
-        if type(ev) is RemoteEnd and ev.session is self.session:
-            self.session = None
-            if ev.session.state is SessionState.END_RCVD:
-                ev.session.end()
 
 
 _NO_OUTCOME = object()
@@ -296,7 +291,10 @@ class _ReplayLink:
         self.error: Error | None = None
         self.refused = False
         self.outcomes: dict[Delivery, Any] = {}
-        session = binding.begin()
+        # A session of its own: a disposition range then covers this link's deliveries
+        # only (the connection hands the event to the first delivery's link).
+        session = self.session = binding.upstream.engine.begin()
+        session.context = self
         self.link = session.attach(
             f"sf-{key}-{next(self._names)}", False, Source(address=f"sf-{key}"),
             Target(address=address), snd_settle_mode=0, rcv_settle_mode=0,
@@ -334,6 +332,13 @@ class _ReplayLink:
                 self.refused = True  # its detach with the hub's error follows
             self.attached.set()
             self._changed()
+        elif t is RemoteEnd:
+            if ev.session.state is SessionState.END_RCVD:
+                ev.session.end()
+            self.error = self.error or ev.error or amqp_error("amqp:session:detach-forced",
+                                                              "the hub ended the session")  # fmt: skip
+            self.attached.set()
+            self._changed()
         elif t is RemoteDetach or t is LinkError:
             if t is RemoteDetach and self.link.state is LinkState.DETACH_RCVD:
                 self.link.detach(None, True)
@@ -343,12 +348,16 @@ class _ReplayLink:
             self._changed()
 
     def close(self) -> None:
-        if self.link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED) and not self.binding.lost.is_set():
-            try:
+        if self.binding.lost.is_set():
+            return
+        try:
+            if self.link.state not in (LinkState.DETACH_SENT, LinkState.DETACHED):
                 self.link.detach(None, True)
-            except LocalProtocolError:
-                pass
-            self.binding.upstream.wake()
+            if self.session.state in (SessionState.BEGIN_SENT, SessionState.MAPPED):
+                self.session.end()
+        except LocalProtocolError:
+            pass
+        self.binding.upstream.wake()
 
 
 async def _wait(event: trio.Event, lost: trio.Event, timeout: float) -> None:
@@ -431,10 +440,6 @@ class Forwarder:
                 await self._round(binding, keys)
             finally:
                 upstream.bindings.discard(binding)
-                s = binding.session
-                if s is not None and not binding.lost.is_set() and upstream.usable:
-                    s.end()
-                    upstream.wake()
                 lease.release()
             self.rounds += 1
             left = self._work(connector)
@@ -454,6 +459,9 @@ class Forwarder:
                     await self._replay(binding, key)
                 except _Retry as exc:
                     self._backoff(key, str(exc))
+                except Exception as exc:  # a replay bug must not take the router down
+                    log.exception("store-and-forward: replay of %s failed", key)
+                    self._backoff(key, f"{type(exc).__name__}: {exc}")
                 else:
                     self._failures.pop(key, None)
                     self._retry_at.pop(key, None)
@@ -504,35 +512,53 @@ class Forwarder:
         return trio.current_time() + max(1.0, (issued.expires_at - issued.issued_at) / 2)
 
     async def _replay(self, binding: _ForwardBinding, key: str) -> None:
+        """Send `key`'s backlog, oldest first, keeping up to `WINDOW` unsettled; delete
+        what the hub accepted in batches as it goes. Returns when the backlog is empty;
+        raises `_Retry` when the hub did not take a message (it is sent again later,
+        after those already in flight)."""
         sf = self.sf
         store = sf.store
         limiter = store.replay_limiter(binding.connector)
         renew_by = -math.inf
         link: _ReplayLink | None = None
+        inflight: dict[Delivery, Any] = {}  # sent, no outcome yet (send order)
+        accepted: list[int] = []  # accepted, not yet deleted
+        skip: set[int] = set()  # seqs in flight or accepted and not yet deleted
+        failed: str | None = None
         try:
-            while True:
-                batch = await store.peek(key, WINDOW)
-                if not batch:
-                    break
+            while failed is None:
                 if binding.lost.is_set():
-                    raise _Retry("upstream connection lost")
-                if trio.current_time() >= renew_by:
-                    renew_by = await self._put_token(binding, key)
-                address = batch[0].address
-                # One link per address: a run of messages for the first one's.
-                same = [m.address == address for m in batch]
-                batch = batch[: same.index(False)] if False in same else batch
-                if link is None or link.address != address or not link.usable:
-                    if link is not None:
+                    failed = "upstream connection lost"
+                    break
+                room = WINDOW - len(inflight)
+                batch = [m for m in await store.peek(key, len(skip) + room) if m.seq not in skip] \
+                    if room > 0 else []  # fmt: skip
+                if not batch and not inflight:
+                    break
+                if batch and link is not None and (link.address != batch[0].address or not link.usable):
+                    if inflight:  # a new address (or link) once what is in flight settled
+                        batch = []
+                    else:
                         link.close()
-                    link = _ReplayLink(binding, key, address)
+                        link = None
+                if batch and link is None:
+                    if trio.current_time() >= renew_by:
+                        renew_by = await self._put_token(binding, key)
+                    try:
+                        link = _ReplayLink(binding, key, batch[0].address)
+                    except LocalProtocolError as exc:  # the connection is going
+                        raise _Retry(f"upstream connection unusable: {exc}") from None
                     await _wait(link.attached, binding.lost, HUB_WAIT)
                     if link.refused or link.error is not None or not link.attached.is_set():
                         why = link.error.description if link.error is not None else "no answer"
-                        raise _Retry(f"the hub refused the link to {address!r}: {why}")
-                sent: list[tuple[Delivery, Any]] = []
-                tags: set[bytes] = set()
+                        raise _Retry(f"the hub refused the link to {batch[0].address!r}: {why}")
+                elif batch and trio.current_time() >= renew_by:
+                    renew_by = await self._put_token(binding, key)
+                assert link is not None
+                tags = {d.delivery_tag for d in inflight}
                 for msg in batch:
+                    if msg.address != link.address:
+                        break
                     await limiter.acquire()
                     if not link.usable:
                         break
@@ -540,37 +566,64 @@ class Forwarder:
                     tag = meta.delivery_tag
                     if tag is None or tag in tags or len(tag) > 32:
                         tag = b"sf-%d" % msg.seq  # fresh: none stored, or a clash in the window
+                    try:
+                        d = link.send(tag, msg.payload, meta.message_format)
+                    except LocalProtocolError as exc:  # the link or connection is going
+                        failed = f"cannot send: {exc}"
+                        break
                     tags.add(tag)
-                    sent.append((link.send(tag, msg.payload, meta.message_format), msg))
-                with trio.move_on_after(HUB_WAIT * 6):  # a hub that never answers: retry
-                    while link.usable and any(link.outcomes.get(d) is None for d, _ in sent):
-                        await _wait(link.changed, binding.lost, HUB_WAIT * 6)
-                accepted, again = [], 0
-                rejected: list[tuple[Any, str]] = []
-                for d, msg in sent:
-                    state = link.outcomes.pop(d, None)
-                    if type(state) is Accepted:
-                        accepted.append(msg.seq)
-                    elif type(state) is Rejected:
-                        err = state.error
-                        why = f"{err.condition}: {err.description}" if err is not None else "rejected"
-                        rejected.append((msg, why))
-                    else:
-                        again += 1
-                if accepted:
-                    await store.delete(accepted)
-                    store.record_replayed(binding.connector, key, len(accepted))
-                for msg, why in rejected:
-                    log.warning("store-and-forward: the hub rejected stored message %d of %s: %s",
-                                msg.seq, key, why)  # fmt: skip
-                    await store.reject(msg, why)
-                if again or len(sent) < len(batch):
-                    why = link.error.description if link.error is not None else "not accepted"
-                    raise _Retry(f"{again + len(batch) - len(sent)} message(s) to retry: {why}")
+                    inflight[d] = msg
+                    skip.add(msg.seq)
+                # Outcomes: wait for the first one if nothing more can be sent.
+                if inflight and (len(inflight) >= WINDOW or not batch or not link.usable):
+                    with trio.move_on_after(HUB_WAIT * 6) as waited:
+                        while link.usable and all(link.outcomes.get(d) is None for d in inflight):
+                            await _wait(link.changed, binding.lost, HUB_WAIT * 6)
+                    if waited.cancelled_caught:
+                        failed = "no outcome from the hub"
+                failed = await self._outcomes(link, key, inflight, accepted, skip) or failed
+                if not link.usable and inflight:
+                    failed = failed or (link.error.description if link.error is not None
+                                        else "link lost")  # fmt: skip
+                if len(accepted) >= WINDOW // 2 or (accepted and not inflight):
+                    await self._delete(binding.connector, key, accepted, skip)
         finally:
+            if accepted:
+                with trio.CancelScope(shield=True):
+                    await self._delete(binding.connector, key, accepted, skip)
             if link is not None:
                 link.close()
+        if failed is not None:
+            raise _Retry(f"{len(inflight)} message(s) to send again: {failed}")
         sf.drained(key)
+
+    async def _outcomes(self, link: _ReplayLink, key: str, inflight: dict[Delivery, Any],
+                        accepted: list[int], skip: set[int]) -> str | None:  # fmt: skip
+        """Collect the outcomes that arrived; a reason to stop if one was not a verdict."""
+        stop: str | None = None
+        for d in [d for d in inflight if link.outcomes.get(d) is not None]:
+            msg = inflight.pop(d)
+            state = link.outcomes.pop(d)
+            if type(state) is Accepted:
+                accepted.append(msg.seq)
+            elif type(state) is Rejected:
+                err = state.error
+                why = f"{err.condition}: {err.description}" if err is not None else "rejected"
+                log.warning("store-and-forward: the hub rejected stored message %d of %s: %s",
+                            msg.seq, key, why)  # fmt: skip
+                await self.sf.store.reject(msg, why)
+                skip.discard(msg.seq)
+            else:
+                skip.discard(msg.seq)  # released, modified, or settled without outcome
+                stop = f"the hub answered {type(state).__name__.lower()}"
+        return stop
+
+    async def _delete(self, connector: str, key: str, accepted: list[int], skip: set[int]) -> None:
+        seqs = list(accepted)
+        accepted.clear()
+        await self.sf.store.delete(seqs)
+        skip.difference_update(seqs)
+        self.sf.store.record_replayed(connector, key, len(seqs))
 
 
 __all__ = ["Forwarder", "HUB_UNREACHABLE", "INTERNAL_ERROR", "StoreAndForward", "WINDOW"]
