@@ -76,7 +76,7 @@ PARALLEL = 8
 # How long a put-token or the hub's attach answer may take during replay.
 HUB_WAIT = 10.0
 RETRY_INITIAL = 0.5
-RETRY_MAX = 10.0
+RETRY_MAX = 5.0
 _OK_STATUS = (200, 202)
 
 
@@ -414,12 +414,7 @@ class Forwarder:
                 with trio.move_on_after(self._next_retry(connector)):
                     await changed.wait()
                 continue
-            if sf.hub_down(connector):
-                # The pool reconnects on its own: wait for its state to change.
-                with trio.move_on_after(RETRY_MAX):
-                    await changed.wait()
-                continue
-            try:
+            try:  # asking is what keeps the pool retrying a failing hub
                 lease = await pool.acquire(owner=self)
             except sf.router.io.unavailable as exc:
                 log.debug("store-and-forward: connector %s unavailable for replay: %s", connector,
