@@ -139,8 +139,7 @@ async def _open_store(config: GatewayConfig) -> Any:
     try:
         return await MessageStore.open(section)
     except StoreError as exc:
-        log.error("store_and_forward: %s: %s; storing nothing, relaying as usual", section.path,
-                  exc.reason)  # fmt: skip
+        log.error("store_and_forward: %s; storing nothing, relaying as usual", exc.reason)
         return None
 
 
@@ -233,6 +232,8 @@ class Daemon:
             if self.store is not None:
                 nursery.start_soon(self.store.run)  # max_age expiry
             await nursery.start(self.router.run)
+            if self.store is not None:
+                nursery.start_soon(self.store.run)  # max_age expiry
             for connector in config.connectors:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
                          connector.target,

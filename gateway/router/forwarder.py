@@ -589,6 +589,8 @@ class Forwarder:
             if link is not None:
                 link.close()
         if failed is not None:
+            if inflight:  # they may have reached the hub: sent again, they may arrive twice
+                store.record_duplicate_suspect(binding.connector, key, len(inflight))
             raise _Retry(f"{len(inflight)} message(s) to send again: {failed}")
         sf.drained(key)
 
