@@ -9,8 +9,10 @@ them; `tests/test_layers.py` enforces it):
 - `core`: the wiring. `Router` and `Binding` own the devices, the upstream
   connections and the pools, and hand each piece below what it needs.
 - `dps`: provisioning devices' logins, relayed over connections of their own.
+- `forwarder`: store-and-forward: who is served locally, and the replay.
 - `gateway_tokens`: tokens the gateway puts for devices whose keys it holds.
 - `device`, `upstream`: one device / one hub connection, its engine's events.
+- `local_link`: a telemetry link the gateway answers itself, its messages stored.
 - `cbs`: `$cbs` served locally and forwarded on shared connections.
 - `linkpair`: a routed link and the relay between its two halves.
 - `observe`, `ports`: the interfaces: what the router reports through
