@@ -115,32 +115,12 @@ async def serve(config: GatewayConfig, trace: tuple[str, ...] = (), *,
             where = f"{config.source_path}: " if config.source_path is not None else ""
             log.error("%scredentials: %s", where, exc)
             return EXIT_CONFIG
-        store = await _open_store(config)
+        daemon = Daemon(config, trace, credentials)
         try:
-            daemon = Daemon(config, trace, credentials, store=store)
             return await daemon.run(signals, task_status=task_status)
         except StartupError as exc:
             log.error("%s", exc)
             return exc.status
-        finally:
-            if store is not None:
-                with trio.CancelScope(shield=True):
-                    await store.aclose()
-
-
-async def _open_store(config: GatewayConfig) -> Any:
-    """The store-and-forward message store (None: not configured, or it cannot be
-    opened: then one error line, and every device takes the transparent path)."""
-    section = getattr(config, "store_and_forward", None)
-    if section is None:
-        return None
-    from gateway.store import MessageStore, StoreError
-
-    try:
-        return await MessageStore.open(section)
-    except StoreError as exc:
-        log.error("store_and_forward: %s; storing nothing, relaying as usual", exc.reason)
-        return None
 
 
 def _credential_store(config: GatewayConfig) -> CredentialStore:
@@ -156,10 +136,9 @@ class Daemon:
 
     def __init__(self, config: GatewayConfig, trace: Iterable[str] = (),
                  credentials: CredentialStore | None = None, *,
-                 clock: Callable[[], float] = time.time, store: Any = None) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         trace = tuple(trace)
         self.clock = clock  # wall-clock Unix seconds: token expiries, "is the clock set?"
-        self.store = store  # store-and-forward's MessageStore, or None
         self.config = config  # in force: the start-up file plus reloaded live parts
         self.live_config = LiveConfig(config)
         # The store in force (None: built from the configuration); reloads replace it.
@@ -175,7 +154,7 @@ class Daemon:
         self.tracer = FrameTracer(protocols=trace)
         self.router = Router(config, connector_io=AmqpConnectorIO(), observer=self.observer,
                              tracer=self.tracer, credentials=self.credentials,
-                             clock=clock, store=store)  # fmt: skip
+                             clock=clock)  # fmt: skip
         self.readiness = Readiness.from_config(self.registry, config, clock=clock)
         self.listener_settings: dict[str, LiveListenerSettings] = {}
         # Bytes held by device connections before authentication, all listeners together.
@@ -231,9 +210,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             if self.store is not None:
                 nursery.start_soon(self.store.run)  # max_age expiry
+                self.router.set_store(self.store)  # AMQP store-and-forward
             await nursery.start(self.router.run)
-            if self.store is not None:
-                nursery.start_soon(self.store.run)  # max_age expiry
             for connector in config.connectors:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
                          connector.target,

@@ -183,10 +183,7 @@ class Router:
         self.cbs_proxied: dict[str, bool] = {}
         # Store-and-forward (a `gateway.store.MessageStore`, or None: off), see forwarder.py.
         self.sf: StoreAndForward | None = None
-        pool_observer: Any = self.observer
-        if store is not None:
-            self.sf = StoreAndForward(self, store, clock=clock)
-            pool_observer = _PoolWatch(self.observer, self.sf)
+        pool_observer = _PoolWatch(self.observer, self)
         for connector in config.connectors:
             if getattr(connector, "protocol", "amqp") != "amqp" or is_relay(connector):
                 continue
@@ -203,6 +200,12 @@ class Router:
         self.tokens: GatewayTokens | None = None
         if credentials is not None:
             self.tokens = GatewayTokens(self, credentials, clock=clock)
+        if store is not None:
+            self.set_store(store)
+
+    def set_store(self, store: Any) -> None:
+        """Turn store-and-forward on with `store` (before `run`)."""
+        self.sf = StoreAndForward(self, store, clock=self._clock)
 
     def set_credentials(self, credentials: Any) -> None:
         """Use a (reloaded) credential store for tokens issued from now on."""
@@ -667,15 +670,16 @@ class Router:
 
 
 class _PoolWatch:
-    """The pools' observer when store-and-forward is on: the router's observer,
-    and the pool state store-and-forward decides "hub unreachable" by."""
+    """The pools' observer: the router's observer, and with store-and-forward on,
+    the pool state it decides "hub unreachable" by."""
 
-    def __init__(self, observer: RouterObserver, sf: StoreAndForward) -> None:
+    def __init__(self, observer: RouterObserver, router: Router) -> None:
         self._observer = observer
-        self._sf = sf
+        self._router = router
 
     def on_connector_state(self, connector: str, state: str, detail: str) -> None:
-        self._sf.on_connector_state(connector, state)
+        if self._router.sf is not None:
+            self._router.sf.on_connector_state(connector, state)
         self._observer.on_connector_state(connector, state, detail)
 
     def __getattr__(self, name: str) -> Any:
