@@ -26,6 +26,7 @@ from gateway.demo.gateway_process import GatewayProcess, Readiness
 from gateway.demo.report import DeviceReport, check_amqp, check_dps, check_mqtt
 from gateway.hubsim import HubSim
 from gateway.hubsim.dps import derive_key
+from gateway.ops.startup import EXIT_ADDRESS
 from gateway.samples import amqp_device, dps_device, mqtt_device
 
 HUB_HOST = "demo-hub.azure-devices.net"
@@ -45,7 +46,6 @@ READY_GRACE = 5.0  # after the first listener, the others
 STEP_TIMEOUT = 15.0  # each device step (connect, CBS, send, receive)
 DEVICES_TIMEOUT = 90.0  # all devices together; every step inside is bounded too
 PORT_ATTEMPTS = 3  # the ports picked for the gateway can be taken before it binds them
-LOG_SCAN = 40  # the gateway's last output lines searched for the cause of an early exit
 EXTRA_COMMANDS = 3  # queued for manual runs with --keep-running
 
 
@@ -165,7 +165,7 @@ class Demo:
         # process on the machine can take one in between. Fresh ports cure that.
         for _ in range(PORT_ATTEMPTS):
             ready = self._launch_gateway(hub)
-            if ready.exited is None or not self._lost_a_port():
+            if ready.exited is None or not self._lost_a_port(ready.exited):
                 break
             self.say("  gateway       one of its ports was taken meanwhile; again with new ports")
         if ready.exited is not None and not ready.open_ports:
@@ -180,10 +180,10 @@ class Demo:
             self.say(f"  gateway       ready in {ready.seconds:.1f} s")
         return ready
 
-    def _lost_a_port(self) -> bool:
+    def _lost_a_port(self, status: int) -> bool:
         assert self.gateway is not None
         self.gateway.stop()  # reaps it and lets its output reader finish
-        return any("Address already in use" in line for line in self.gateway.tail(LOG_SCAN))
+        return status == EXIT_ADDRESS
 
     def _launch_gateway(self, hub: HubSim) -> Readiness:
         assert hub.ca_file is not None and hub.amqp_port and hub.mqtt_port
