@@ -144,7 +144,7 @@ def start_stack(tmp: Path, identities: list[str], *, amqp_listener_extra: str = 
                 gw = start_gateway(config, listeners=("amqps", "mqtts"), timeout=60)
                 break
             except RuntimeError as exc:
-                if "Address already in use" not in str(exc) or attempt == 4:
+                if "address already in use" not in str(exc).lower() or attempt == 4:
                     raise
         assert gw is not None
         yield SdkStack(hub, gw, address, ca_file, keys)

@@ -118,7 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpsStack]:
                 gw = start_gateway(config, listeners=("amqps", "mqtts"), timeout=60)
                 break
             except RuntimeError as exc:
-                if "Address already in use" not in str(exc) or attempt == 4:
+                if "address already in use" not in str(exc).lower() or attempt == 4:
                     raise
         assert gw is not None
         yield DpsStack(hub, gw, address, ca_file, group_key)
