@@ -91,7 +91,10 @@ class SfRouter(Protocol):
     def pools(self) -> dict[str, Pool[UpstreamConn]]: ...
     @property
     def io(self) -> Any: ...  # ports.ConnectorIO
+    @property
+    def cbs_proxied(self) -> dict[str, bool]: ...
     def start_soon(self, fn: Callable[..., Any], *args: Any) -> bool: ...
+    def retire_upstream(self, upstream: UpstreamConn) -> None: ...
 
 
 def key_identity(key: str) -> IdentityPath:
@@ -262,6 +265,7 @@ class _ForwardBinding:
         self.upstream = upstream
         self.device: Any = None  # no device connection: the gateway's own puts
         self.lost = trio.Event()
+        self.put_any = False  # a token was put on the connection
 
     def authorise(self, audience: str) -> None:
         pass
@@ -435,7 +439,13 @@ class Forwarder:
                 await self._round(binding, keys)
             finally:
                 upstream.bindings.discard(binding)
-                lease.release()
+                if sf.router.cbs_proxied.get(connector, False) or not binding.put_any:
+                    lease.release()
+                else:
+                    # `$cbs` is link-routed on this connector: nothing would stop the next
+                    # device on the connection from using the tokens the replay put.
+                    lease.retire()
+                    sf.router.retire_upstream(upstream)
             self.rounds += 1
             left = self._work(connector)
             if left and all(sf.store.backlog(k) == 0 for k in left):
@@ -491,6 +501,7 @@ class Forwarder:
             result.append((status, description))
             done.set()
 
+        binding.put_any = True
         try:
             binding.upstream.cbs_pair().put_token(
                 issued.audience, issued.token,

@@ -54,7 +54,7 @@ def hub() -> Iterator[HubSim]:
 
 def sf_config(hub: HubSim, tmp_path: Path, *, max_bytes: str = "64MiB",
               replay_rate: float = 1000, upstream: tuple[str, int] | None = None,
-              connect_timeout: str = "5s") -> GatewayConfig:  # fmt: skip
+              connect_timeout: str = "5s", max_devices: int = 100) -> GatewayConfig:  # fmt: skip
     secrets = tmp_path / "secrets.yaml"
     fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -73,8 +73,9 @@ connectors:
     port: {upstream[1] if upstream else hub.amqp_port}
     tls_profile: hub
     connect_timeout: {connect_timeout}
+    idle_close: 1h
     reconnect: {{initial: 0.1s, max: 0.5s}}
-    pool: {{max_connections: 2, max_devices_per_connection: 100}}
+    pool: {{max_connections: 2, max_devices_per_connection: {max_devices}}}
 link_routes:
   - {{prefix: "$cbs", connector: iothub}}
   - {{prefix: "devices/", connector: iothub}}
@@ -405,3 +406,28 @@ async def test_silent_hub_first_attach_waits_for_the_dial_later_ones_do_not(
             assert gw.counts["local_at_once"] == 2
             assert gw.store.backlog("dev2") == gw.store.backlog("dev3") == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_routed_cbs_replay_connection_closed_after_replay(hub: HubSim, tmp_path: Path) -> None:
+    """With one device per connection `$cbs` is link-routed: the connection the replay
+    put dev1's token on is closed after the replay (idle_close is an hour), so it cannot
+    serve another device with that token."""
+    config = sf_config(hub, tmp_path, max_devices=1)
+    stop_hub(hub)
+    async with gateway(config) as gw:
+
+        def offline() -> None:
+            with Device(gw.url) as dev:
+                sender = dev.conn.create_sender(EVENTS % "dev1")
+                for i in range(3):
+                    sender.send(telemetry("dev1", i))
+
+        await in_thread(offline)
+        await start_hub(hub)
+        await in_thread(hub.recorder.wait_for, lambda: len(hub.recorder.d2c_for("dev1")) >= 3,
+                        TIMEOUT * 2)  # fmt: skip
+        await wait_until(lambda: gw.store.backlog("dev1") == 0, "backlog empty")
+        await wait_until(lambda: hub.open_connections("amqp") == 0, "replay connection closed")
+        assert [r.properties["message-id"] for r in hub.recorder.d2c_for("dev1")] == [
+            f"dev1-{i}" for i in range(3)
+        ]
