@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from functools import partial
+
 import pytest
+import trio
 from gw_helpers import (
     CBS_TYPE,
     HUB_HOST,
@@ -178,3 +182,110 @@ async def test_sasl_plain_with_a_bad_token_is_refused(hub, keys, tmp_path) -> No
         text = await in_thread(run)
     assert "unauthorized-access" in text
     assert [c.status for c in hub.recorder.cbs] == [401]
+
+
+# ---- hub outages and idle connections ---------------------------------------
+
+
+class RetryingDevice:
+    """A proton device in a thread: sends telemetry every 20 ms; whenever anything
+    fails (the gateway refusing its attach or CBS request while the hub is down, a
+    detach when the hub goes) it counts it, starts over on a new connection."""
+
+    def __init__(self, url: str, device_id: str, key: str) -> None:
+        self.url, self.device_id, self.key = url, device_id, key
+        self.stop = threading.Event()
+        self.failures = 0
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            dev = None
+            try:
+                dev = Device(self.url)
+                reply = dev.authenticate(self.device_id, self.key)
+                if reply.properties["status-code"] != 200:
+                    raise RuntimeError(f"put-token: {reply.properties['status-code']}")
+                sender = dev.conn.create_sender(EVENTS % self.device_id)
+                while not self.stop.is_set():
+                    sender.send(data_message(b"reading"), timeout=TIMEOUT)
+                    self.sent += 1
+                    self.stop.wait(0.02)  # its sending rate, not a synchronisation
+            except Exception:  # noqa: BLE001 - a device starts over whatever failed
+                self.failures += 1
+                self.stop.wait(0.05)
+            finally:
+                if dev is not None:
+                    try:
+                        dev.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+
+async def wait_until(predicate, what: str, timeout: float = 60) -> None:
+    with trio.fail_after(timeout):  # fail-safe only: progress ends every wait
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_hub_restarts_leave_one_connection_then_none(hub, keys, tmp_path) -> None:
+    """The hub restarts 5 times under one device that starts over on every failure:
+    the connector never has more than one connection (none is opened while one backs
+    off), and once the device has gone its connection is closed after idle_close."""
+    config = gateway_config(hub, tmp_path, max_connections=4, max_devices=100,
+                            connector_extra="    idle_close: 1s\n")  # fmt: skip
+    device = RetryingDevice(f"amqp://127.0.0.1:{0}", "dev1", keys["dev1"])
+    most = 0
+    try:
+        async with running_gateway(config) as gw, trio.open_nursery() as n:
+            pool = gw.router.pools["iothub"]
+            device.url = gw.url
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    most = max(most, len(pool.slots), len(gw.router.upstreams))
+                    await trio.sleep(0.01)
+
+            n.start_soon(watch)
+            n.start_soon(partial(trio.to_thread.run_sync, device.run, abandon_on_cancel=True))
+            for _ in range(5):
+                sent = device.sent
+                await wait_until(lambda s=sent: device.sent > s + 2, "telemetry")
+                await in_thread(hub.stop)
+                failures = device.failures
+                # The device asks again and again while the hub is down.
+                await wait_until(lambda f=failures: device.failures >= f + 3, "refusals")
+                await in_thread(hub.start)
+            sent = device.sent
+            await wait_until(lambda: device.sent > sent + 2, "telemetry after the restarts")
+            assert most == 1
+            assert len(gw.router.upstreams) == 1 and len(pool.slots) == 1
+            device.stop.set()
+            await wait_until(lambda: not gw.router.upstreams and not pool.slots, "idle close")
+            n.cancel_scope.cancel()
+    finally:
+        device.stop.set()
+    await in_thread(hub.recorder.wait_for, lambda: hub.recorder.connections["amqp"].open == 0, 30)
+
+
+async def test_devices_leaving_leave_no_connection_behind(hub, keys, tmp_path) -> None:
+    """Connections opened for many devices are all closed once they have gone."""
+    config = gateway_config(hub, tmp_path, max_connections=4, max_devices=2,
+                            connector_extra="    idle_close: 0.5s\n")  # fmt: skip
+    async with running_gateway(config) as gw:
+
+        def run() -> None:
+            devices = [Device(gw.url) for _ in range(6)]
+            try:
+                for i, dev in enumerate(devices):
+                    dev.authenticate(f"dev{i % 2 + 1}", keys[f"dev{i % 2 + 1}"])
+            finally:
+                for dev in devices:
+                    dev.close()
+
+        await in_thread(run)
+        assert hub.recorder.connections["amqp"].opened == 3
+        pool = gw.router.pools["iothub"]
+        await wait_until(lambda: not gw.router.upstreams and not pool.slots, "idle close")
+    await in_thread(hub.recorder.wait_for, lambda: hub.recorder.connections["amqp"].open == 0, 30)

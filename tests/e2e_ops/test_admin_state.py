@@ -203,3 +203,51 @@ async def test_mqtt_upstream_connection_listed_with_counts(nursery, hub, keys, t
     finally:
         await trio.to_thread.run_sync(dev.close)
     await wait_api(url, "/api/connections", lambda rs: not any(r["protocol"] == "mqtt" for r in rs))
+
+
+async def test_mqtt_hub_restarts_leave_no_upstream_behind(nursery, hub, keys, tmp_path) -> None:
+    """Each MQTT session has its own hub connection: after the hub restarted under
+    it 5 times (each time a new session, one refused while the hub was down) exactly
+    the live session's is listed and counted, and none once it has gone."""
+    daemon = await start_daemon(nursery, write_config(tmp_path / "gateway.yaml", gateway_yaml(hub)))
+    url = admin_url(daemon)
+    port = port_of(daemon, "mqtt")
+
+    def new_device() -> PahoDevice:
+        return PahoDevice(
+            "dev2", username=username("dev2"), password=mqtt_sas_token("dev2", keys["dev2"])
+        )
+
+    def upstreams(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r["protocol"] == "mqtt" and r["kind"] == "upstream"]
+
+    for _ in range(5):
+        dev = new_device()
+        try:
+            assert await dev.connect(port) == 0
+            await dev.publish(MQTT_EVENTS.format("dev2"), b"before", qos=1)
+            await in_thread(hub.stop)
+            assert await dev.wait_disconnected()  # its session ended with the hub's connection
+        finally:
+            await trio.to_thread.run_sync(dev.close)
+        down = new_device()
+        try:
+            assert await down.connect(port) != 0  # hub unavailable: refused
+        finally:
+            await trio.to_thread.run_sync(down.close)
+        await in_thread(hub.start)
+    dev = new_device()
+    try:
+        assert await dev.connect(port) == 0
+        await dev.publish(MQTT_EVENTS.format("dev2"), b"after", qos=1)
+        rows = await wait_api(url, "/api/connections", lambda rs: len(upstreams(rs)) == 1)
+        assert len(upstreams(rows)) == 1
+        assert connector(await api(url, "/api/connectors"), "iothub-mqtt")["connections"] == 1
+        await dev.disconnect()
+    finally:
+        await trio.to_thread.run_sync(dev.close)
+    await wait_api(url, "/api/connections", lambda rs: not upstreams(rs))
+    rows = await wait_api(url, "/api/connectors",
+                          lambda rs: connector(rs, "iothub-mqtt")["state"] == "idle")  # fmt: skip
+    assert connector(rows, "iothub-mqtt")["connections"] == 0
+    await in_thread(hub.recorder.wait_for, lambda: hub.recorder.connections["mqtt"].open == 0, 30)
