@@ -12,6 +12,10 @@ hubsim, which is stopped and started again ``--restarts`` times. Printed:
   expected: 0).
 
     .venv/bin/python scripts/hub_restarts.py --restarts 10 --idle-close 5
+
+With ``--scale N`` instead: N devices connect and put their tokens (a pool of 4 x
+``--per-connection``), then all leave; printed are the upstream connections
+before and ``--linger`` seconds after they left.
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ def main() -> int:
     ap.add_argument("--idle-close", default=None, help="connector idle_close (omit: default)")
     ap.add_argument("--linger", type=float, default=8.0)
     ap.add_argument("--quiet", type=float, default=60.0)
+    ap.add_argument("--scale", type=int, default=0, help="N devices come and go instead")
+    ap.add_argument("--per-connection", type=int, default=200,
+                    help="pool.max_devices_per_connection")  # fmt: skip
     args = ap.parse_args()
 
     key = base64.b64encode(os.urandom(32)).decode()
@@ -150,7 +157,8 @@ connectors:
     port: {hub.amqp_port}
     tls_profile: hub
     connect_timeout: 3s
-    reconnect: {{initial: 0.5s, max: 4s}}{extra}
+    reconnect: {{initial: 0.5s, max: 4s}}
+    pool: {{max_connections: 4, max_devices_per_connection: {args.per_connection}}}{extra}
 link_routes:
   - {{prefix: "$cbs", connector: iothub}}
   - {{prefix: "devices/", connector: iothub}}
@@ -160,6 +168,9 @@ link_routes:
     device = Device(f"amqp://{listen}", key)
     try:
         wait(lambda: _up(admin), 30, "the admin endpoint")
+        if args.scale:
+            scale(f"amqp://{listen}", key, admin, args.scale, args.linger)
+            return 0
         device.start()
         for i in range(args.restarts):
             seen = len(hub.recorder.d2c)
@@ -206,6 +217,30 @@ link_routes:
             gw.kill()
         hub.close()
     return 0
+
+
+def scale(url: str, key: str, admin: str, count: int, linger: float) -> None:
+    conns = []
+    try:
+        for _ in range(count):
+            conn = BlockingConnection(url, timeout=30, allowed_mechs="ANONYMOUS", virtual_host=HUB)
+            conns.append(conn)
+            reply = conn.create_receiver("$cbs", options=[ReplyTo()])
+            conn.create_sender("$cbs").send(Message(
+                reply_to="cbs", properties={"operation": "put-token", "type": CBS_TYPE,
+                                            "name": f"{HUB}/devices/dev1"},
+                body=sas_token(f"{HUB}/devices/dev1", key)))  # fmt: skip
+            reply.receive(timeout=30)
+        during = upstreams(admin)
+    finally:
+        for conn in conns:
+            conn.close()
+    time.sleep(linger)
+    after = upstreams(admin)
+    print(f"devices: {count}, upstream connections while connected: {len(during)} "
+          f"{[(c['id'], c['links']) for c in during]}")  # fmt: skip
+    print(f"upstream connections {linger:g}s after they left: {len(after)} "
+          f"{[(c['id'], c['device_ids'], c['links']) for c in after]}")  # fmt: skip
 
 
 def _up(admin: str) -> bool:
