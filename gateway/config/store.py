@@ -8,6 +8,7 @@ applies to ``credentials`` entries with ``store_and_forward: true``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -51,11 +52,16 @@ class StoreAndForwardSection(Section):
         256, ge=1, le=10000, description="group commit: at most this many messages per fsync"
     )
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("path", mode="after")
     @classmethod
     def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
-        if not str(value).strip():
-            raise ValueError("must not be empty")
         return resolve_file(value, (info.context or {}).get("base_dir"))
 
     @property

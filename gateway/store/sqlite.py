@@ -443,7 +443,7 @@ class MessageStore:
             msg.device,
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(msg.stored_at)),
             len(msg.payload),
-            reason,
+            reason[:300],
         )
 
     async def _until_done(self, op: _Op) -> None:

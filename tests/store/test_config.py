@@ -110,6 +110,9 @@ def test_bad_values_name_file_line_and_key(tmp_path: Path, line: str, expected: 
 def test_path_is_required(tmp_path: Path) -> None:
     (error,) = errors("store_and_forward: {max_bytes: 1MiB}\n", tmp_path)
     assert error.startswith("gw.yaml:1: store_and_forward.path: "), error
+    (error,) = errors('store_and_forward: {path: " "}\n', tmp_path)
+    assert error.startswith("gw.yaml:1: store_and_forward.path: "), error
+    assert "must not be empty" in error
 
 
 OPT_IN = """\
