@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import resource
 import selectors
 import signal
@@ -53,8 +54,29 @@ def _child_setup() -> None:
         pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A loopback port for a server that must be told its port (stunnel, mosquitto, gateway)."""
+    """A loopback port for a server that must be told its port (stunnel, mosquitto, gateway).
+
+    Picked below the kernel's ephemeral range: the port is released before the server binds
+    it, and an ephemeral one could meanwhile become some outgoing connection's local port."""
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(64):
+            port = random.randrange(10000, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
