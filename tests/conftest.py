@@ -17,13 +17,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# CI replays the same examples every run, so a red build always means a change
-# broke something; local runs keep exploring new examples.
+# No Hypothesis deadline and no too-slow health check, in every run: on a busy machine one
+# example may take seconds, and that says nothing about the code under test (each test's own
+# assertions do). CI also replays the same examples every run, so a red build always means a
+# change broke something; local runs keep exploring new examples.
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture

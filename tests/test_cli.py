@@ -17,6 +17,7 @@ import trio
 
 from gateway import __version__, cli
 from gateway.cli import main
+from tests.waiting import FAILSAFE
 
 EXAMPLE_ROUTES = {
     "iothub-amqp.yaml": [
@@ -315,13 +316,13 @@ async def test_run_stops_on_sigterm(repo_root: Path, write_config: Callable[...,
     output = b""
     try:
         assert process.stderr is not None
-        with trio.fail_after(30):
+        with trio.fail_after(FAILSAFE):
             while b"cli-test-amqp" not in output:
                 chunk = await process.stderr.receive_some()
                 assert chunk, f"gateway exited early: {output.decode(errors='replace')}"
                 output += chunk
         process.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
+        with trio.fail_after(FAILSAFE):
             code = await process.wait()
         assert code == 0, output.decode(errors="replace")
     finally:

@@ -8,6 +8,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import Iterator
 
@@ -169,19 +170,24 @@ def test_parse_any_field_order_and_raw_sig() -> None:
 
 
 @pytest.mark.parametrize(
-    "token",
+    ("token", "message"),
     [
-        "",
-        "sr=a&sig=b&se=1",
-        "SharedAccessSignature sr=a&sig=b",
-        "SharedAccessSignature sr=a&sig=b&se=soon",
-        "SharedAccessSignature sr=a&sig=b&se=1&se=2",
-        "SharedAccessSignature sr=a&sigb&se=1",
-        "SharedAccessSignature sr=&sig=b&se=1",
+        ("", "not a SharedAccessSignature token"),
+        ("sr=a&sig=b&se=1", "not a SharedAccessSignature token"),
+        ("SharedAccessSignature sr=a&sig=b", "token lacks se"),
+        ("SharedAccessSignature se=1", "token lacks sr, sig"),
+        ("SharedAccessSignature sr=a&sig=b&se=soon", "token expiry (se) is not an integer"),
+        ("SharedAccessSignature sr=a&sig=b&se=1&se=2", "duplicate token field 'se'"),
+        ("SharedAccessSignature sr=a&sigb&se=1", "malformed token field 'sigb'"),
+        ("SharedAccessSignature sr=a&sig=b&se=1&=x", "malformed token field ''"),
+        # a field without "=" after all three: not silently ignored; long names are cut
+        ("SharedAccessSignature sr=a&sig=b&se=1&abcdefghijklmnopqrstuvwxyz",
+         "malformed token field 'abcdefghijklmnop'"),
+        ("SharedAccessSignature sr=&sig=b&se=1", "token lacks sr"),
     ],
 )
-def test_parse_rejects_malformed(token: str) -> None:
-    with pytest.raises(SasTokenError) as info:
+def test_parse_rejects_malformed(token: str, message: str) -> None:
+    with pytest.raises(SasTokenError, match=f"^{re.escape(message)}$") as info:
         parse_sas_token(token)
     assert info.value.reason == "malformed"
     assert not verify_sas_token(token, KEY, now=0)
@@ -197,8 +203,13 @@ def test_verify_failures() -> None:
             token=DEVICE_TOKEN, key=KEY, now=SE - 1, audience=f"{HOST}/devices/device10"
         ),
     }
+    messages = {
+        "expired": f"token expired at {SE}",
+        "signature": "token signature does not match the key",
+        "audience": "token resource (sr) does not cover the audience",
+    }
     for reason, case in cases.items():
-        with pytest.raises(SasTokenError) as info:
+        with pytest.raises(SasTokenError, match=f"^{re.escape(messages[reason])}$") as info:
             check_sas_token(case["token"], case["key"], case["now"], case["audience"])
         assert info.value.reason == reason
         assert not verify_sas_token(case["token"], case["key"], case["now"], case["audience"])
@@ -217,9 +228,45 @@ def test_audience_scope_by_segment() -> None:
     assert verify_sas_token(DEVICE_TOKEN, KEY, SE - 1, audience=f"{HOST}/devices/device1/modules/m")
 
 
-def test_bad_key_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="base64"):
-        generate_sas_token("h/devices/d", "not base64!", SE)
+def test_token_for_another_hub_is_refused() -> None:
+    """The same device path and a valid signature, but sr names another hub."""
+    other = generate_sas_token("otherhub.azure-devices.net/devices/device1", KEY, SE)
+    audience = f"{HOST}/devices/device1"
+    with pytest.raises(SasTokenError, match="does not cover the audience") as info:
+        check_sas_token(other, KEY, SE - 1, audience)
+    assert info.value.reason == "audience"
+    hub_wide = generate_sas_token("otherhub.azure-devices.net/devices", KEY, SE)
+    assert not verify_sas_token(hub_wide, KEY, SE - 1, audience=audience)
+
+
+def test_audience_slashes_and_edge_characters() -> None:
+    """Leading and trailing slashes are not segments; other characters at the ends are."""
+    trailing = generate_sas_token(f"{HOST}/devices/device1/", KEY, SE)
+    assert verify_sas_token(trailing, KEY, SE - 1, audience=f"/{HOST}/devices/device1/")
+    assert verify_sas_token(trailing, KEY, SE - 1, audience=f"{HOST}/devices/device1")
+    # ids ending or starting in characters a careless strip would eat ("X", " ")
+    for device_id in ("devX", "X", "dev "):
+        token = generate_sas_token(f"{HOST}/devices/{device_id}", KEY, SE)
+        assert verify_sas_token(token, KEY, SE - 1, audience=f"{HOST}/devices/{device_id}")
+        assert not verify_sas_token(token, KEY, SE - 1, audience=f"{HOST}/devices/dev")
+    spaced = generate_sas_token(f" {HOST}/devices/d", KEY, SE)
+    assert not verify_sas_token(spaced, KEY, SE - 1, audience=f"{HOST}/devices/d")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "not base64!",
+        KEY[:8] + "!" + KEY[8:],  # one character outside the alphabet in a valid key
+        KEY[:8] + " " + KEY[8:],
+        KEY.rstrip("="),  # padding missing
+    ],
+)
+def test_bad_key_is_a_value_error(key: str) -> None:
+    with pytest.raises(ValueError, match="^the key is not valid base64$"):
+        generate_sas_token("h/devices/d", key, SE)
+    with pytest.raises(ValueError, match="^the key is not valid base64$"):
+        check_sas_token(DEVICE_TOKEN, key, SE - 1)
 
 
 # --- tokens never logged -----------------------------------------------------------------------

@@ -19,6 +19,8 @@ from proton.handlers import MessagingHandler
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection, BlockingReceiver, BlockingSender
 
+from tests.waiting import FAILSAFE
+
 from .amqp_hub import raw_tag
 
 HUB_HOST = "myhub.azure-devices.net"
@@ -110,7 +112,7 @@ class ProtonDevice:
         port: int,
         device_id: str,
         *,
-        timeout: float = 10,
+        timeout: float = FAILSAFE,
         sasl: bool = True,
         plain: tuple[str, str] | None = None,
         max_frame_size: int | None = None,
@@ -153,7 +155,7 @@ class ProtonDevice:
         transport.close_tail()
         transport.close_head()
         try:
-            self.wait(lambda: False, timeout=5, what="socket closed")
+            self.wait(lambda: False, timeout=FAILSAFE, what="socket closed")
         except ConnectionError:
             pass
         self.close()

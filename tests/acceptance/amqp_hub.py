@@ -35,6 +35,8 @@ from proton import (
 )
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
+from tests.waiting import FAILSAFE
+
 _SCHEME_HOST = re.compile(r"^amqps?://[^/]*")
 _MESSAGE_FORMAT = re.compile(r"message-format=(0x[0-9a-fA-F]+|\d+)")
 
@@ -212,7 +214,7 @@ class AmqpHub:
         self._injector.close()
         self._thread = None
 
-    def call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+    def call(self, fn: Callable[[], Any], timeout: float = FAILSAFE) -> Any:
         """Run fn in the reactor thread and return its result."""
         future: Future[Any] = Future()
         self._calls.put((fn, future))
@@ -232,7 +234,7 @@ class AmqpHub:
 
     # --- waiting ---------------------------------------------------------
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = FAILSAFE, what: str = "") -> Any:
         deadline = time.monotonic() + timeout
         with self.lock:
             while True:

@@ -22,6 +22,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.waiting import FAILSAFE
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # "listener amqp: amqp on 127.0.0.1:43221 (plaintext)"; "admin endpoint listening on 127.0.0.1:9"
@@ -35,7 +37,7 @@ def gateway_command(*args: str) -> list[str]:
 
 
 def run_cli(
-    *args: str, timeout: float = 30, cwd: Path | None = None
+    *args: str, timeout: float = FAILSAFE, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         gateway_command(*args),
@@ -82,7 +84,7 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def http_get(self, path: str, timeout: float = 5) -> tuple[int, str, dict[str, str]]:
+    def http_get(self, path: str, timeout: float = FAILSAFE) -> tuple[int, str, dict[str, str]]:
         try:
             with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
                 return resp.status, resp.read().decode(), dict(resp.headers)
@@ -105,7 +107,7 @@ class GatewayProcess:
         )
 
     def wait_metric(
-        self, name: str, predicate: Callable[[float], bool], timeout: float = 10, **labels: str
+        self, name: str, predicate: Callable[[float], bool], timeout: float = FAILSAFE, **labels: str
     ) -> float:
         deadline = time.monotonic() + timeout
         while True:
@@ -119,7 +121,7 @@ class GatewayProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 10) -> int:
+    def stop(self, timeout: float = FAILSAFE) -> int:
         """SIGTERM, wait; returns the exit status (kills it if it does not exit in time)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -189,7 +191,7 @@ def start_gateway(
     listeners: tuple[str, ...],
     admin: bool = True,
     extra_args: tuple[str, ...] = (),
-    timeout: float = 15,
+    timeout: float = FAILSAFE,
 ) -> GatewayProcess:
     """Start the daemon and wait until every named listener (and the admin endpoint) is bound."""
     log_path = config_path.with_suffix(".log")
@@ -225,7 +227,7 @@ def start_gateway(
         time.sleep(0.05)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = FAILSAFE, what: str = "") -> Any:
     """Poll a condition that has no event to wait on (another process's state)."""
     deadline = time.monotonic() + timeout
     while True:

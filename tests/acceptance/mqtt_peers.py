@@ -17,6 +17,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from tests.waiting import FAILSAFE
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
@@ -153,7 +155,7 @@ class PahoClient:
             event = self.published.setdefault(mid, threading.Event())
         event.set()
 
-    def connect_plain(self, port: int, timeout: float = 10, clean_start: bool = True) -> Any:
+    def connect_plain(self, port: int, timeout: float = FAILSAFE, clean_start: bool = True) -> Any:
         if self.protocol == paho.MQTTv5:
             self.client.connect(
                 "127.0.0.1", port, keepalive=self.keepalive, clean_start=clean_start
@@ -163,13 +165,13 @@ class PahoClient:
         self.client.loop_start()
         return self.connacks.get(timeout=timeout)
 
-    def connect_tls(self, port: int, ca_file: Path, server_name: str, timeout: float = 10) -> Any:
+    def connect_tls(self, port: int, ca_file: Path, server_name: str, timeout: float = FAILSAFE) -> Any:
         context = ssl.create_default_context(cafile=str(ca_file))
         context.check_hostname = False  # we dial 127.0.0.1; the chain is still verified
         self.client.tls_set_context(context)
         return self.connect_plain(port, timeout)
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10) -> list[Any]:
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = FAILSAFE) -> list[Any]:
         self.client.subscribe(topic, qos)
         return self.subacks.get(timeout=timeout)
 
@@ -179,7 +181,7 @@ class PahoClient:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        timeout: float = 10,
+        timeout: float = FAILSAFE,
         properties: Any = None,
     ) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -190,10 +192,10 @@ class PahoClient:
             event = self.published.setdefault(info.mid, threading.Event())
         assert event.wait(timeout), f"no PUBACK for {topic}"
 
-    def receive(self, timeout: float = 10) -> Received:
+    def receive(self, timeout: float = FAILSAFE) -> Received:
         return self.messages.get(timeout=timeout)
 
-    def receive_n(self, count: int, timeout: float = 10) -> list[Received]:
+    def receive_n(self, count: int, timeout: float = FAILSAFE) -> list[Received]:
         deadline = time.monotonic() + timeout
         return [
             self.messages.get(timeout=max(0.01, deadline - time.monotonic())) for _ in range(count)
@@ -244,7 +246,7 @@ PINGREQ = b"\xc0\x00"
 PINGRESP = b"\xd0\x00"
 
 
-def raw_connect(port: int, client_id: str, keepalive: int, timeout: float = 10) -> socket.socket:
+def raw_connect(port: int, client_id: str, keepalive: int, timeout: float = FAILSAFE) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.sendall(connect_packet(client_id, keepalive))
     connack = recv_exact(sock, 4)

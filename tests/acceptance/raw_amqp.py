@@ -15,6 +15,8 @@ from typing import Any
 
 from proton import Data, Described, Message, symbol, ubyte, uint, ulong, ushort
 
+from tests.waiting import FAILSAFE
+
 OPEN, BEGIN, ATTACH, FLOW, TRANSFER, DISPOSITION, DETACH, END, CLOSE = range(0x10, 0x19)
 SASL_MECHANISMS, SASL_INIT, SASL_OUTCOME = 0x40, 0x41, 0x44
 SOURCE, TARGET = 0x28, 0x29
@@ -41,7 +43,7 @@ def frame(body: bytes, channel: int = 0, frame_type: int = 0) -> bytes:
 
 
 class RawAmqpClient:
-    def __init__(self, port: int, timeout: float = 10) -> None:
+    def __init__(self, port: int, timeout: float = FAILSAFE) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.timeout = timeout
         self.buffer = b""

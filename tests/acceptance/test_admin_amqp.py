@@ -20,7 +20,7 @@ from .gateway_proc import (
     snapshot,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 DEVICES_ROUTE = Contains("devices/")
 

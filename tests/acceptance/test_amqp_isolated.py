@@ -8,7 +8,7 @@ from proton import Delivery, ulong
 from .amqp_devices import ProtonDevice, sample_messages
 from .conftest import AmqpStack
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 def test_cbs_is_routed_verbatim_on_its_own_connection(amqp_stack_isolated: AmqpStack) -> None:

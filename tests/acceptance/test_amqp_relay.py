@@ -14,6 +14,8 @@ import pytest
 from proton import Condition, Delivery, Message, int32, symbol, timestamp, ulong
 from proton.utils import LinkDetached
 
+from tests.waiting import FAILSAFE
+
 from .amqp_devices import (
     ProtonDevice,
     message_sections,
@@ -23,7 +25,7 @@ from .amqp_devices import (
 from .conftest import HUB_SERVER_NAME, AmqpStack
 from .raw_amqp import ACCEPTED, BATCH_FORMAT, RawAmqpClient
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 CLIENT_PROPS = {
     symbol("com.microsoft:client-version"): "acceptance/1.0",
@@ -253,7 +255,7 @@ def test_hub_connection_loss_detaches_device_links_and_leaves_deliveries_unsettl
                 hub.held.clear()
             hub.close_all_connections()
             with pytest.raises(LinkDetached) as info:
-                dev.wait(lambda: False, timeout=10, what="link detached after hub loss")
+                dev.wait(lambda: False, timeout=FAILSAFE, what="link detached after hub loss")
             assert info.value.condition is not None, "link detached without an error"
             assert not any(d.settled for d in deliveries), "settled though the hub never settled"
     finally:
@@ -264,7 +266,7 @@ def test_hub_connection_loss_detaches_device_links_and_leaves_deliveries_unsettl
         assert reply.properties["status-code"] == 200
         snd = dev.sender("devices/after-loss/messages/events", name="again")
         dlv = dev.send_raw(snd, b"\x00Sw\xa1\x05again")
-        dev.wait_settled([dlv], timeout=20)
+        dev.wait_settled([dlv], timeout=FAILSAFE)
         assert dlv.remote_state == Delivery.ACCEPTED
 
 

@@ -13,7 +13,7 @@ from .amqp_hub import AmqpHub
 from .conftest import AmqpStack, Pki, amqp_gateway_yaml
 from .gateway_proc import start_gateway, write_config
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 ROUTES = """\
   - {pattern: "telemetry/*/events", connector: iothub, direction: in}

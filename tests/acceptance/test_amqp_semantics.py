@@ -10,11 +10,13 @@ import pytest
 from proton import Condition, Delivery, Link, symbol
 from proton.utils import LinkDetached
 
+from tests.waiting import FAILSAFE
+
 from .amqp_devices import HUB_HOST, ProtonDevice, sample_messages
 from .conftest import AmqpStack
 from .gateway_proc import wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 def test_device_sender_never_gets_more_credit_than_the_hub_granted(amqp_stack: AmqpStack) -> None:
@@ -132,11 +134,11 @@ def test_large_messages_cross_a_small_device_frame_size(amqp_stack: AmqpStack) -
         dev.put_token()
         snd = dev.sender("devices/frames1/messages/events", name="big")
         deliveries = [dev.send_raw(snd, m) for m in encoded]
-        dev.wait_settled(deliveries, timeout=30)
+        dev.wait_settled(deliveries, timeout=FAILSAFE)
         assert [r.data for r in hub.messages_on("devices/frames1/")] == encoded
         _rcv, collector = dev.receiver("devices/frames1/messages/devicebound", name="c2d-big")
         tag = hub.send_c2d("frames1", encoded[0])
-        dev.wait_incoming(collector, 1, timeout=30)
+        dev.wait_incoming(collector, 1, timeout=FAILSAFE)
         assert collector.incoming[0].data == encoded[0]
         assert collector.incoming[0].tag == tag
 
@@ -169,7 +171,7 @@ def test_device_loss_detaches_its_upstream_links(amqp_stack: AmqpStack) -> None:
     assert len(attached) == 40
     wait_until(
         lambda: len([d for d in hub.detaches if d.address.startswith("devices/churn")]) == 40,
-        timeout=10,
+        timeout=FAILSAFE,
         what="every churned device link detached at the hub",
     )
     status, body, _ = amqp_stack.gateway.http_get("/api/links")

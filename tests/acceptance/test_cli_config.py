@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import FAILSAFE
+
 from .gateway_proc import REPO_ROOT, gateway_command, run_cli
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 EXAMPLES = sorted((REPO_ROOT / "config").glob("*.yaml"))
 ERROR_LINE = re.compile(
@@ -105,7 +107,7 @@ def test_bad_config_exits_2_with_one_located_line(tmp_path: Path, case: str, com
     assert old in GOOD
     path = _write(tmp_path, GOOD.replace(old, new))
     started = time.monotonic()
-    result = run_cli(command, "-c", "gateway.yaml", cwd=tmp_path, timeout=20)
+    result = run_cli(command, "-c", "gateway.yaml", cwd=tmp_path, timeout=FAILSAFE)
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert time.monotonic() - started < 10
     lines = [x for x in (result.stderr + result.stdout).splitlines() if x.strip()]
@@ -172,7 +174,7 @@ def test_sas_token_alone_on_the_last_line_of_combined_output() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=30,
+        timeout=FAILSAFE,
     )
     assert result.returncode == 0
     assert result.stdout.strip().splitlines()[-1].startswith("SharedAccessSignature sr="), (

@@ -17,13 +17,15 @@ import pytest
 from proton import ConnectionException, Delivery, SSLDomain
 from proton.utils import BlockingConnection
 
+from tests.waiting import FAILSAFE
+
 from .amqp_devices import ProtonDevice, sample_messages
 from .amqp_hub import AmqpHub
 from .conftest import Pki, make_pki
 from .gateway_proc import GatewayProcess, start_gateway, wait_until, write_config
 from .mqtt_peers import PahoClient, free_port
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 SECRET_SIG = "U2VjcmV0U2lnbmF0dXJlRG9Ob3RMb2c%3D"
 
@@ -110,7 +112,7 @@ def test_device_tls_listener_with_the_gateways_certificate(variants: Variants) -
         ssl_domain=domain,
         allowed_mechs="ANONYMOUS",
         virtual_host="gateway.lan.test",
-        timeout=10,
+        timeout=FAILSAFE,
     )
     try:
         snd = conn.create_sender("$cbs", name="cbs-sender")
@@ -125,7 +127,7 @@ def test_anonymous_only_listener_refuses_plain(variants: Variants) -> None:
             variants.gateway.port("anon-one"),
             "plain2",
             plain=("plain2@sas.myhub", TOKEN),
-            timeout=5,
+            timeout=FAILSAFE,
         )
 
 
@@ -133,7 +135,7 @@ def test_max_connections_closes_the_extra_device(variants: Variants) -> None:
     with ProtonDevice(variants.gateway.port("anon-one"), "first") as first:
         first.put_token()
         with pytest.raises((ConnectionException, ConnectionError, TimeoutError)):
-            extra = ProtonDevice(variants.gateway.port("anon-one"), "extra", timeout=5)
+            extra = ProtonDevice(variants.gateway.port("anon-one"), "extra", timeout=FAILSAFE)
             try:
                 extra.put_token()
             finally:
@@ -146,7 +148,7 @@ def test_allowed_networks_refuses_other_addresses(variants: Variants) -> None:
     gw = variants.gateway
     before = gw.metric_sum("iotgw_device_connections_refused_total")
     with pytest.raises((ConnectionException, ConnectionError, TimeoutError)):
-        dev = ProtonDevice(gw.port("lan-only"), "outsider", timeout=5)
+        dev = ProtonDevice(gw.port("lan-only"), "outsider", timeout=FAILSAFE)
         try:
             dev.put_token()
         finally:
@@ -173,12 +175,12 @@ def test_logs_are_json_and_traces_hide_tokens_passwords_and_bodies(variants: Var
         password=token_for("secret3"),
     )
     try:
-        mqtt_dev.connect_plain(gw.port("mqtt"), timeout=10)
+        mqtt_dev.connect_plain(gw.port("mqtt"), timeout=FAILSAFE)
     except Exception:
         pass  # the upstream is unreachable; only the trace matters here
     finally:
         mqtt_dev.close()
-    wait_until(lambda: "secret3" in gw.log(), timeout=10, what="MQTT trace line")
+    wait_until(lambda: "secret3" in gw.log(), timeout=FAILSAFE, what="MQTT trace line")
     log = gw.log()
     assert "transfer" in log.lower(), "no AMQP frame trace in the log"
     for secret in (SECRET_SIG, "U2VjcmV0U2lnbmF0dXJlRG9Ob3RMb2c", TOKEN, token_for("secret2")):
@@ -192,7 +194,7 @@ def test_logs_are_json_and_traces_hide_tokens_passwords_and_bodies(variants: Var
 def test_amqp_handshake_timeout_closes_a_silent_device(variants: Variants) -> None:
     started = time.monotonic()
     with socket.create_connection(
-        ("127.0.0.1", variants.gateway.port("plain")), timeout=10
+        ("127.0.0.1", variants.gateway.port("plain")), timeout=FAILSAFE
     ) as sock:
         sock.sendall(b"AMQP\x03\x01\x00\x00")  # header, then nothing: no sasl-init, no open
         try:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import FAILSAFE
+
 from .bad_hub import BadHub
 from .conftest import Pki
 from .gateway_proc import start_gateway, wait_until, write_config
@@ -29,7 +31,7 @@ TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
 
 pytestmark = [
     pytest.mark.mosquitto,
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(600),
     pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed"),
     pytest.mark.skipif(not Path(TINYPROXY).exists(), reason="tinyproxy is not installed"),
 ]
@@ -184,13 +186,13 @@ def test_mqtt_over_websockets_through_tinyproxy_with_auth(
         payloads = [bytes(range(256)), b'{"t": 21.5}', b"x" * 200_000]
         for i, payload in enumerate(payloads):
             device.publish("devices/dev1/messages/events/", payload, qos=i % 2)
-        seen = observer.receive_n(len(payloads), timeout=30)
+        seen = observer.receive_n(len(payloads), timeout=FAILSAFE)
         assert [(m.topic, m.payload) for m in seen] == [
             ("devices/dev1/messages/events/", p) for p in payloads
         ]
         # Cloud to device, back through the WebSocket and the proxy.
         observer.publish("devices/dev1/messages/devicebound/%24.mid=1", b"c2d", qos=1)
-        got = device.receive(timeout=30)
+        got = device.receive(timeout=FAILSAFE)
         assert (got.topic, got.payload) == ("devices/dev1/messages/devicebound/%24.mid=1", b"c2d")
         assert f"CONNECT 127.0.0.1:{broker.ws_port}" in proxy.log()
         assert "s3cret" not in gw.log()
@@ -212,7 +214,7 @@ def _connector_failure(gw: object, name: str = "hub-ws") -> dict[str, str]:
                 return connector["skipped"][0]
         return None
 
-    return wait_until(failed, timeout=30, what="a failed connect in /api/connectors")
+    return wait_until(failed, timeout=FAILSAFE, what="a failed connect in /api/connectors")
 
 
 @pytest.mark.parametrize(
@@ -244,7 +246,7 @@ def test_proxy_refusal_is_a_connector_error(
             listeners=("mqtt",),
         )
         device = PahoClient("dev1", username=USERNAME, password=TOKEN)
-        rc = device.connect_plain(gw.port("mqtt"), timeout=30)
+        rc = device.connect_plain(gw.port("mqtt"), timeout=FAILSAFE)
         assert rc != 0  # refused (server unavailable), the gateway carries on
         failure = _connector_failure(gw)
         assert failure["reason"] == reason
@@ -318,11 +320,11 @@ def test_bad_hub_is_one_connector_error(
         victim.client.connect("127.0.0.1", gw.port("mqtt"), keepalive=30)
         victim.client.loop_start()
         # The victim is refused or dropped; the line naming the cause is in the log.
-        wait_until(lambda: words in gw.log(), timeout=30, what=f"{words!r} in the gateway log")
+        wait_until(lambda: words in gw.log(), timeout=FAILSAFE, what=f"{words!r} in the gateway log")
         assert victim.connacks.empty() or victim.connacks.get(timeout=1) != 0
         # The other hub's device carries on.
         bystander.publish("devices/dev2/messages/events/", b"unaffected", qos=1)
-        got = observer.receive(timeout=30)
+        got = observer.receive(timeout=FAILSAFE)
         assert (got.topic, got.payload) == ("devices/dev2/messages/events/", b"unaffected")
         assert gw.proc.poll() is None
         # Per failed attempt (paho retries) the dial's line and the session's closing
@@ -464,7 +466,7 @@ def test_proxy_from_the_environment(
         device = PahoClient("dev1", username=USERNAME, password=TOKEN)
         assert device.connect_plain(gw.port("mqtt")) == 0
         device.publish("devices/dev1/messages/events/", b"via HTTPS_PROXY", qos=1)
-        got = observer.receive(timeout=30)
+        got = observer.receive(timeout=FAILSAFE)
         assert (got.topic, got.payload) == ("devices/dev1/messages/events/", b"via HTTPS_PROXY")
         assert f"CONNECT 127.0.0.1:{broker.ws_port}" in proxy.log()
         assert "s3cret" not in gw.log()

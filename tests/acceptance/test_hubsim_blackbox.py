@@ -20,11 +20,13 @@ from proton import Delivery, Message, SSLDomain, ulong
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection, LinkDetached
 
+from tests.waiting import FAILSAFE
+
 from .amqp_devices import ProtonDevice, sample_messages
 from .gateway_proc import _env, gateway_command, start_gateway, write_config
 from .mqtt_peers import PahoClient
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 HUB = "myhub.azure-devices.net"
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -91,7 +93,7 @@ def hubsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hubsim]:
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            rc = proc.wait(timeout=10)
+            rc = proc.wait(timeout=FAILSAFE)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -116,7 +118,7 @@ def _amqp_client(sim: Hubsim) -> BlockingConnection:
         ssl_domain=domain,
         allowed_mechs="ANONYMOUS",
         virtual_host=HUB,
-        timeout=10,
+        timeout=FAILSAFE,
     )
 
 
@@ -136,7 +138,7 @@ def _put_token(conn: BlockingConnection, device_id: str, token: str, message_id:
         body=token,
     )
     snd.send(request, error_states=[])
-    reply = rcv.receive(timeout=10)
+    reply = rcv.receive(timeout=FAILSAFE)
     if rcv.fetcher.unsettled:
         rcv.accept()
     return reply

@@ -19,6 +19,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.waiting import FAILSAFE
+
 from .conftest import Pki
 from .gateway_proc import GatewayProcess, settled_delta, snapshot, start_gateway, write_config
 from .mqtt_peers import (
@@ -34,7 +36,7 @@ from .mqtt_peers import (
 
 pytestmark = [
     pytest.mark.mosquitto,
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(600),
     pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed"),
 ]
 
@@ -61,7 +63,7 @@ class MqttStack:
         assert rc == 0, f"CONNACK {rc}"
         return dev
 
-    def observed(self, topic_prefix: str, count: int, timeout: float = 10) -> list:
+    def observed(self, topic_prefix: str, count: int, timeout: float = FAILSAFE) -> list:
         """The next `count` messages the direct subscriber saw under topic_prefix."""
         out = []
         deadline = time.monotonic() + timeout
@@ -148,8 +150,8 @@ def test_many_qos1_in_flight_and_a_large_payload(mqtt_stack: MqttStack) -> None:
         for info in infos:
             info.wait_for_publish(20)
         big = bytes(range(256)) * 800  # 200 KiB, below the default max_packet_size
-        dev.publish(topic, big, qos=1, timeout=20)
-        seen = mqtt_stack.observed("devices/bulk/", len(payloads) + 1, timeout=20)
+        dev.publish(topic, big, qos=1, timeout=FAILSAFE)
+        seen = mqtt_stack.observed("devices/bulk/", len(payloads) + 1, timeout=FAILSAFE)
         assert [m.payload for m in seen] == [*payloads, big]
     finally:
         dev.close()
@@ -181,7 +183,7 @@ def test_will_published_on_abrupt_device_loss(mqtt_stack: MqttStack) -> None:
     dev.publish("devices/will-dev/messages/events/", b"alive", qos=1)
     assert mqtt_stack.observed("devices/will-dev/", 1)[0].payload == b"alive"
     dev.drop()
-    will = mqtt_stack.observed("devices/will-dev/", 1, timeout=10)[0]
+    will = mqtt_stack.observed("devices/will-dev/", 1, timeout=FAILSAFE)[0]
     assert (will.topic, will.payload, will.qos) == (will_topic, b"device lost \x00\x01", 1)
 
 
@@ -331,7 +333,7 @@ def test_second_connection_with_the_same_client_id_kicks_the_first(mqtt_stack: M
     first = mqtt_stack.device("dup-dev", "dup")
     second = mqtt_stack.device("dup-dev", "dup")
     try:
-        first.disconnects.get(timeout=10)
+        first.disconnects.get(timeout=FAILSAFE)
         second.publish("devices/dup-dev/messages/events/", b"still here", qos=1)
         assert mqtt_stack.observed("devices/dup-dev/", 1)[0].payload == b"still here"
     finally:

@@ -23,6 +23,7 @@ from proton.reactor import Container
 
 from gateway.amqp import Connection, RemoteAttach, SaslClient, SaslServer
 from gateway.amqp.performatives import Accepted, Source, Target
+from tests.waiting import FAILSAFE
 
 from .test_against_proton import ProtonReceiver, _proton_server_handler
 from .test_engine_support import EngineApp, ProtonPeer, outcome_for, payload_for, serve_engine
@@ -113,7 +114,7 @@ async def test_proton_container_client_against_our_server_over_tcp():
                     body = Message(body=f"c2d-{i}").encode()
                     e.link.send_transfer(b"c2d-%d" % i, body, settled=i % 2 == 0)
 
-    with trio.fail_after(30):
+    with trio.fail_after(FAILSAFE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: trio.to_thread.run_sync(container.run, abandon_on_cancel=True))
             stream = await listeners[0].accept()
@@ -214,7 +215,7 @@ async def test_our_client_against_proton_server_over_tcp_with_heartbeats():
                 session.end()
                 ours.close()
 
-    with trio.fail_after(30):
+    with trio.fail_after(FAILSAFE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: trio.to_thread.run_sync(serve_one, abandon_on_cancel=True))
             stream = await trio.open_tcp_stream("127.0.0.1", port)

@@ -29,10 +29,12 @@ from gateway.config import GatewayConfig, parse_config_text
 from gateway.net.amqp_listener import serve_amqp_listener
 from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router.core import Router
+from tests.waiting import FAILSAFE, STALL, Stalled
 
 HUB_HOST = "myhub.azure-devices.net"
 CBS_TYPE = "servicebus.windows.net:sastoken"
-TIMEOUT = 15
+# Fail-safe for one blocking step (open, attach, one reply): bounds a hang, not a speed.
+TIMEOUT = FAILSAFE
 
 
 def new_key() -> str:
@@ -70,7 +72,7 @@ connectors:
     host: 127.0.0.1
     port: {hub.amqp_port}
     tls_profile: hub
-    connect_timeout: 5s
+    connect_timeout: {FAILSAFE:g}s
     reconnect: {{initial: 0.2s, max: 1s}}
     pool: {{max_connections: {max_connections}, max_devices_per_connection: {max_devices}}}
 {connector_extra}
@@ -202,12 +204,29 @@ async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def send_all(sender: Any, conn: BlockingConnection, messages: list[Message],
-             timeout: float = 60) -> list[Any]:  # fmt: skip
+             stall: float = STALL) -> list[Any]:  # fmt: skip
     """Send without waiting per message (proton buffers beyond credit); wait until
-    every delivery is settled; return the remote states."""
+    every delivery is settled; return the remote states. However long that takes: it fails
+    only if no further delivery is settled for `stall` seconds."""
+    from proton import Timeout
+
     deliveries = [sender.link.send(m) for m in messages]
-    conn.wait(lambda: all(d.settled or d.remote_state for d in deliveries), timeout=timeout,
-              msg="waiting for dispositions")  # fmt: skip
+    done = 0  # deliveries[:done] are settled
+
+    def advance() -> int:
+        nonlocal done
+        while done < len(deliveries) and (deliveries[done].settled or deliveries[done].remote_state):
+            done += 1
+        return done
+
+    while advance() < len(deliveries):
+        before = done
+        try:
+            conn.wait(lambda b=before: advance() > b, timeout=stall, msg="waiting for dispositions")
+        except Timeout:
+            raise Stalled(f"no disposition for {stall:g} s ({done}/{len(deliveries)} settled)") from None
+        if conn.disconnected and advance() == before:
+            raise ConnectionError(f"disconnected with {done}/{len(deliveries)} settled")
     return [d.remote_state for d in deliveries]
 
 

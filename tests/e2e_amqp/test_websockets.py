@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from net.proxies import needs_tinyproxy, tinyproxy  # noqa: E402
 
-pytestmark = [needs_tinyproxy, pytest.mark.timeout(180)]
+pytestmark = [needs_tinyproxy, pytest.mark.timeout(600)]
 
 
 @pytest.fixture

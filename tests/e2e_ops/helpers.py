@@ -32,9 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import GatewayConfig, load_config
 from gateway.daemon import Daemon, serve
 from tests.e2e_amqp.gw_helpers import HUB_HOST
+from tests.waiting import FAILSAFE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WAIT = 15.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 EVENTS = f"amqps://{HUB_HOST}/devices/%s/messages/events"
 DEVICEBOUND = "/devices/%s/messages/devicebound"

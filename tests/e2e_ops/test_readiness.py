@@ -11,6 +11,7 @@ import trio
 
 from gateway.config import parse_config_text
 from gateway.daemon import serve
+from tests.waiting import FAILSAFE
 
 from .helpers import admin_url, gateway_yaml, http_get, start_daemon, wait_http, write_config
 
@@ -79,7 +80,7 @@ async def test_a_credential_that_cannot_be_built_exits_2_before_binding(
     # Valid when loaded (the variable was set then), gone when the daemon builds the store.
     config = parse_config_text(text, str(path), env={"IOTGW_TEST_DEV2_KEY": keys["dev2"]})
     os.environ.pop("IOTGW_TEST_DEV2_KEY", None)
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         assert await serve(config) == 2
     assert "environment variable IOTGW_TEST_DEV2_KEY is not set" in caplog.text
     assert "listener amqp" not in caplog.text and "started" not in caplog.text

@@ -21,9 +21,11 @@ from proton import Message, SSLDomain
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection
 
+from tests.waiting import FAILSAFE
+
 HUB_HOST = "myhub.azure-devices.net"
 CBS_TYPE = "servicebus.windows.net:sastoken"
-TIMEOUT = 10
+TIMEOUT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 def new_key() -> str:

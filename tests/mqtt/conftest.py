@@ -15,11 +15,12 @@ import pytest
 import trustme
 
 from gateway.config import GatewayConfig, parse_config_text
+from tests.waiting import FAILSAFE
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
 )
-STARTUP_TIMEOUT = 10.0
+STARTUP_TIMEOUT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ ConfigFactory = Callable[..., GatewayConfig]
 def make_config(certs: CertFiles) -> ConfigFactory:
     """make_config(upstream_port, **options) -> GatewayConfig with one MQTT listener on port 0.
 
-    Options: hub (route hub, "*"), allowed_topics (list or None), handshake_timeout ("10s"),
+    Options: hub (route hub, "*"), allowed_topics (list or None), handshake_timeout (FAILSAFE),
     max_packet_size, max_connections, server_name, connect_timeout, allowed_networks, ca_file, device_tls
     (the listener terminates device TLS with the test server certificate).
     """
@@ -167,11 +168,12 @@ def make_config(certs: CertFiles) -> ConfigFactory:
         *,
         hub: str = "*",
         allowed_topics: list[str] | None = None,
-        handshake_timeout: str = "10s",
+        # The gateway's own timeouts default to the fail-safe: a test of them sets its own.
+        handshake_timeout: str = f"{FAILSAFE:g}s",
         max_packet_size: int | None = None,
         max_connections: int = 1000,
         server_name: str | None = None,
-        connect_timeout: str = "5s",
+        connect_timeout: str = f"{FAILSAFE:g}s",
         allowed_networks: list[str] | None = None,
         ca_file: Path | None = None,
         device_tls: bool = False,

@@ -15,7 +15,9 @@ import paho.mqtt.client as paho
 import trio
 from paho.mqtt.enums import CallbackAPIVersion
 
-WAIT = 10.0
+from tests.waiting import FAILSAFE
+
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 @dataclass

@@ -27,12 +27,13 @@ from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
 from gateway.mqtt_relay import CloseReason
 from gateway.ops.trace import FrameTracer
+from tests.waiting import FAILSAFE
 
 from .paho_device import PahoDevice
 
 HUB = "myhub.azure-devices.net"
 EVENTS = "devices/{}/messages/events/"
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 LOCAL_PASSWORD = "lan-secret-Pa55"
 WRONG_PASSWORD = "not-the-lan-secret"
 

@@ -27,12 +27,13 @@ from gateway.config import parse_config_text
 from gateway.daemon import serve_mqtt_listener
 from gateway.hubsim import HubSim
 from gateway.mqtt_relay import CloseReason, select_mqtt_route
+from tests.waiting import FAILSAFE
 
 from .paho_device import PahoDevice
 
 HUB = "myhub.azure-devices.net"
 SCOPE = "0ne00FLEET1"
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 RESPONSES = "$dps/registrations/res/#"
 REGISTER = "$dps/registrations/PUT/iotdps-register/?$rid={}"
 STATUS = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={}&operationId={}"

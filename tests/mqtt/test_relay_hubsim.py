@@ -26,12 +26,13 @@ from gateway.mqtt import encode
 from gateway.mqtt_relay import CloseReason
 from gateway.net.listeners import ListenerStats
 from tests.net.forced_waits import ForcedWaits
+from tests.waiting import FAILSAFE
 
 from .paho_device import PahoDevice
 
 HUB = "myhub.azure-devices.net"
 EVENTS = "devices/{}/messages/events/"
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 def new_key() -> str:

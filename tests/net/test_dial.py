@@ -29,8 +29,9 @@ from gateway.net.dial import (
 from gateway.net.hooks import set_dial_hook
 from gateway.net.pool import ConnectorPool
 from gateway.net.tls import TLSConnectError
+from tests.waiting import FAILSAFE
 
-WAIT = 30.0  # fail-safe only
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 class Resolver(trio.abc.HostnameResolver):

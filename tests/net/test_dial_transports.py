@@ -25,11 +25,12 @@ from gateway.hubsim import HubSim
 from gateway.net.dial import DialError, dial_connector
 from gateway.net.http_proxy import ProxyConnectError, proxy_tcp_opener
 from gateway.net.websocket_stream import WebSocketStream
+from tests.waiting import FAILSAFE
 
 from .proxies import needs_squid, needs_tinyproxy, squid, tinyproxy
 
 HUB = "myhub.azure-devices.net"
-WAIT = 60.0  # fail-safe only
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 def new_key() -> str:

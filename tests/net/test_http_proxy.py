@@ -22,10 +22,11 @@ from gateway.net.http_proxy import (
     proxy_from_env,
     resolve_proxy,
 )
+from tests.waiting import FAILSAFE
 
 from .proxies import loopback_address, needs_tinyproxy, tinyproxy
 
-WAIT = 20.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 # -- choosing the proxy --------------------------------------------------------------

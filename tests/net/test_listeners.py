@@ -14,8 +14,9 @@ import trustme
 from gateway.config import parse_config_text
 from gateway.net.listeners import ListenerSettings, ListenerStats, is_allowed, serve_listener
 from gateway.net.tls import server_context
+from tests.waiting import FAILSAFE
 
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 class Observer:

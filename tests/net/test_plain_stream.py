@@ -11,8 +11,9 @@ import trio
 import trio.testing
 
 from gateway.net.plain_stream import PlainStream
+from tests.waiting import FAILSAFE
 
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 async def pair() -> tuple[PlainStream, trio.SocketStream]:

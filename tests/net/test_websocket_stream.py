@@ -34,8 +34,9 @@ from gateway.net.websocket_stream import (
     WebSocketStream,
     open_websocket_stream,
 )
+from tests.waiting import FAILSAFE
 
-WAIT = 10.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 class Hub:

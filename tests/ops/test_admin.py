@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ops.admin import AdminLimits, serve_admin
 from gateway.ops.registry import ConnectionInfo, LinkInfo, Registry
+from tests.waiting import FAILSAFE
 
 from .conftest import AdminFixture
 
@@ -23,14 +24,14 @@ def get(
 ) -> tuple[int, Any, bytes]:
     req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=FAILSAFE) as resp:
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
 
 
 async def aget(url: str, method: str = "GET", headers: dict[str, str] | None = None):
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         return await trio.to_thread.run_sync(get, url, method, headers)
 
 
@@ -136,7 +137,7 @@ async def test_non_get_is_405_and_head_has_no_body(admin: AdminFixture) -> None:
     assert status == 405
 
     def head() -> tuple[int, str | None, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", admin.port, timeout=5)
+        conn = http.client.HTTPConnection("127.0.0.1", admin.port, timeout=FAILSAFE)
         conn.request("HEAD", "/healthz")
         resp = conn.getresponse()
         out = (resp.status, resp.getheader("Content-Length"), resp.read())
@@ -148,7 +149,7 @@ async def test_non_get_is_405_and_head_has_no_body(admin: AdminFixture) -> None:
 
 async def test_keep_alive_serves_many_requests_on_one_connection(admin: AdminFixture) -> None:
     def many() -> list[int]:
-        conn = http.client.HTTPConnection("127.0.0.1", admin.port, timeout=5)
+        conn = http.client.HTTPConnection("127.0.0.1", admin.port, timeout=FAILSAFE)
         statuses = []
         for path in ["/healthz", "/metrics", "/api/links", "/missing", "/readyz"] * 4:
             conn.request("GET", path)
@@ -160,14 +161,14 @@ async def test_keep_alive_serves_many_requests_on_one_connection(admin: AdminFix
         assert sock is not None  # still the same, open connection at the end
         return statuses
 
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         statuses = await trio.to_thread.run_sync(many)
     assert statuses == [200, 200, 200, 404, 503] * 4
 
 
 async def raw_exchange(port: int, data: bytes, *, shut_write: bool = False) -> bytes:
     """Send bytes, then read until the server closes the connection."""
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             if data:
@@ -221,7 +222,7 @@ async def test_slow_and_idle_clients_are_dropped(admin: AdminFixture) -> None:
 
 @pytest.mark.parametrize("admin", [AdminLimits(max_connections=2)], indirect=True)
 async def test_connections_beyond_the_cap_are_closed(admin: AdminFixture) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         held = [await trio.open_tcp_stream("127.0.0.1", admin.port) for _ in range(2)]
         # Until the server has accepted both held connections an extra one may
         # still be served; once it has, extras are closed without a response.
@@ -242,7 +243,7 @@ async def test_connections_beyond_the_cap_are_closed(admin: AdminFixture) -> Non
         for stream in held:
             await stream.aclose()
     # Slots free up once the server has seen the held connections close.
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         while True:
             try:
                 status, _, _ = await aget(admin.url + "/healthz")

@@ -15,6 +15,7 @@ from gateway import daemon as daemon_module
 from gateway.auth.credentials import CredentialError, CredentialStore
 from gateway.config import parse_config_text
 from gateway.ops.lifecycle import LiveCredentials, LiveListenerSettings
+from tests.waiting import FAILSAFE
 
 CONFIG = """
 gateway: {id: gw-wiring}
@@ -90,7 +91,7 @@ async def test_draining_listeners_close_new_connections_at_once(config) -> None:
             port = gw.listener_addresses[name][0][1]
             gw.listener_settings[name].draining = True  # what a drain does first
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            with trio.fail_after(5):
+            with trio.fail_after(FAILSAFE):
                 assert await stream.receive_some(8) == b"", name  # closed at once, not served
             await stream.aclose()
         gw.request_stop()

@@ -15,6 +15,8 @@ import pytest
 import trio
 import yaml
 
+from tests.waiting import FAILSAFE
+
 from .conftest import AdminFixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +175,7 @@ async def test_healthcheck_command_against_the_admin_endpoint(admin: AdminFixtur
     argv = json.loads(health[health.index("CMD") + 3 :].strip())
     assert argv[:2] == ["python", "-c"]
     command = [sys.executable, "-c", argv[2]]
-    with trio.fail_after(30):
+    with trio.fail_after(FAILSAFE):
         ok = await trio.run_process(
             command, env={**os.environ, "IOTGW_HEALTH_URL": admin.url + "/healthz"}, check=False
         )

@@ -14,6 +14,7 @@ from gateway.ops.metrics import Metrics
 from gateway.ops.registry import ConnectionInfo, LinkInfo, Registry, connection_id
 from gateway.ops.router_observer import OpsObserver
 from gateway.router.linkpair import _relayed, timed_handler
+from tests.waiting import FAILSAFE
 
 
 def value(m: Metrics, name: str, **labels: str) -> float | None:
@@ -38,7 +39,7 @@ async def test_listener_records_mqtt_connections_until_they_close() -> None:
         bound = await nursery.start(lambda task_status: serve_listener(
             settings, handler, observer=observer, task_status=task_status))  # fmt: skip
         stream = await trio.open_tcp_stream(*bound[0])
-        with trio.fail_after(5):
+        with trio.fail_after(FAILSAFE):
             while not seen:
                 await trio.sleep(0.01)
         rows = registry.connections()
@@ -50,7 +51,7 @@ async def test_listener_records_mqtt_connections_until_they_close() -> None:
         assert value(metrics, "iotgw_device_connections_open", listener="mqtt",
                      protocol="mqtt") == 1  # fmt: skip
         release.set()
-        with trio.fail_after(5):
+        with trio.fail_after(FAILSAFE):
             while registry.connections():
                 await trio.sleep(0.01)
         assert value(metrics, "iotgw_device_connections_open", listener="mqtt",

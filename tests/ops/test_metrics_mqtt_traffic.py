@@ -19,6 +19,7 @@ from gateway.ops.metrics import Metrics
 from gateway.ops.registry import Registry
 from tests.mqtt.conftest import certs, make_config, mosquitto  # noqa: F401 (fixtures)
 from tests.mqtt.paho_device import PahoDevice
+from tests.waiting import FAILSAFE
 
 pytestmark = pytest.mark.mosquitto
 
@@ -30,7 +31,7 @@ PUBLISH_SIZE = 2 + 2 + len(TOPIC) + 2 + len(PAYLOAD)
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urllib.request.urlopen(url, timeout=FAILSAFE) as resp:
         text = resp.read().decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -65,7 +66,7 @@ async def test_known_mqtt_run_gives_exact_counts(nursery, mosquitto, make_config
     )
     device = PahoDevice("dev1")
     try:
-        with trio.fail_after(30):
+        with trio.fail_after(FAILSAFE):
             assert await device.connect(bound[0][1]) == 0
             await device.subscribe(TOPIC, qos=1)
             for _ in range(COUNT):
@@ -81,7 +82,7 @@ async def test_known_mqtt_run_gives_exact_counts(nursery, mosquitto, make_config
     # endpoint (with a deadline) until the session's end is accounted for.
     # Which side is seen closing first after DISCONNECT is a race, so the
     # close reason is not asserted.
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         while True:
             values = await trio.to_thread.run_sync(scrape, url)
             closed = sum(

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from gateway.ops import sdnotify
+from tests.waiting import FAILSAFE
 
 
 def _receive_all(sock: socket.socket) -> list[bytes]:
@@ -118,5 +119,5 @@ async def test_watchdog_loop_pings_and_skips_when_unhealthy(
 
 async def test_watchdog_loop_returns_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    with trio.fail_after(1):
+    with trio.fail_after(FAILSAFE):
         await sdnotify.watchdog_loop()

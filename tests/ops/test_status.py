@@ -8,6 +8,7 @@ import trio
 
 from gateway.ops import status
 from gateway.ops.registry import ConnectionInfo, LinkInfo
+from tests.waiting import FAILSAFE
 
 from .conftest import AdminFixture
 
@@ -68,7 +69,7 @@ def populate(admin: AdminFixture) -> None:
 
 async def run_status(argv: list[str]) -> tuple[int, str]:
     out = io.StringIO()
-    with trio.fail_after(10):
+    with trio.fail_after(FAILSAFE):
         code = await trio.to_thread.run_sync(lambda: status.main(argv, out=out))
     return code, out.getvalue()
 

@@ -10,6 +10,7 @@ import trio
 
 from gateway.ops import status
 from gateway.ops.status_summary import SummaryError, admin_url_from_config
+from tests.waiting import FAILSAFE
 
 from .conftest import AdminFixture
 from .test_status import populate
@@ -17,7 +18,7 @@ from .test_status import populate
 
 async def run_status(argv: list[str]) -> tuple[int, str]:
     out = io.StringIO()
-    with trio.fail_after(15):
+    with trio.fail_after(FAILSAFE):
         code = await trio.to_thread.run_sync(lambda: status.main(argv, out=out))
     return code, out.getvalue()
 

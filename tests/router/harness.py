@@ -25,8 +25,9 @@ from gateway.net import amqp_listener
 from gateway.net.dial import DialReport, Endpoint
 from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router import core
+from tests.waiting import FAILSAFE
 
-WAIT = 5.0
+WAIT = FAILSAFE  # bounds a hang, not a speed (tests/waiting.py)
 
 
 class Peer:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import trio
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import router_harness  # noqa: E402
@@ -95,8 +93,13 @@ async def test_device_sender_credit_follows_the_hub(monkeypatch) -> None:
         # More messages wait on the device: no credit appeared from nowhere.
         link.send_transfer(b"t3", b"payload 3")
         dev.poke()
-        await trio.sleep(0.05)
-        assert len(h.hub.of(TransferReceived)) == 3 and link.queued == 1
+        # A marker behind it, on the same connection: a second link's attach crosses the
+        # router to the hub and its answer comes back. Credit the router made up, or t3 let
+        # through, would have reached the device or the hub before the marker did.
+        await open_sender(dev, name="marker-link", address="queues/marker")
+        await hub_accepts(h.hub)
+        await dev.next(RemoteAttach, where=lambda e: e.attach.name == "marker-link")
+        assert len(h.hub.of(TransferReceived)) == 3 and link.queued == 1 and link.credit == 0
         up.flow(1)
         h.hub.poke()
         await h.hub.wait_for(lambda: len(h.hub.of(TransferReceived)) == 4)

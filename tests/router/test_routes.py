@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import enum
 import re
 
 import pytest
@@ -133,12 +134,68 @@ def test_from_config_dicts_and_objects() -> None:
     assert t.match("devices/x", "out") is None
 
 
+def test_from_config_without_direction_serves_both_ways() -> None:
+    """A route with no direction (a dict without the key, or an object without the
+    attribute, as a partial config object) serves device senders and receivers alike."""
+
+    class R:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    t = RouteTable.from_config([{"prefix": "$cbs", "connector": "a"}, R(pattern="devices/#", connector="b")])
+    assert t.as_list() == [
+        {"prefix": "$cbs", "connector": "a", "direction": "both"},
+        {"pattern": "devices/#", "connector": "b", "direction": "both"},
+    ]
+    for direction in ("in", "out"):
+        assert t.match("$cbs", direction).route.connector == "a"
+        assert t.match("devices/d1", direction).route.connector == "b"
+    assert [r.index for r in t.routes] == [0, 1]
+
+
+def test_from_config_enum_direction() -> None:
+    class Dir(enum.Enum):
+        IN = "in"
+
+    t = RouteTable.from_config([{"prefix": "devices/", "connector": "c", "direction": Dir.IN}])
+    assert t.routes[0].direction == "in"
+    assert t.match("devices/d1", "in") is not None and t.match("devices/d1", "out") is None
+
+
+def test_match_reports_the_normalised_address() -> None:
+    t = RouteTable.from_config([{"prefix": "devices/", "connector": "c"}])
+    got = t.match("amqps://myhub.azure-devices.net:5671/devices/d1/messages/events", "in")
+    assert got is not None and got.address == "devices/d1/messages/events"
+    assert got.route is t.routes[0]
+
+
+def test_exact_pattern_beats_equal_prefix_listed_first() -> None:
+    t = table(("prefix", "a/b", "prefix", "both"), ("pattern", "a/b", "pattern", "both"))
+    assert t.match("a/b", "in").route.connector == "pattern"
+    assert t.match("a/b/c", "in").route.connector == "prefix"
+
+
+def test_tie_without_indexes_goes_to_first_listed() -> None:
+    t = RouteTable([Route(connector="first", prefix="a"), Route(connector="second", prefix="a")])
+    assert t.match("a/b", "in").route.connector == "first"
+
+
+def test_prefix_ending_in_wildcard_or_letter_characters() -> None:
+    """Only trailing slashes are dropped from a prefix; other characters are the id's."""
+    t = table(("prefix", "devices/devX", "x", "both"))
+    assert t.match("devices/devX/messages", "in")
+    assert not t.match("devices/dev/messages", "in")
+    assert not t.match("devices/devXX", "in")
+    assert table(("prefix", "devices/d1//", "x", "both")).match("devices/d1", "in")
+
+
 def test_route_validation() -> None:
-    with pytest.raises(ValueError):
+    one_of = "^a route needs exactly one of prefix or pattern$"
+    with pytest.raises(ValueError, match=one_of):
         Route(connector="c")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=one_of):
         Route(connector="c", prefix="a", pattern="b")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^bad route direction 'sideways'$"):
         Route(connector="c", prefix="a", direction="sideways")  # type: ignore[arg-type]
 
 
@@ -150,6 +207,10 @@ def test_attach_direction_and_address() -> None:
     assert attach_direction_and_address(False, T("s"), T("t")) == ("in", "t")
     assert attach_direction_and_address(True, T("s"), T("t")) == ("out", "s")
     assert attach_direction_and_address(True, None, T("t")) == ("out", None)
+    assert attach_direction_and_address(False, T("s"), None) == ("in", None)
+    # A terminus object without an address attribute at all reads as no address.
+    assert attach_direction_and_address(True, object(), None) == ("out", None)
+    assert attach_direction_and_address(False, None, object()) == ("in", None)
 
 
 # ---- properties -------------------------------------------------------------
