@@ -218,7 +218,9 @@ def test_decode_at_offset_and_encode_into_appends(value, before, after):
 
 def test_plain_python_values_map_to_their_amqp_types():
     assert encode_value(7) == encode_value(Long(7))
-    assert encode_value(2.0) == encode_value(2.0)
+    # a Python float is an AMQP double (1.0 section 1.6.11): 0x82, then IEEE 754 binary64
+    # big-endian (2.0 = sign 0, exponent 0x400, mantissa 0)
+    assert encode_value(2.0) == b"\x82\x40\x00\x00\x00\x00\x00\x00\x00"
     assert encode_value(bytearray(b"ab")) == encode_value(b"ab")
     assert encode_value(memoryview(b"ab")) == encode_value(b"ab")
     assert encode_value((1, 2)) == encode_value([1, 2])

@@ -50,9 +50,13 @@ def test_matches_openssl(device_id: str) -> None:
     assert derive_device_key(FLEET_KEY, device_id) == base64.b64encode(done.stdout).decode()
 
 
-def test_bad_group_key() -> None:
-    with pytest.raises(ValueError, match="not valid base64"):
-        derive_device_key("not base64!", "dev1")
+@pytest.mark.parametrize(
+    "key", ["not base64!", FLEET_KEY[:8] + "!" + FLEET_KEY[8:], FLEET_KEY[:8] + "\n" + FLEET_KEY[8:]]
+)
+def test_bad_group_key(key: str) -> None:
+    """Characters outside the base64 alphabet are refused, not skipped."""
+    with pytest.raises(ValueError, match="^the group key is not valid base64$"):
+        derive_device_key(key, "dev1")
 
 
 def test_registration_of_provisioning_user_names() -> None:
@@ -64,6 +68,13 @@ def test_registration_of_provisioning_user_names() -> None:
     assert registration_of("myhub.azure-devices.net/dev1/?api-version=1") is None
     assert registration_of("0ne00A/registrations/") is None
     assert registration_of(None) is None
+    # the query is cut at its first "?"; the registration id is the third segment
+    assert registration_of("0ne00A/registrations/sn-1?api-version=1?x") == ("0ne00A", "sn-1")
+    assert registration_of("0ne00A/devices/sn-1") is None
+    assert registration_of("/registrations/sn-1") is None
+    # a hub's host name (dots) is not an ID scope, even with a registrations segment
+    assert registration_of("myhub.azure-devices.net/registrations/sn-1") is None
+    assert registration_of("0ne00A/registrations/sn.1") == ("0ne00A", "sn.1")
 
 
 def test_registration_token_is_the_one_the_sdks_make() -> None:

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import re
 from ipaddress import ip_network
 from typing import Any
 
@@ -72,29 +73,52 @@ def test_verify_compares_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> No
     assert all(b == digest and len(a) == len(digest) for a, b in calls)
 
 
+SHAPE = (
+    "password hash must look like scrypt$N$r$p$salt$hash "
+    "(make one with: iot-gateway credentials hash-password)"
+)
+SALT = "c2FsdHNhbHQ="  # 8 bytes
+HASH = "aGFzaGhhc2hoYXNoaGFzaA=="  # 16 bytes
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("plain", "must look like scrypt$N$r$p$salt$hash"),
-        ("bcrypt$1$2$3$4$5", "must look like"),
-        ("scrypt$x$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "must be integers"),
-        ("scrypt$1000$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "power of 2"),
-        ("scrypt$2097152$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "power of 2"),
-        ("scrypt$1024$0$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "r must be"),
-        ("scrypt$1024$8$99$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "p must be"),
-        ("scrypt$1048576$32$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==", "more than 1 GiB"),
-        ("scrypt$1024$8$1$!!$aGFzaGhhc2hoYXNoaGFzaA==", "salt is not valid base64"),
-        ("scrypt$1024$8$1$c2FsdA==$aGFzaGhhc2hoYXNoaGFzaA==", "salt must be at least 8"),
-        ("scrypt$1024$8$1$c2FsdHNhbHQ=$aGFzaA==", "hash must be at least 16"),
+        ("plain", SHAPE),
+        ("bcrypt$1$2$3$4$5", SHAPE),
+        (f"scrypt$x$8$1${SALT}${HASH}", "password hash: N, r and p must be integers"),
+        (f"scrypt$1000$8$1${SALT}${HASH}", "password hash: N must be a power of 2 from 2 to 1048576"),
+        (f"scrypt$1$8$1${SALT}${HASH}", "password hash: N must be a power of 2 from 2 to 1048576"),
+        (f"scrypt$2097152$8$1${SALT}${HASH}", "password hash: N must be a power of 2 from 2 to 1048576"),
+        (f"scrypt$1024$0$1${SALT}${HASH}", "password hash: r must be 1..32"),
+        (f"scrypt$1024$8$99${SALT}${HASH}", "password hash: p must be 1..16"),
+        (f"scrypt$1024$8$17${SALT}${HASH}", "password hash: p must be 1..16"),
+        (f"scrypt$1048576$32$1${SALT}${HASH}", "password hash: N * r needs more than 1 GiB of memory"),
+        (f"scrypt$1024$8$1$!!${HASH}", "password hash: salt is not valid base64"),
+        (f"scrypt$1024$8$1${SALT}$!!", "password hash: hash is not valid base64"),
+        (f"scrypt$1024$8$1$c2FsdA==${HASH}", "password hash: salt must be at least 8 bytes"),
+        (f"scrypt$1024$8$1${SALT}$aGFzaA==", "password hash: hash must be at least 16 bytes"),
     ],
 )
 def test_bad_hash_strings(text: str, message: str) -> None:
-    with pytest.raises(PasswordHashError, match=message.replace("$", r"\$")):
+    with pytest.raises(PasswordHashError, match=f"^{re.escape(message)}$"):
         parse_password_hash(text)
 
 
+@pytest.mark.parametrize("params", ["2$1$1", "4$1$16", "1048576$4$1", "16$32$1"])
+def test_hash_parameters_at_their_limits(params: str) -> None:
+    parsed = parse_password_hash(f"scrypt${params}${SALT}${HASH}")
+    assert [parsed.n, parsed.r, parsed.p] == [int(x) for x in params.split("$")]
+
+
+def test_verify_with_more_memory_than_openssl_allows_by_default() -> None:
+    """N=2**16, r=8 needs 64 MiB, over OpenSSL's 32 MiB default: the limit is raised to fit."""
+    encoded = hash_password("pw", n=2**16, r=8, p=1)
+    assert verify_password("pw", encoded)
+
+
 def test_hash_password_refuses_what_the_loader_refuses() -> None:
-    with pytest.raises(PasswordHashError):
+    with pytest.raises(PasswordHashError, match="N must be a power of 2"):
         hash_password("x", n=1000)
 
 
@@ -133,6 +157,9 @@ def test_ipv4_network_never_matches_ipv6_peer() -> None:
     assert address_allowed("203.0.113.9", (ip_network("0.0.0.0/0"),))
     assert address_allowed("::ffff:1.2.3.4", (ip_network("::ffff:0:0/96"),))
     assert parse_peer_address("[::1]") == parse_peer_address("::1%lo")
+    # only a whole pair of brackets is dropped; the zone is everything after the first %
+    assert parse_peer_address("[::1") is None and parse_peer_address("::1]") is None
+    assert parse_peer_address("fe80::1%eth0%x") == ipaddress.IPv6Address("fe80::1")
 
 
 @settings(max_examples=200, deadline=None)
@@ -160,6 +187,7 @@ def test_decisions_and_reasons() -> None:
         (both, "192.168.1.5", "Guess-123", False, "dev2: wrong password"),
         (both, "192.168.1.5", None, False, "dev2: no password given"),
         (both, "192.168.1.5", b"", False, "dev2: no password given"),
+        (both, "192.168.1.5", "", False, "dev2: no password given"),
         (both, "10.1.1.1", "local-pw", False, "dev2: address 10.1.1.1 not in allowed_addresses"),
         (LocalAuthPolicy(trust_network=True), "10.1.1.1", None, True, "(trust: network)"),
         (LocalAuthPolicy(), "10.1.1.1", "x", False, "no local authentication configured"),
@@ -178,4 +206,5 @@ def test_decisions_and_reasons() -> None:
         if isinstance(password, str) and password:
             assert password not in result.reason
     assert both.describe() == "password + from 192.168.1.0/24"
+    assert LocalAuthPolicy().describe() == "none"
     assert "local-pw" not in repr(both) and pw.encode() not in repr(both)

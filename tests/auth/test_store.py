@@ -69,6 +69,8 @@ def test_lookup_exact_module_and_groups(store: CredentialStore) -> None:
     dev3 = store.lookup("dev3")
     assert dev3 is not None and dev3.kind == "x509" and not dev3.uses_token
     assert dev3.key is None and dev3.cert_file is not None and dev3.cert_file.name == "dev3.pem"
+    assert dev3.key_file is not None and dev3.key_file.name == "dev3.key"
+    assert (dev3.entry, dev3.module_id) == ("devices[2]", None)
     mod = store.lookup("dev4", "mod1")
     assert mod is not None and mod.identity == "dev4/mod1" and mod.module_id == "mod1"
     assert mod.key is not None and mod.key.get_secret_value() == ENV_KEY
@@ -84,6 +86,8 @@ def test_lookup_exact_module_and_groups(store: CredentialStore) -> None:
     # Groups in order: the first matching pattern derives the key.
     sensor = store.lookup("sensor-0042")
     assert sensor is not None and (sensor.kind, sensor.entry) == ("group", "groups[0]")
+    assert sensor.source == "group sensor-* (secrets_file:fleet-key)"
+    assert sensor.module_id is None and sensor.local.password_hash is not None
     assert sensor.key is not None
     assert sensor.key.get_secret_value() == derive_device_key(FLEET_KEY, "sensor-0042")
     other = store.lookup("pump-7")
@@ -166,7 +170,9 @@ def test_issue_token(store: CredentialStore) -> None:
     assert verify_sas_token(
         issued.token, derive_device_key(FLEET_KEY, "sensor-77"), NOW, f"{HUB}/devices/sensor-77"
     )
-    with pytest.raises(CredentialError, match="X.509"):
+    with pytest.raises(
+        CredentialError, match=r"^dev3 authenticates with an X\.509 certificate, not a SAS token$"
+    ):
         store.issue_token(store.lookup("dev3"), HUB, NOW)  # type: ignore[arg-type]
     sched = store.renewal_schedule()
     assert (sched.ttl, sched.renew_at) == (600, 0.75)
@@ -188,15 +194,18 @@ def test_describe_and_reprs_never_show_secrets(
     store: CredentialStore, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     rows = store.describe()
-    assert [(r["id"], r["kind"], r["source"], r["local_auth"]) for r in rows] == [
-        ("dev1", "key", "secrets_file:dev1-key", "trust: network"),
-        ("dev2", "key", "secrets_file:dev2-key", "password + from 192.168.1.0/24,fd00::/8"),
-        ("dev3", "x509", f"cert {tmp_path / 'dev3.pem'}", "from 192.168.1.7/32"),
-        ("dev4/mod1", "key", "env:DEV4_KEY", "trust: network"),
-        ("sensor-special", "key", "secrets_file:dev2-key", "trust: network"),
-        ("sensor-*", "group", "secrets_file:fleet-key", "password"),
-        ("*", "group", "secrets_file:dev1-key", "from 10.0.0.0/8"),
-    ]
+    keys = ("id", "kind", "source", "local_auth", "entry")
+    assert rows == [dict(zip(keys, row, strict=True)) for row in [
+        ("dev1", "key", "secrets_file:dev1-key", "trust: network", "devices[0]"),
+        ("dev2", "key", "secrets_file:dev2-key", "password + from 192.168.1.0/24,fd00::/8",
+         "devices[1]"),
+        ("dev3", "x509", f"cert {tmp_path / 'dev3.pem'}", "from 192.168.1.7/32", "devices[2]"),
+        ("dev4/mod1", "key", "env:DEV4_KEY", "trust: network", "devices[3]"),
+        ("sensor-special", "key", "secrets_file:dev2-key", "trust: network", "devices[4]"),
+        ("sensor-*", "group", "secrets_file:fleet-key", "password", "groups[0]"),
+        ("*", "group", "secrets_file:dev1-key", "from 10.0.0.0/8", "groups[1]"),
+    ]]  # fmt: skip
+    assert len(store) == 7
     entries = [store.lookup_identity(i) for i in ("dev1", "dev2", "dev3", "dev4/mod1", "sensor-1")]
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("test").info("store %r entries %r %s", store, entries, entries)
@@ -216,3 +225,70 @@ def test_warnings_name_trusted_entries(store: CredentialStore) -> None:
         "credentials devices[4]: sensor-special has trust: network; any host that can reach the "
         "gateway may act as this device",
     ]
+
+
+def test_module_certificates_groups_from_the_environment_and_trusted_groups(
+    parse: ConfigParser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("m.pem", "m.key"):
+        (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o600)
+    text = """
+        credentials:
+          devices:
+            - {id: dev5/modA, cert_file: m.pem, key_file: m.key, trust: network}
+          groups:
+            - {id_pattern: "pump-*", group_key: env:FLEET, trust: network}
+        """
+    config = parse(text, env={"FLEET": FLEET_KEY})
+    # Without an env mapping the store reads the process environment.
+    monkeypatch.setenv("FLEET", FLEET_KEY)
+    store = CredentialStore.from_config(config.credentials)
+    module = store.lookup("dev5", "modA")
+    assert module is not None and (module.kind, module.identity) == ("x509", "dev5/modA")
+    pump = store.lookup("pump-1")
+    assert pump is not None and pump.source == "group pump-* (env:FLEET)"
+    assert pump.key is not None
+    assert pump.key.get_secret_value() == derive_device_key(FLEET_KEY, "pump-1")
+    assert store.warnings() == [
+        "credentials devices[0]: dev5/modA has trust: network; any host that can reach the "
+        "gateway may act as this device",
+        "credentials groups[0]: devices matching 'pump-*' have trust: network; any host that "
+        "can reach the gateway may act as them",
+    ]
+    with pytest.raises(CredentialError) as info:
+        CredentialStore.from_config(config.credentials, env={})
+    assert str(info.value) == "credentials.groups[0].group_key: environment variable FLEET is not set"
+
+
+def test_unresolved_key_references() -> None:
+    """A key the config loader did not resolve is an error naming the entry, not a crash."""
+    from gateway.auth.credentials import _key_value
+    from gateway.config.credentials import KeyRef
+
+    with pytest.raises(CredentialError) as info:
+        _key_value(None, {}, "devices[1].key")
+    assert str(info.value) == "credentials.devices[1].key: key was not resolved"
+    with pytest.raises(CredentialError) as info:
+        _key_value(KeyRef("secrets_file", "k1"), {}, "devices[2].key")
+    assert str(info.value) == "credentials.devices[2].key: key was not resolved"
+    assert _key_value(KeyRef("env", "K"), {"K": f" {DEV1_KEY}\n"}, "x").get_secret_value() == DEV1_KEY
+
+
+def test_issue_registration_token(store: CredentialStore) -> None:
+    sensor = store.lookup("sensor-77")
+    assert sensor is not None
+    issued = store.issue_registration_token(sensor, "0ne00A", NOW)
+    assert issued.audience == "0ne00A/registrations/sensor-77"
+    assert issued.expires_at == NOW + 600 and issued.issued_at == NOW
+    assert verify_sas_token(issued.token, derive_device_key(FLEET_KEY, "sensor-77"), NOW,
+                            "0ne00A/registrations/sensor-77")  # fmt: skip
+    assert "skn=registration" in issued.token
+    for identity in ("dev3", "dev4/mod1"):
+        entry = store.lookup_identity(identity)
+        assert entry is not None
+        with pytest.raises(CredentialError) as info:
+            store.issue_registration_token(entry, "0ne00A", NOW)
+        assert str(info.value) == (
+            f"{identity} has no symmetric device key to sign a registration with"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from urllib.parse import quote_plus
 
 import pytest
@@ -16,6 +17,7 @@ from gateway.auth.tokens import (
     IssuedToken,
     RenewalSchedule,
     issue_device_token,
+    issue_registration_token,
     looks_like_sas_token,
 )
 
@@ -131,16 +133,59 @@ def test_success_resets_failures() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"ttl": 0}, "ttl"),
-        ({"ttl": 10, "renew_at": 1.0}, "renew_at"),
-        ({"ttl": 10, "renew_at": 0}, "renew_at"),
-        ({"ttl": 10, "retry_interval": 0}, "retry_interval"),
-        ({"ttl": 10, "retry_interval": 90, "max_retry_interval": 60}, "retry_interval"),
+        ({"ttl": 0}, "ttl must be greater than 0"),
+        ({"ttl": 10, "renew_at": 1.0}, "renew_at must be between 0 and 1 (exclusive)"),
+        ({"ttl": 10, "renew_at": 0}, "renew_at must be between 0 and 1 (exclusive)"),
+        ({"ttl": 10, "retry_interval": 0}, "retry_interval must be > 0 and <= max_retry_interval"),
+        ({"ttl": 10, "retry_interval": 90, "max_retry_interval": 60},
+         "retry_interval must be > 0 and <= max_retry_interval"),
     ],
 )
 def test_bad_schedule_settings(kwargs: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         RenewalSchedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_schedule_settings_at_their_limits() -> None:
+    """Short lifetimes and retries under a second, and retry == max, are all valid."""
+    sched: RenewalSchedule[str] = RenewalSchedule(0.5, retry_interval=0.5, max_retry_interval=0.5)
+    assert sched.add("k", 0) == pytest.approx(0.4)
+    RenewalSchedule(10, retry_interval=60, max_retry_interval=60)
+
+
+def test_schedule_questions_about_unknown_keys() -> None:
+    sched: RenewalSchedule[str] = RenewalSchedule(100)
+    assert sched.renew_time("nope") is None and sched.expires_at("nope") is None
+    assert sched.failures("nope") == 0 and sched.in_progress("nope") is False
+    assert sched.soonest_expiry() is None and sched.failed("nope", 1) is None
+    sched.add("k", 0)
+    sched.due(80)
+    assert sched.in_progress("k") is True
+    sched.failed("k", 81)
+    assert sched.in_progress("k") is False
+
+
+def test_due_keeps_insertion_order_among_equal_times() -> None:
+    sched: RenewalSchedule[str] = RenewalSchedule(100)
+    sched.add("b", 0)
+    sched.add("a", 0)
+    sched.add("c", -10)
+    assert sched.due(80) == ["c", "b", "a"]
+
+
+def test_retry_at_the_moment_of_expiry_uses_the_full_backoff() -> None:
+    """With no time left there is no halfway point to pull the retry forward to."""
+    sched: RenewalSchedule[str] = RenewalSchedule(100)
+    sched.add("k", 0, 100)
+    sched.due(80)
+    assert sched.failed("k", 100) == pytest.approx(105)
+
+
+def test_registration_token_fields() -> None:
+    issued = issue_registration_token(DEV1_KEY, "0ne00A", "reg-1", NOW, 60)
+    assert issued.audience == "0ne00A/registrations/reg-1"
+    assert issued.issued_at == NOW and issued.expires_at == int(NOW) + 60
+    assert parse_sas_token(issued.token).se == issued.expires_at
 
 
 @settings(max_examples=200, deadline=None)

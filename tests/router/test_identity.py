@@ -20,6 +20,10 @@ from gateway.router.identity import (
         ("amqps://h.azure-devices.net:5671/devices/d1/twin", ("devices", "d1")),
         ("devices/my%20dev/messages/events", ("devices", "my dev")),
         ("devices/d1/modules/m1/messages/events", ("devices", "d1", "modules", "m1")),
+        # exactly the device or module path, nothing after it
+        ("devices/d1", ("devices", "d1")),
+        ("devices/d1/modules/m1", ("devices", "d1", "modules", "m1")),
+        ("devices/d1/modules", ("devices", "d1")),
         ("devices", ("devices",)),
         ("devices/", ("devices",)),
         ("$cbs", None),
@@ -34,6 +38,9 @@ def test_audience_and_coverage() -> None:
     assert audience_path("myhub.azure-devices.net/devices/d1") == ("devices", "d1")
     assert audience_path("amqps://myhub.azure-devices.net/devices/d1/") == ("devices", "d1")
     assert audience_path("myhub.azure-devices.net") == ()
+    # every scheme, in any case, is dropped with the host
+    for scheme in ("amqps://", "amqp://", "https://", "http://", "AMQP://", "HTTPS://", "Http://"):
+        assert audience_path(f"{scheme}myhub.azure-devices.net/devices/d1") == ("devices", "d1")
     d1 = audience_path("h/devices/d1")
     assert covers(d1, ("devices", "d1"))
     assert covers(d1, ("devices", "d1", "modules", "m"))
@@ -50,8 +57,12 @@ def test_plain_usernames() -> None:
         "modules",
         "m1",
     )
-    for bad in ["dev1", "dev1@myhub", "iothubowner@sas.root.myhub", "@sas.h", "a/b@sas.h", "d@sas."]:
-        assert parse_plain_username(bad) is None
+    assert parse_plain_username("dev1/modules/m1@sas.myhub") == PlainIdentity("dev1", "m1", "myhub")
+    # "@" is allowed in device ids: the realm is after the last one
+    assert parse_plain_username("dev@1@sas.myhub") == PlainIdentity("dev@1", None, "myhub")
+    for bad in ["dev1", "dev1@myhub", "iothubowner@sas.root.myhub", "@sas.h", "a/b@sas.h", "d@sas.",
+                "d1/other/m1@sas.h", "/modules/m1@sas.h", "d1/modules/@sas.h", "a@b@h"]:  # fmt: skip
+        assert parse_plain_username(bad) is None, bad
 
 
 def test_token_audience() -> None:
@@ -61,4 +72,9 @@ def test_token_audience() -> None:
     )
     assert token_audience(tok) == "myhub.azure-devices.net/devices/device1"
     assert token_audience("Bearer x") is None
+    # "+" is a space (form encoding); a raw "=" in the value belongs to the value
+    assert token_audience("SharedAccessSignature sig=x&sr=h%2Fdevices%2Fmy+dev&se=1") == (
+        "h/devices/my dev"
+    )
+    assert token_audience("SharedAccessSignature sr=h/devices/d=1&sig=x") == "h/devices/d=1"
     assert token_audience("SharedAccessSignature sig=x&se=1") is None
