@@ -195,7 +195,7 @@ def test_describe_and_reprs_never_show_secrets(
 ) -> None:
     rows = store.describe()
     keys = ("id", "kind", "source", "local_auth", "entry")
-    assert rows == [dict(zip(keys, row, strict=True)) for row in [
+    assert [{k: r[k] for k in keys} for r in rows] == [dict(zip(keys, row, strict=True)) for row in [
         ("dev1", "key", "secrets_file:dev1-key", "trust: network", "devices[0]"),
         ("dev2", "key", "secrets_file:dev2-key", "password + from 192.168.1.0/24,fd00::/8",
          "devices[1]"),
