@@ -7,6 +7,8 @@ SPEC a JSON object (see `harness.SdkStack.device_spec`) with "scenario":
   token auth), then send "messages" ([{body (base64), properties, app}]);
   prints ``sent`` per message with the message as uamqp encoded it and the
   hub's outcome.
+- ``d2c-anonymous``: as ``d2c``, but SASL ANONYMOUS and no CBS: a device that
+  relies on the gateway for its hub token (``credentials:``).
 - ``c2d``: receive "count" cloud-to-device deliveries and settle each as its
   message-id says (``accept-*``, ``reject-*``, ``release-*``: a released one
   is accepted when it comes back); prints ``ready`` once the link is up, then
@@ -77,9 +79,9 @@ def auth_for(spec: dict[str, Any]) -> authentication.SASTokenAuth:
     )
 
 
-def d2c(spec: dict[str, Any]) -> None:
+def d2c(spec: dict[str, Any], auth: Any = None) -> None:
     target = f"amqps://{spec['hub_host']}/devices/{spec['device_id']}/messages/events"
-    client = uamqp.SendClient(target, auth=auth_for(spec), msg_timeout=60000)
+    client = uamqp.SendClient(target, auth=auth or auth_for(spec), msg_timeout=60000)
     try:
         for index, m in enumerate(spec["messages"]):
             props = m.get("properties") or {}
@@ -99,6 +101,11 @@ def d2c(spec: dict[str, Any]) -> None:
                  state=str(message.state), results=str(results))
     finally:
         client.close()
+
+
+def d2c_anonymous(spec: dict[str, Any]) -> None:
+    d2c(spec, authentication.SASLAnonymous(spec["gateway"], port=spec.get("port", 5671),
+                                           verify=spec["ca_file"]))  # fmt: skip
 
 
 def c2d(spec: dict[str, Any]) -> None:
@@ -144,7 +151,7 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     threading.Thread(target=_read_commands, daemon=True).start()
     try:
-        {"d2c": d2c, "c2d": c2d}[spec["scenario"]](spec)
+        {"d2c": d2c, "d2c-anonymous": d2c_anonymous, "c2d": c2d}[spec["scenario"]](spec)
     except Exception as exc:  # the test prints it with the traceback
         emit("error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         return 1
