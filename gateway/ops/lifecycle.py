@@ -130,13 +130,16 @@ class LiveCredentials:
 
 def in_flight(router: Any) -> int:
     """Deliveries on routed link pairs not yet settled on both ends, plus deliveries
-    queued towards either side. Zero means nothing would be lost by detaching."""
+    queued towards either side, plus messages being stored (store-and-forward).
+    Zero means nothing would be lost by detaching."""
     total = 0
     for device in list(router.devices):
         for pair in list(device.pairs):
             for link in (pair.dev_link, pair.up_link):
                 if link is not None:
                     total += len(link.unsettled) + link.queued
+        # Store-and-forward: messages received on local links, being stored.
+        total += sum(local.pending for local in getattr(device, "local_links", ()))
     return total
 
 

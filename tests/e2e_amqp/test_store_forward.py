@@ -431,3 +431,32 @@ async def test_routed_cbs_replay_connection_closed_after_replay(hub: HubSim, tmp
         assert [r.properties["message-id"] for r in hub.recorder.d2c_for("dev1")] == [
             f"dev1-{i}" for i in range(3)
         ]
+
+
+async def test_opted_in_device_with_its_own_token_is_relayed_transparently(
+        hub: HubSim, tmp_path: Path) -> None:  # fmt: skip
+    """dev2 opted in, but it does CBS with its own SAS token: not the gateway's to
+    acknowledge. While the hub is down its CBS request fails and its attach is refused
+    as without the store."""
+    config = sf_config(hub, tmp_path)
+    stop_hub(hub)
+    async with gateway(config) as gw:
+
+        def own_token() -> tuple[bool, str | None]:
+            with Device(gw.url) as dev:
+                try:
+                    dev.authenticate("dev2", KEYS["dev2"])
+                    put = True
+                except SendException:  # no hub to take it: the gateway refuses the request
+                    put = False
+                try:
+                    dev.conn.create_sender(EVENTS % "dev2").send(telemetry("dev2", 0))
+                except LinkDetached as exc:
+                    return put, str(exc.condition)
+            return put, None
+
+        put, condition = await in_thread(own_token)
+        assert not put
+        assert condition == "amqp:connection:forced"
+        assert gw.store.backlog("dev2") == 0
+        assert gw.counts["local_attaches"] == 0
