@@ -386,6 +386,7 @@ class Forwarder:
     def __init__(self, sf: StoreAndForward) -> None:
         self.sf = sf
         self.rounds = 0  # replay rounds run (tests wait on progress, not time)
+        self.settled = 0  # stored messages the hub accepted or rejected (progress)
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
 
@@ -428,6 +429,7 @@ class Forwarder:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_INITIAL
+            settled_before = self.settled
             upstream = lease.conn
             binding = _ForwardBinding(connector, upstream)
             try:
@@ -447,9 +449,9 @@ class Forwarder:
                     lease.retire()
                     sf.router.retire_upstream(upstream)
             self.rounds += 1
-            left = self._work(connector)
-            if left and all(sf.store.backlog(k) == 0 for k in left):
-                # Only local links still storing their last messages: wait for them.
+            if self.settled == settled_before and self._work(connector):
+                # Nothing went (local links still storing their last messages, or an
+                # identity's other-protocol backlog holding its detach): wait for news.
                 with trio.move_on_after(RETRY_MAX):
                     await changed.wait()
 
@@ -537,8 +539,8 @@ class Forwarder:
                     failed = "upstream connection lost"
                     break
                 room = WINDOW - len(inflight)
-                batch = [m for m in await store.peek(key, len(skip) + room) if m.seq not in skip] \
-                    if room > 0 else []  # fmt: skip
+                peeked = await store.peek(key, len(skip) + room, protocol="amqp") if room > 0 else []
+                batch = [m for m in peeked if m.seq not in skip]
                 if not batch and not inflight:
                     break
                 if batch and link is not None and (link.address != batch[0].address or not link.usable):
@@ -621,6 +623,7 @@ class Forwarder:
                             msg.seq, key, why)  # fmt: skip
                 await self.sf.store.reject(msg, why)
                 skip.discard(msg.seq)
+                self.settled += 1
             else:
                 skip.discard(msg.seq)  # released, modified, or settled without outcome
                 stop = f"the hub answered {type(state).__name__.lower()}"
@@ -632,6 +635,7 @@ class Forwarder:
         await self.sf.store.delete(seqs)
         skip.difference_update(seqs)
         self.sf.store.record_replayed(connector, key, len(seqs))
+        self.settled += len(seqs)
 
 
 __all__ = ["Forwarder", "HUB_UNREACHABLE", "INTERNAL_ERROR", "StoreAndForward", "WINDOW"]

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from gateway.amqp import Delivery, Link, LinkState
 from gateway.amqp.performatives import Accepted, Attach, Released
@@ -53,8 +54,9 @@ _GONE = (LinkState.DETACH_SENT, LinkState.DETACHED)
 
 def telemetry_key(address: str) -> str | None:
     """``dev1`` for ``devices/dev1/messages/events``, ``dev1/m1`` for the module
-    form (any scheme, host or leading ``/``); None for any other address."""
-    segs = split_segments(normalise_address(address))
+    form (any scheme, host or leading ``/``; ids percent-decoded, as identities are
+    compared); None for any other address."""
+    segs = tuple(unquote(s) for s in split_segments(normalise_address(address)))
     if len(segs) == 4 and segs[0] == "devices" and segs[2:] == ("messages", "events"):
         return segs[1] or None
     if (len(segs) == 6 and segs[0] == "devices" and segs[2] == "modules"

@@ -16,6 +16,7 @@ from gateway.router.local_link import Meta, decode_meta, encode_meta, telemetry_
         ("/devices/dev1/messages/events", "dev1"),
         ("amqps://myhub.azure-devices.net/devices/dev1/messages/events", "dev1"),
         ("amqps://myhub.azure-devices.net:5671/devices/dev1/modules/m1/messages/events", "dev1/m1"),
+        ("devices/dev%201/messages/events", "dev 1"),
         ("devices/dev1/messages/devicebound", None),
         ("devices/dev1/messages/events/extra", None),
         ("devices//messages/events", None),
