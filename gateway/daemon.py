@@ -233,6 +233,7 @@ class Daemon:
             # the process: out of the collector's sight, full collections only walk
             # what connections allocate (they were a few per cent of a busy relay).
             gc.freeze()
+            _release_free_memory()
             sdnotify.ready(f"running: {status_text(self.registry)}")
             nursery.start_soon(self._clock_loop)
             nursery.start_soon(sdnotify.watchdog_loop)
@@ -631,6 +632,18 @@ def _route_rows(routes: RouteTable, mqtt_routes: Iterable[Any]) -> list[dict[str
             row["allowed_topics"] = [str(t) for t in route.allowed_topics]
         rows.append(row)
     return rows
+
+
+def _release_free_memory() -> None:
+    """Give the C heap's free pages left by start-up (imports, the configuration's
+    validation) back to the system: about 1.5 MB of the idle daemon's RSS. glibc
+    only; elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _metrics(config: GatewayConfig) -> Any:
