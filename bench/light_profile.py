@@ -41,16 +41,17 @@ from .procs import CLK_TCK
 # Functions whose call counts tell the scheduler's work (cProfile counts each
 # resumption of a coroutine or generator as a call).
 COUNTED = {
-    "run-loop turns": ("_run.py", "unrolled_run"),
-    "task wake-ups (reschedule)": ("_run.py", "reschedule"),
-    "blocking waits": ("_traps.py", "wait_task_rescheduled"),
-    "epoll_wait": ("_io_epoll.py", "_epoll_wait"),
-    "epoll_ctl (wait_readable/writable)": ("_io_epoll.py", "_update_registrations"),
-    "checkpoint_if_cancelled": ("_run.py", "checkpoint_if_cancelled"),
-    "cancel_shielded_checkpoint": ("_run.py", "cancel_shielded_checkpoint"),
-    "checkpoint": ("_run.py", "checkpoint"),
-    "cancel scopes entered": ("_run.py", "__enter__"),
-    "trio.sleep": ("_timeouts.py", "sleep"),
+    "run-loop turns": ("/_core/_run.py", "unrolled_run"),
+    "task wake-ups (reschedule)": ("/_core/_run.py", "reschedule"),
+    "blocking waits (x2: call and resumption)": ("/_core/_traps.py", "wait_task_rescheduled"),
+    "fd waits (x2: call and resumption)": ("/_core/_io_epoll.py", "_epoll_wait"),
+    "epoll registrations updated": ("/_core/_io_epoll.py", "_update_registrations"),
+    "epoll_ctl calls": ("~", "<method 'modify' of 'select.epoll' objects>"),
+    "checkpoint_if_cancelled": ("/_core/_run.py", "checkpoint_if_cancelled"),
+    "cancel_shielded_checkpoint": ("/_core/_run.py", "cancel_shielded_checkpoint"),
+    "checkpoint": ("/_core/_run.py", "checkpoint"),
+    "cancel scopes entered": ("/_core/_run.py", "__enter__"),
+    "trio.sleep": ("/_timeouts.py", "sleep"),
     "socket send": ("~", "<method 'send' of '_socket.socket' objects>"),
     "socket recv": ("~", "<method 'recv' of '_socket.socket' objects>"),
 }
