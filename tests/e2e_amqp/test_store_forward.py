@@ -32,7 +32,7 @@ from gateway.net.upstream_io import AmqpConnectorIO
 from gateway.router.core import Router
 from gateway.router.forwarder import HUB_UNREACHABLE
 from gateway.router.local_link import HUB_REACHABLE
-from gateway.store import MessageStore
+from gateway.store import MessageStore, StoreUnavailable
 
 EVENTS = "amqps://" + HUB_HOST + "/devices/%s/messages/events"
 DEVICEBOUND = "/devices/%s/messages/devicebound"
@@ -460,3 +460,31 @@ async def test_opted_in_device_with_its_own_token_is_relayed_transparently(
         assert condition == "amqp:connection:forced"
         assert gw.store.backlog("dev2") == 0
         assert gw.counts["local_attaches"] == 0
+
+
+async def test_store_unavailable_releases_with_a_log_line(
+        hub: HubSim, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A store that cannot write (here: the disk is full) releases the message, logs
+    it and counts it; once it can write again, messages are accepted."""
+    config = sf_config(hub, tmp_path)
+    stop_hub(hub)
+    async with gateway(config) as gw:
+        real_append = gw.store.append
+
+        async def disk_full(**kwargs: Any) -> int:
+            raise StoreUnavailable("store test.db: the disk is full", kind="disk_full")
+
+        gw.store.append = disk_full
+
+        def send() -> Any:
+            with Device(gw.url) as dev:
+                sender = dev.conn.create_sender(EVENTS % "dev1")
+                return sender.send(telemetry("dev1", 0), error_states=[]).remote_state
+
+        assert await in_thread(send) == Delivery.RELEASED
+        assert gw.counts["refused_unavailable"] == 1
+        assert gw.store.backlog("dev1") == 0
+        assert "the store is unavailable: store test.db: the disk is full" in caplog.text
+        gw.store.append = real_append
+        assert await in_thread(send) == Delivery.ACCEPTED
+        assert gw.store.backlog("dev1") == 1
