@@ -34,13 +34,14 @@ from proton.utils import BlockingConnection
 
 from gateway.hubsim import HubSim
 from gateway.router.forwarder import WINDOW
+from tests.waiting import wait_for_progress_sync
 
 HUB_HOST = "myhub.azure-devices.net"
 DEVICES = ("crash1", "crash2")
 KILLS_STORING = 12
 KILLS_FORWARDING = 12
 PACING = 0.005  # seconds between one device's messages
-FAILSAFE = 120.0  # seconds: a wait that takes this long is a failure, not slowness
+FAILSAFE = 120.0  # seconds without any progress: a hang, not slowness
 SEED = int(os.environ.get("SF_CRASH_SEED", "1919"))
 
 
@@ -54,13 +55,10 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Any, what: str, timeout: float = FAILSAFE) -> None:
-    """Poll `predicate` (progress made by other threads and processes) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no progress: {what}")
-        time.sleep(0.01)
+def wait_for(predicate: Any, what: str, progress: Any = None) -> None:
+    """Poll `predicate` (state of other threads and processes) until it holds; fails only
+    when `progress()` (default: the predicate's own value) stops changing for a while."""
+    wait_for_progress_sync(predicate, progress or predicate, stall=FAILSAFE, poll=0.01, what=what)
 
 
 class Gateway:
@@ -231,7 +229,7 @@ def test_sigkill_while_storing_and_forwarding(tmp_path: Path, hub: HubSim, rng: 
         # Storing: the hub is down, every acknowledgement is the store's.
         for _ in range(KILLS_STORING):
             target = accepted() + rng.randint(1, 12)
-            wait_for(lambda t=target: accepted() >= t, "devices storing")  # type: ignore[misc]
+            wait_for(lambda t=target: accepted() >= t, "devices storing", accepted)  # type: ignore[misc]
             time.sleep(rng.random() * 0.02)  # a random point between two messages
             gw.kill()
             kills += 1
@@ -240,10 +238,10 @@ def test_sigkill_while_storing_and_forwarding(tmp_path: Path, hub: HubSim, rng: 
         for _ in range(KILLS_FORWARDING):
             hub.stop()
             target = accepted() + rng.randint(10, 30)
-            wait_for(lambda t=target: accepted() >= t, "devices storing")  # type: ignore[misc]
+            wait_for(lambda t=target: accepted() >= t, "devices storing", accepted)  # type: ignore[misc]
             hub.start()
             target = at_hub() + rng.randint(1, 15)
-            wait_for(lambda t=target: at_hub() >= t, "replay reaching the hub")  # type: ignore[misc]
+            wait_for(lambda t=target: at_hub() >= t, "replay reaching the hub", at_hub)  # type: ignore[misc]
             gw.kill()
             kills += 1
             gw.start()
@@ -257,7 +255,7 @@ def test_sigkill_while_storing_and_forwarding(tmp_path: Path, hub: HubSim, rng: 
         def all_arrived() -> bool:
             return sent <= {r.properties.get("message-id") for r in list(hub.recorder.d2c)}
 
-        wait_for(all_arrived, "every accepted message at the hub")
+        wait_for(all_arrived, "every accepted message at the hub", at_hub)
     finally:
         for dev in devices:
             dev.stopping.set()
