@@ -156,6 +156,9 @@ class Daemon:
                              tracer=self.tracer, credentials=self.credentials,
                              clock=clock)  # fmt: skip
         self.readiness = Readiness.from_config(self.registry, config, clock=clock)
+        # MQTT store-and-forward, once the store is open (run()).
+        self.mqtt_store_forward: mqtt_relay.StoreForward | None = None
+        self.mqtt_forwarder: mqtt_relay.MqttForwarder | None = None
         self.listener_settings: dict[str, LiveListenerSettings] = {}
         # Bytes held by device connections before authentication, all listeners together.
         self.handshake = HandshakeBudget()
@@ -211,6 +214,7 @@ class Daemon:
             if self.store is not None:
                 nursery.start_soon(self.store.run)  # max_age expiry
                 self.router.set_store(self.store)  # AMQP store-and-forward
+                await self._start_mqtt_forwarder(nursery, self.store)
             await nursery.start(self.router.run)
             for connector in config.connectors:
                 log.info("connector %s: %s to %s (%s)%s", connector.name, connector.protocol,
@@ -507,7 +511,17 @@ class Daemon:
             listener_observer=self.listener_observer, tracer=self.tracer,
             credentials=self.live_credentials, settings=settings,  # type: ignore[arg-type]
             clock=self.clock, handshake=self.handshake,
+            store_forward=self.mqtt_store_forward,
         )  # fmt: skip
+
+    async def _start_mqtt_forwarder(self, nursery: trio.Nursery, store: MessageStore) -> None:
+        """MQTT store-and-forward: local sessions for the listeners, and the forwarder."""
+        self.mqtt_store_forward = mqtt_relay.StoreForward(store)
+        self.mqtt_forwarder = mqtt_relay.MqttForwarder(
+            self.mqtt_store_forward, self.live_config, self.live_credentials, MqttUpstreams(),
+            clock=self.clock,
+        )
+        await nursery.start(self.mqtt_forwarder.run)
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:
         from gateway.ops.admin import serve_admin
@@ -558,6 +572,7 @@ async def serve_mqtt_listener(
     renewal_mode: mqtt_relay.RenewalMode = mqtt_relay.RenewalMode.AUTO,
     settings: ListenerSettings | None = None,
     handshake: HandshakeBudget | None = None,
+    store_forward: mqtt_relay.StoreForward | None = None,
 ) -> None:
     """Serve one `protocol: mqtt` listener until cancelled: the listener
     (`gateway.net.listeners`) hands each device connection to the MQTT relay.
@@ -574,6 +589,8 @@ async def serve_mqtt_listener(
     can stop admissions; by default they are built from `listener_cfg`.
     `handshake`: the budget of bytes held before authentication, shared by the
     daemon's listeners (by default this listener's own).
+    `store_forward`: the message store and local sessions (store-and-forward
+    configured), see `gateway.mqtt_relay.local_session`.
     """
     settings = settings or ListenerSettings.from_config(listener_cfg, config)
     handler = mqtt_relay.connection_handler(
@@ -587,6 +604,7 @@ async def serve_mqtt_listener(
         clock=clock,
         renewal_mode=renewal_mode,
         handshake=handshake if handshake is not None else HandshakeBudget(),
+        store_forward=store_forward,
     )
     await serve_listener(
         settings, handler, observer=listener_observer, stats=stats, task_status=task_status

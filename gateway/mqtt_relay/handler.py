@@ -16,6 +16,7 @@ import trio
 
 from .credentials import MqttCredentials
 from .in_flight import AckBatchingFactory
+from .local_session import StoreForward
 from .observer import NullObserver, PacketTracer, RelayObserver
 from .renewal import RenewalMode
 from .session import Session
@@ -42,6 +43,7 @@ async def relay_mqtt_connection(
     credentials: MqttCredentials | None = None,
     renewal_mode: RenewalMode = RenewalMode.AUTO,
     handshake: HandshakeBudget | None = None,
+    store_forward: StoreForward | None = None,
 ) -> str:
     """Relay one device connection until either side ends it; returns the CloseReason.
 
@@ -54,7 +56,9 @@ async def relay_mqtt_connection(
     own credentials); `renewal_mode` how a token renewal replaces the upstream
     connection (see `gateway.mqtt_relay.renewal`). `handshake`: the daemon's
     budget for bytes held before authentication (None: each CONNECT is still
-    bounded, their sum is not).
+    bounded, their sum is not). `store_forward`: the message store and local
+    sessions when store-and-forward is configured (see
+    `gateway.mqtt_relay.local_session`).
     """
     session = Session(
         device_stream,
@@ -68,6 +72,7 @@ async def relay_mqtt_connection(
         renewal_mode,
         ack_batching,
         handshake,
+        store_forward,
     )
     return await session.run()
 
@@ -84,6 +89,7 @@ def connection_handler(
     clock: Callable[[], float] = time.time,
     renewal_mode: RenewalMode = RenewalMode.AUTO,
     handshake: HandshakeBudget | None = None,
+    store_forward: StoreForward | None = None,
 ) -> ConnectionHandler:
     """The handler for one `protocol: mqtt` listener's connections.
 
@@ -108,6 +114,7 @@ def connection_handler(
             credentials=held,
             renewal_mode=renewal_mode,
             handshake=handshake,
+            store_forward=store_forward,
         )
 
     return handle

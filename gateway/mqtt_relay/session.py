@@ -74,7 +74,7 @@ from gateway.mqtt.errors import (
     UnsupportedProtocolVersion,
 )
 from gateway.mqtt.limits import DEFAULT_MAX_CONNECT_SIZE, check_connect, connect_level
-from gateway.mqtt.packets import Connect, Packet
+from gateway.mqtt.packets import Connack, Connect, Packet
 from gateway.mqtt.reader import PacketReader
 from gateway.mqtt.session import RelayState
 from gateway.mqtt.topics import TopicPolicy
@@ -91,6 +91,7 @@ from .closing import (
 )
 from .credentials import ConnectDecision, MqttCredentials
 from .in_flight import AckBatchingFactory, InFlight
+from .local_session import LocalSession, StoreForward, eligible
 from .observer import IN, PacketReport, PacketTracer, RelayObserver, call_hook
 from .pump import DeviceToHub, HubToDevice, Tracking
 from .renewal import RenewalMode, SessionLost, TokenRenewal
@@ -136,6 +137,7 @@ class Session:
         renewal_mode: RenewalMode = RenewalMode.AUTO,
         ack_batching: AckBatchingFactory | None = None,
         handshake: HandshakeBudget | None = None,
+        store_forward: StoreForward | None = None,
     ) -> None:
         self.device = device
         self.handshake = handshake
@@ -147,6 +149,7 @@ class Session:
         self.credentials = credentials
         self.renewal_mode = renewal_mode
         self.ack_batching = ack_batching
+        self.store_forward = store_forward
         self.link: UpstreamLink | None = None  # the current upstream connection
         self.links: list[UpstreamLink] = []  # every open one (two during a renewal)
         self.device_reader = PacketReader(
@@ -185,8 +188,11 @@ class Session:
     async def run(self) -> str:
         try:
             connect = await self._read_connect()
-            await self._open_upstream(connect)
-            await self._relay()
+            local = await self._open_upstream(connect)
+            if local is not None:
+                await local.run()  # ends with a Stop
+            else:
+                await self._relay()
         except Stop as stop:
             self.stop = self.stop or stop
         except BaseException as exc:
@@ -267,6 +273,21 @@ class Session:
                 await hold.grow_to(reader.buffered + size)
             await self.read_device(size)
 
+    async def next_device_packet(self) -> Packet:
+        """The device's next packet after its CONNECT (a local session's reads);
+        raises Stop on EOF and errors."""
+        reader = self.device_reader
+        while True:
+            try:
+                packet = reader.next_packet()
+            except PacketTooLarge as exc:
+                raise Stop(CloseReason.PACKET_TOO_LARGE, exc.reason) from None
+            except MQTTProtocolError as exc:
+                raise Stop(CloseReason.DEVICE_PROTOCOL_ERROR, exc.reason) from None
+            if packet is not None:
+                return packet
+            await self.read_device()
+
     async def _refuse_oversized(self) -> None:
         """Answer a CONNECT over the size limit if its protocol level is known."""
         reader = self.device_reader
@@ -301,7 +322,10 @@ class Session:
 
     # -- step 2 and 3: route and upstream ---------------------------------------------------
 
-    async def _open_upstream(self, connect: Connect) -> None:
+    async def _open_upstream(self, connect: Connect) -> LocalSession | None:
+        """Route the device and open its upstream connection; or, for a store-and-forward
+        device whose hub is unreachable or whose older messages still wait, return
+        the local session that answers it instead (`local_session`)."""
         hub = hub_host_from_username(connect.username)
         self.label = f"{self.label} client {shown(connect.client_id)}"
         call_hook(self.obs, "on_device_identified", self.peer, connect.client_id)
@@ -340,6 +364,16 @@ class Session:
             connect_raw = decision.connect_raw
             profile = decision.profile or profile
         self._connector, self._profile = connector, profile
+        forward = self.store_forward
+        if not (
+            forward is not None
+            and decision is not None
+            and eligible(connect, decision.entry, decision.token)
+        ):
+            forward = None
+        elif forward.store.backlog(connect.client_id) > 0:
+            # Older messages first: the hub gets this device's messages in order.
+            return self._local(connect, "older messages of the device are still stored")
         renewed = decision is not None and decision.token is not None and decision.entry is not None
         if renewed:
             self.tracking = Tracking(SessionTracker(connect.protocol_level))
@@ -350,7 +384,10 @@ class Session:
             wait = float(getattr(connector, "ack_batching", 0.0))
             if wait > 0.0 and self.ack_batching is not None:
                 self.in_flight = InFlight(self.ack_batching(wait))
-        stream = await self._open_stream(connect)
+        try:
+            stream = await self._open_stream(connect, refuse=forward is None)
+        except UpstreamUnavailable as exc:
+            return self._local(connect, f"hub unreachable ({exc.reason}: {exc.detail})")
         self.link = self._new_link(stream, 0)
         log.info(
             "mqtt %s: %s -> connector %s (%s), protocol level %d, keep-alive %ds%s",
@@ -365,6 +402,12 @@ class Session:
             _credential_note(decision),
         )
         await self.send_upstream(connect, connect_raw)
+        if forward is not None:
+            unavailable = await self._hub_unavailable(self.link)
+            if unavailable is not None:
+                await self._close_link_stream(self.link)
+                self.link = None
+                return self._local(connect, unavailable)
         self.last_heard = trio.current_time()
         if renewed:
             assert self.credentials is not None and decision is not None
@@ -379,16 +422,52 @@ class Session:
                 connack_timeout=float(connector.connect_timeout),
                 mode=self.renewal_mode,
             )
+        return None
 
-    async def _open_stream(self, connect: Connect | None) -> trio.abc.Stream:
+    def _local(self, connect: Connect, why: str) -> LocalSession:
+        assert self.store_forward is not None
+        return LocalSession(self, self.store_forward, connect, self._connector.name, why)
+
+    async def _hub_unavailable(self, link: UpstreamLink) -> str | None:
+        """For a store-and-forward device: wait for the hub's CONNACK, left in `link`'s
+        reader for the relay; why the hub counts as unreachable (CONNACK 3, closed or
+        silent), or None (any other answer, a refusal included, is relayed as ever)."""
+        timeout = float(self._connector.connect_timeout)
+        peek = PacketReader(UPSTREAM_MAX_PACKET_SIZE, protocol_level=self.state.protocol_level)
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    data = await link.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    return f"hub connection failed before CONNACK ({describe(exc)})"
+                if not data:
+                    return "hub closed the connection before CONNACK"
+                link.reader.feed(data)
+                try:
+                    peek.feed(data)
+                    packet = peek.next_packet()
+                except MQTTProtocolError:
+                    return None  # the relay reports it as it always has
+                if packet is None:
+                    continue
+                if isinstance(packet, Connack) and packet.return_code == int(
+                    ConnackCode.SERVER_UNAVAILABLE
+                ):
+                    return "hub answered CONNACK 3 (server unavailable)"
+                return None
+        return f"no CONNACK from the hub within {timeout:g}s"
+
+    async def _open_stream(
+        self, connect: Connect | None, *, refuse: bool = True
+    ) -> trio.abc.Stream:
         """A new connection to the route's connector; refuses the device if `connect` is
-        given (the first connection), else raises UpstreamUnavailable (a renewal)."""
+        given (the first connection) and `refuse`, else raises UpstreamUnavailable."""
         connector, profile = self._connector, self._profile
         try:
             opened = await self.open_upstream(connector, profile)
         except UpstreamUnavailable as exc:
             call_hook(self.obs, "on_upstream_connect_failure", connector.name, exc.reason)
-            if connect is None:
+            if connect is None or not refuse:
                 raise
             await self._refuse(connect, ConnackCode.SERVER_UNAVAILABLE)
             raise Stop(

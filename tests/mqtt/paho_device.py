@@ -86,19 +86,26 @@ class PahoDevice:
 
     # -- blocking API (call through trio.to_thread) -------------------------------------
 
-    def _connect(self, port: int, will: tuple[str, bytes, int] | None, properties: Any) -> Any:
+    def _connect(
+        self, port: int, will: tuple[str, bytes, int] | None, properties: Any, host: str
+    ) -> Any:
         if will is not None:
             self.client.will_set(will[0], will[1], qos=will[2])
         kwargs = {"properties": properties} if properties is not None else {}
-        self.client.connect("127.0.0.1", port, keepalive=self.keepalive, **kwargs)
+        self.client.connect(host, port, keepalive=self.keepalive, **kwargs)
         self.client.loop_start()
         return self.connack.get(timeout=WAIT)
 
     async def connect(
-        self, port: int, *, will: tuple[str, bytes, int] | None = None, properties: Any = None
+        self,
+        port: int,
+        *,
+        will: tuple[str, bytes, int] | None = None,
+        properties: Any = None,
+        host: str = "127.0.0.1",
     ) -> Any:
         """Connect and return the CONNACK reason (a paho ReasonCode; 0/"Success" is good)."""
-        return await trio.to_thread.run_sync(self._connect, port, will, properties)
+        return await trio.to_thread.run_sync(self._connect, port, will, properties, host)
 
     async def subscribe(self, topic: str, qos: Any = 1) -> Any:
         def run() -> Any:
