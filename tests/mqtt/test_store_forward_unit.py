@@ -137,7 +137,9 @@ async def test_replay_honours_the_rate_limit(autojump_clock):
         await nursery.start(fw.run)
         await drained(store)
         nursery.cancel_scope.cancel()
-    assert [t for _, t, _ in hub.sent] == [f"devices/dev1/messages/events/n={i}" for i in range(100)]
+    assert [t for _, t, _ in hub.sent] == [
+        f"devices/dev1/messages/events/n={i}" for i in range(100)
+    ]
     times = [t - start for t, _, _ in hub.sent]
     burst = store.replay_limiter("hub").burst
     for i, t in enumerate(times):
