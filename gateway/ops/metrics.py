@@ -271,6 +271,15 @@ class Metrics:
                 registry=r,
             )
         )
+        # Store-and-forward: MQTT telemetry a local session could not store (QoS 0).
+        self._mqtt_store_dropped = _Children(
+            Counter(
+                "iotgw_mqtt_store_dropped",
+                "MQTT telemetry dropped in a store-and-forward local session, by reason (qos0)",
+                ["reason"],
+                registry=r,
+            )
+        )
 
         # Credentials (token expiry, renewal): used once the gateway holds keys.
         self._token_expiry = Gauge(
@@ -474,6 +483,9 @@ class Metrics:
     def on_mqtt_closed(self, reason: str) -> None:
         self._mqtt_closes.get(reason).inc()
 
+    def on_mqtt_store_dropped(self, reason: str) -> None:
+        self._mqtt_store_dropped.get(reason).inc()
+
     def mqtt_observer(self, listener: str = "", route: str = "mqtt",
                       registry: Any = None) -> MqttRelayMetrics:  # fmt: skip
         """The MQTT relay's observer for one listener (``registry``: the live
@@ -586,6 +598,10 @@ class MqttRelayMetrics:
         if side is not None:
             self._metrics.on_protocol_error(reason, side=side, protocol="mqtt")
 
+    def on_store_dropped(self, device: str, reason: str) -> None:
+        """A local session dropped a device's telemetry (QoS 0: nothing to acknowledge)."""
+        self._metrics.on_mqtt_store_dropped(reason)
+
     def on_device_identified(self, conn_key: Any, device_id: str) -> None:
         """The session's CONNECT named its client (``dev`` or ``dev/mod``).
         ``conn_key``: the device's peer ``(host, port)`` as the listener handed it
@@ -691,6 +707,7 @@ class NullMetrics:
         return (_NULL_CHILD,)
 
     def on_mqtt_closed(self, reason: str) -> None: ...
+    def on_mqtt_store_dropped(self, reason: str) -> None: ...
     def mqtt_observer(self, listener: str = "", route: str = "mqtt",
                       registry: Any = None) -> MqttRelayMetrics:  # fmt: skip
         return MqttRelayMetrics(self, listener, route, registry)
