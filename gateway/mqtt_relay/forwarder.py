@@ -540,6 +540,10 @@ class _Replay:
             log.info("store and forward: %s: replay connection lost (%s); retrying in %.1fs",
                      self.identity, why, wait)  # fmt: skip
             return
+        # The hub may have had them and its PUBACKs were lost: they go again.
+        suspect = getattr(self.store, "record_duplicate_suspect", None)
+        if suspect is not None:
+            suspect(self.connector, self.identity, len(self.in_flight))
         oldest = min(self.in_flight.values(), key=lambda m: m.seq)
         if state.suspect == oldest.seq and len(self.in_flight) == 1:
             state.attempts += 1
