@@ -55,6 +55,7 @@ from gateway.mqtt.constants import ConnackCode
 from gateway.mqtt.errors import MQTTProtocolError
 from gateway.mqtt.packets import Connack, Connect, Puback
 from gateway.mqtt.reader import PacketReader
+from gateway.store import StoreError
 
 from .credentials import MqttCredentials
 from .local_session import CONNECT_META, RETAIN_META, LocalSessions, StoreForward
@@ -197,7 +198,17 @@ class MqttForwarder:
                 if wait > 0:
                     await trio.sleep(wait)
                     continue
-                await self._attempt(identity, state)
+                try:
+                    await self._attempt(identity, state)
+                except StoreError as exc:
+                    wait = state.backoff.failed()
+                    log.warning("store and forward: %s: store error: %s; retrying in %.1fs",
+                                identity, exc.reason, wait)  # fmt: skip
+                except Exception:
+                    # A bug: logged with its traceback; live relaying must not end with it.
+                    state.backoff.delay = state.backoff.high
+                    state.backoff.failed()
+                    log.exception("store and forward: %s: replay failed", identity)
         finally:
             self._running.discard(identity)
             if not self._pending(identity):
@@ -406,6 +417,7 @@ class _Replay:
         self.last_sent = 0  # seq of the last message sent
         self.next_id = 0
         self.acked = 0
+        self.deleting = 0  # acknowledged by the hub, being deleted from the store
         self.changed = trio.Event()
         renew_at = float(getattr(forwarder.credentials.store, "renew_at", 0.8))
         self.end_at = trio.current_time() + lifetime * renew_at
@@ -414,6 +426,7 @@ class _Replay:
         """Send until the backlog is empty (True) or the token is due (False); _Lost
         if the connection is lost first."""
         lost: list[str] = []
+        failed: list[StoreError] = []
         done = False
 
         async def guarded(fn: Any) -> Any:
@@ -421,15 +434,19 @@ class _Replay:
                 return await fn()
             except _Lost as exc:
                 lost.append(str(exc))
-                nursery.cancel_scope.cancel()
-                return None
+            except StoreError as exc:
+                failed.append(exc)
+            nursery.cancel_scope.cancel()
+            return None
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(guarded, self._receive)
             done = bool(await guarded(self._send))
-            if not lost:
+            if not lost and not failed:
                 await self._drain()
             nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         if lost:
             raise _Lost(lost[0])
         await self._write(encode.disconnect())
@@ -446,7 +463,7 @@ class _Replay:
             if not self.queue:
                 await self._refill()
                 if not self.queue:
-                    if not self.in_flight:
+                    if not self.in_flight and not self.deleting:
                         return True
                     await self.changed.wait()
                     continue
@@ -505,7 +522,15 @@ class _Replay:
                 # Anything else (a C2D PUBLISH on a clean-session-0 login, PINGRESP) is
                 # left unanswered: the hub delivers it again to the device itself.
             if acked:
-                await self._acked(acked)
+                # Shielded: a message the hub acknowledged is deleted even if the
+                # connection is being ended, or it would be sent again.
+                self.deleting += len(acked)
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._acked(acked)
+                finally:
+                    self.deleting -= len(acked)
+                    self._wake()
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -529,7 +554,7 @@ class _Replay:
 
     async def _drain(self) -> None:
         with trio.move_on_after(DRAIN_TIMEOUT):
-            while self.in_flight:
+            while self.in_flight or self.deleting:
                 await self.changed.wait()
 
     async def lost(self, why: str) -> None:
