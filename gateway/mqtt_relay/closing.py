@@ -39,6 +39,11 @@ class CloseReason:
     CREDENTIAL_ERROR = CREDENTIAL_ERROR  # the entry's key is unusable
     TOKEN_EXPIRED = TOKEN_EXPIRED  # renewals failed until the token expired
     TOKEN_RENEWAL_FAILED = RENEWAL_FAILED  # renewal lost the session
+    # Store-and-forward local sessions (gateway.mqtt_relay.local_session):
+    STORE_FULL = "store_full"  # no room for a PUBLISH within the wait
+    STORE_UNAVAILABLE = "store_unavailable"  # the store failed
+    HUB_REQUIRED = "hub_required"  # a twin/method PUBLISH while the hub is unreachable
+    HUB_REACHABLE = "hub_reachable"  # the backlog was delivered: back to the hub
 
 
 class Stop(Exception):
@@ -64,6 +69,7 @@ ROUTINE = {
     CloseReason.DEVICE_CLOSED,
     CloseReason.UPSTREAM_CLOSED,
     CloseReason.SHUTDOWN,
+    CloseReason.HUB_REACHABLE,
 }
 
 

@@ -86,11 +86,11 @@ FULL_RETRY = 0.5
 # Writing one of the gateway's answers never waits longer than this.
 SEND_TIMEOUT = 5.0
 
-# Close reasons of local sessions (metric labels, like CloseReason's).
-STORE_FULL = "store_full"
-STORE_UNAVAILABLE = "store_unavailable"
-HUB_REQUIRED = "hub_required"  # twin/method PUBLISH in a local session
-HUB_REACHABLE = "hub_reachable"  # the forwarder delivered the backlog: back to the hub
+# Close reasons of local sessions (see CloseReason).
+STORE_FULL = CloseReason.STORE_FULL
+STORE_UNAVAILABLE = CloseReason.STORE_UNAVAILABLE
+HUB_REQUIRED = CloseReason.HUB_REQUIRED
+HUB_REACHABLE = CloseReason.HUB_REACHABLE
 SUBACK_FAILURE = 0x80
 
 

@@ -56,10 +56,10 @@ async def test_listeners_get_live_settings_and_the_store_router_gets_the_store(
     async def serve_mqtt_listener(listener_cfg, config, *, task_status=trio.TASK_STATUS_IGNORED,
                                   observer=None, listener_observer=None, stats=None, tracer=None,
                                   credentials=None, settings=None, clock=None,
-                                  handshake=None):  # fmt: skip
+                                  handshake=None, store_forward=None):  # fmt: skip
         calls["mqtt"] = {"credentials": credentials, "settings": settings, "config": config,
                          "observer": observer, "listener_observer": listener_observer,
-                         "handshake": handshake}  # fmt: skip
+                         "handshake": handshake, "store_forward": store_forward}  # fmt: skip
         task_status.started([("127.0.0.1", 1883)])
         await trio.sleep_forever()
 
@@ -78,6 +78,7 @@ async def test_listeners_get_live_settings_and_the_store_router_gets_the_store(
         assert mqtt["observer"].registry is gw.registry  # connector state, device ids
         assert mqtt["listener_observer"] is gw.listener_observer
         assert mqtt["handshake"] is gw.handshake  # one budget for every listener
+        assert mqtt["store_forward"] is None  # no store_and_forward section
         assert gw.listener_addresses["mqtt"] == [("127.0.0.1", 1883)]
         gw.request_stop()
 
