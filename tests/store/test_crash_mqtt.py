@@ -102,6 +102,7 @@ class Device:
         client.username_pw_set(f"{HUB}/{self.id}/?api-version=2021-04-12")
         client.max_inflight_messages_set(IN_FLIGHT)
         mids: dict[int, int] = {}
+        early: set[int] = set()  # PUBACKed before publish() returned its mid
         gone = threading.Event()
         connected = threading.Event()
 
@@ -114,10 +115,10 @@ class Device:
         def on_publish(c, u, mid, reason, props):
             with self.lock:
                 seq = mids.pop(mid, None)
-                if seq is not None:
-                    self.acked.add(seq)
-                    self.unacked.pop(seq, None)
-                self.lock.notify_all()
+                if seq is None:
+                    early.add(mid)
+                else:
+                    self._acked(seq)
 
         def on_disconnect(c, u, flags, reason, props):
             gone.set()
@@ -141,7 +142,7 @@ class Device:
                 backlog = list(self.unacked)  # sent before, never acknowledged: again
                 self.resent += len(backlog)
             for seq in backlog:
-                self._publish(client, mids, seq)
+                self._publish(client, mids, early, seq)
             while not gone.is_set():
                 with self.lock:
                     while (self.running and self.target == target and not gone.is_set()
@@ -152,18 +153,31 @@ class Device:
                     seq = self.next_seq
                     self.next_seq += 1
                     self.unacked[seq] = None
-                self._publish(client, mids, seq)
+                self._publish(client, mids, early, seq)
         finally:
             client.loop_stop()
             sock = client.socket()
             if sock is not None:
                 sock.close()
 
-    def _publish(self, client: paho.Client, mids: dict[int, int], seq: int) -> None:
+    def _publish(
+        self, client: paho.Client, mids: dict[int, int], early: set[int], seq: int
+    ) -> None:
         topic = f"devices/{self.id}/messages/events/seq={seq}"
+        # Not under self.lock: paho calls on_publish holding its own lock.
+        info = client.publish(topic, f"{self.id}:{seq}".encode(), qos=1)
         with self.lock:
-            info = client.publish(topic, f"{self.id}:{seq}".encode(), qos=1)
-            mids[info.mid] = seq
+            if info.mid in early:
+                early.discard(info.mid)
+                self._acked(seq)
+            else:
+                mids[info.mid] = seq
+
+    def _acked(self, seq: int) -> None:
+        """With self.lock held."""
+        self.acked.add(seq)
+        self.unacked.pop(seq, None)
+        self.lock.notify_all()
 
 
 def received(hub: HubSim) -> Counter[tuple[str, int]]:
