@@ -14,6 +14,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -23,6 +24,7 @@ from gateway.auth.credentials import CredentialStore
 from gateway.config import parse_config_text
 from gateway.daemon import MqttUpstreams, serve_mqtt_listener
 from gateway.hubsim import HubSim
+from gateway.mqtt import encode
 from gateway.mqtt_relay import CloseReason
 from gateway.mqtt_relay.forwarder import MqttForwarder
 from gateway.mqtt_relay.local_session import (
@@ -32,7 +34,7 @@ from gateway.mqtt_relay.local_session import (
     LocalSession,
     StoreForward,
 )
-from gateway.store import MessageStore
+from gateway.store import FakeStore, MessageStore, StoreUnavailable
 
 from .paho_device import PahoDevice
 
@@ -125,8 +127,9 @@ credentials:
         self.forwarder: MqttForwarder | None = None
         self._forwarder_scope: trio.CancelScope | None = None
 
-    async def start(self, nursery: trio.Nursery, *, forwarder: bool = True) -> Gateway:
-        self.store = await MessageStore.open(self.config.store_and_forward)
+    async def start(self, nursery: trio.Nursery, *, forwarder: bool = True,
+                    store: Any = None) -> Gateway:  # fmt: skip
+        self.store = store or await MessageStore.open(self.config.store_and_forward)
         self.forward = StoreForward(self.store)
 
         async def serve(task_status=trio.TASK_STATUS_IGNORED):
@@ -172,8 +175,9 @@ def hub():
 async def gateway(nursery, hub, tmp_path):
     made: list[Gateway] = []
 
-    async def make(*, forwarder: bool = True, **options) -> Gateway:
-        gw = await Gateway(hub, tmp_path, **options).start(nursery, forwarder=forwarder)
+    async def make(*, forwarder: bool = True, store: Any = None, **options) -> Gateway:
+        gw = await Gateway(hub, tmp_path, **options).start(nursery, forwarder=forwarder,
+                                                           store=store)  # fmt: skip
         made.append(gw)
         return gw
 
@@ -395,3 +399,39 @@ async def test_message_the_hub_closes_on_is_rejected_after_bounded_attempts(
         assert gw.forwarder is not None and gw.forwarder.rejected == 1
         assert "rejected: the hub closed the connection 3 times" in caplog.text
         await gw.aclose()
+
+
+async def test_unusable_store_withholds_puback_and_closes_with_a_log_line(
+    hub, gateway, devices, caplog
+):
+    await stop_hub(hub)
+    store = FakeStore()
+    gw = await gateway(forwarder=False, store=store)
+    device = devices("dev1")
+    assert await device.connect(gw.port, host=gw.host) == 0
+    store.fail_appends = StoreUnavailable("store /x/store.db: disk full", kind="disk_full")
+    info = device.client.publish(events("dev1"), b"lost?", qos=1)
+    assert not await acknowledged(device, info)
+    await gw.observer.wait_closed(CloseReason.STORE_UNAVAILABLE)
+    assert "store unavailable storing PUBLISH 1: store /x/store.db: disk full" in caplog.text
+    assert store.stats().refused == {"unavailable": 1}
+    assert store.stats().errors == {"disk_full": 1}
+
+
+async def test_local_session_enforces_the_keep_alive(hub, gateway):
+    """A raw client (no automatic PINGREQ): answered, then silent past 1.5 x 1 s."""
+    await stop_hub(hub)
+    gw = await gateway(forwarder=False)
+    stream = await trio.open_tcp_stream(gw.host, gw.port)
+    connect = encode.connect("dev1", keep_alive=1, username=f"{HUB}/dev1/?api-version=2021-04-12")
+    await stream.send_all(connect + encode.pingreq())
+    got = b""
+    with trio.fail_after(WAIT):
+        while len(got) < 6:
+            got += await stream.receive_some(64)
+        assert got[:6] == encode.connack(0) + encode.pingresp()
+        started = trio.current_time()
+        assert await stream.receive_some(64) == b""  # closed by the gateway
+    assert trio.current_time() - started >= 1.4
+    await gw.observer.wait_closed(CloseReason.KEEPALIVE_TIMEOUT)
+    await stream.aclose()
