@@ -54,7 +54,8 @@ FAILSAFE = 180.0  # seconds: a wait this long is a failure, not a slow machine
 PACING = 0.1  # seconds between one device's messages: a sensor, slower than replay_rate
 MQTT_IN_FLIGHT = 4
 STORE_WINDOW = 16  # both forwarders' replay window (docs/store-and-forward.md)
-PER_PHASE = 40  # acknowledgements per opted-in device in each storing phase
+# Acknowledgements per opted-in device in each storing phase (raise it for a longer outage).
+PER_PHASE = int(os.environ.get("SF_OUTAGE_PER_PHASE", "40"))
 
 MQTT_OPTED = ("mq-1", "mq-2")
 AMQP_OPTED = ("am-1", "am-2")
