@@ -466,6 +466,11 @@ class Forwarder:
                     await self._replay(binding, key)
                 except _Retry as exc:
                     self._backoff(key, str(exc))
+                except self.sf.full_errors[1] as exc:  # StoreUnavailable
+                    # Out of service (corrupt): nothing can be replayed, so the device's
+                    # local links go and its next attach reaches the hub, which is up.
+                    self._backoff(key, str(exc))
+                    self.sf.drained(key)
                 except Exception as exc:  # a replay bug must not take the router down
                     log.exception("store-and-forward: replay of %s failed", key)
                     self._backoff(key, f"{type(exc).__name__}: {exc}")

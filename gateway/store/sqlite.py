@@ -671,12 +671,18 @@ class MessageStore:
     # -- reading ------------------------------------------------------------------------------
 
     def backlog(self, device: str) -> int:
-        """Messages waiting for this device (memory only, no disk)."""
+        """Messages waiting for this device (memory only, no disk). None once the store is
+        out of service (corrupt): they cannot be replayed until the file is recovered, so
+        no device is held in a local session behind them (stats() still counts them)."""
+        if self._unavailable is not None:
+            return 0
         return self._ledger.backlog(device)
 
     def devices_waiting(self, protocol: str, connector: str | None = None) -> list[str]:
         """Devices with messages of ``protocol`` (and ``connector``) waiting, the longest
-        waiting first (memory only)."""
+        waiting first (memory only); none once the store is out of service."""
+        if self._unavailable is not None:
+            return []
         return self._ledger.devices_waiting(protocol, connector)
 
     async def peek(

@@ -126,6 +126,9 @@ class Device(threading.Thread):
                 self.sent.refusals_hub_down += 1
             self.sent.errors[what] += 1
 
+    def pace(self) -> float:
+        return PACING
+
     def backoff(self) -> None:
         # Exponential with jitter, as the SDKs do; reset after a good session.
         self.stopping.wait(self.delay * (0.5 + self.rng.random()))
@@ -164,6 +167,7 @@ class MqttDevice(Device):
         client.username_pw_set(f"{HUB}/{self.device}/?api-version=2021-04-12")
         client.max_inflight_messages_set(MQTT_IN_FLIGHT)
         mids: dict[int, int] = {}
+        early: set[int] = set()
         cond = threading.Condition()
         state = {"connected": False, "gone": False}
 
@@ -179,10 +183,10 @@ class MqttDevice(Device):
         def on_publish(c: Any, u: Any, mid: int, reason: Any, props: Any) -> None:
             with cond:
                 n = mids.pop(mid, None)
-                if n is not None:
-                    with self.lock:
-                        self.sent.acked.append(n)
-                    self.unacked.pop(n, None)
+                if n is None:
+                    early.add(mid)  # acknowledged before publish() returned its mid
+                else:
+                    self.acked_one(n)
                 cond.notify_all()
 
         def on_disconnect(c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -200,7 +204,7 @@ class MqttDevice(Device):
                     return False
                 again = list(self.unacked)
             for n in again:
-                self.publish(client, mids, cond, n)
+                self.publish(client, mids, early, cond, n)
             last = 0.0
             while not self.stopping.is_set():
                 with cond:
@@ -213,11 +217,11 @@ class MqttDevice(Device):
                     n = self.next
                     self.next += 1
                     self.unacked[n] = None
-                pause = PACING - (time.monotonic() - last)
+                pause = self.pace() - (time.monotonic() - last)
                 if pause > 0:
                     self.stopping.wait(pause)  # the sensor's own rate
                 last = time.monotonic()
-                self.publish(client, mids, cond, n)
+                self.publish(client, mids, early, cond, n)
             return True
         finally:
             client.loop_stop()
@@ -225,15 +229,32 @@ class MqttDevice(Device):
             if sock is not None:
                 sock.close()
 
-    def publish(self, client: paho.Client, mids: dict[int, int], cond: threading.Condition, n: int) -> None:
+    def acked_one(self, n: int) -> None:
+        with self.lock:
+            self.sent.acked.append(n)
+        self.unacked.pop(n, None)
+
+    def publish(self, client: paho.Client, mids: dict[int, int], early: set[int],
+                cond: threading.Condition, n: int) -> None:  # fmt: skip
+        topic, payload = self.topic(n), self.payload(n)
+        with self.lock:
+            self.sent.expect[n] = (topic, payload)
+        # Not under `cond`: paho calls on_publish (which takes it) under its own lock.
+        info = client.publish(topic, payload, qos=1)
         with cond:
-            info = client.publish(self.topic(n), self.payload(n), qos=1)
-            mids[info.mid] = n
-            with self.lock:
-                self.sent.expect[n] = (self.topic(n), self.payload(n))
+            if info.mid in early:
+                early.discard(info.mid)
+                self.acked_one(n)
+            else:
+                mids[info.mid] = n
+            cond.notify_all()
 
 
 class AmqpDevice(Device):
+    # True: after a refusal, send again on the same link (as an SDK may) instead of
+    # reconnecting: only the gateway detaching the link moves the device on.
+    same_link = False
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.next = 0
@@ -268,7 +289,8 @@ class AmqpDevice(Device):
                     good = True
                 else:  # released (a full or broken store), or anything else: send it again
                     self.refused(f"outcome {d.remote_state}")
-                    return good
+                    if not self.same_link:
+                        return good
                 self.stopping.wait(PACING)
             return good
         finally:

@@ -369,6 +369,32 @@ async def test_corrupt_pages_found_later_take_the_store_out_of_service(
     assert info.value.kind == "corrupt"
 
 
+async def test_a_store_out_of_service_holds_no_device_back(
+    config: StoreAndForwardSection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Corruption found while running: the stored messages cannot be replayed until an
+    operator recovers the file, so no device waits behind them (the relays keep a device
+    with a backlog answered locally, which would refuse it for good with the hub up)."""
+    store = await MessageStore.open(config)
+    try:
+        await fill(store, "dev1", 5, 100)
+
+        def malformed(*args: object) -> None:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        monkeypatch.setattr(store, "_peek_sync", malformed)
+        with pytest.raises(StoreUnavailable) as info:
+            await store.peek("dev1", 5)
+        assert info.value.kind == "corrupt" and not store.available
+        assert store.backlog("dev1") == 0
+        assert store.devices_waiting("mqtt") == []
+        # Operations still see what the file holds.
+        stats = store.stats()
+        assert stats.state == "unavailable" and stats.messages == 5
+    finally:
+        await store.aclose()
+
+
 async def test_second_gateway_on_the_same_file_is_refused(config: StoreAndForwardSection) -> None:
     store = await MessageStore.open(config)
     try:
