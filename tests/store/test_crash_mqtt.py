@@ -284,10 +284,11 @@ def test_sigkill_while_storing_and_forwarding_loses_no_acknowledged_message(tmp_
 
         wait_until(all_arrived, FINAL_TIMEOUT, "every acknowledged message at the hub")
     finally:
+        # The gateway first: a failing run must not leave it behind.
+        if gw is not None and gw.proc.poll() is None:
+            kill(gw)
         for device in devices:
             device.stop()
-        if gw is not None and gw.proc.poll() is None:
-            gw.stop()
         hub.close()
 
     got = received(hub)
