@@ -96,6 +96,10 @@ class SaslPlainGate(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, check: PlainCheck) -> None:
         self._stream = stream
         self._check = check
+        # Writes pass straight through, the non-blocking one too (see EngineDriver).
+        send_nowait = getattr(stream, "send_nowait", None)
+        if send_nowait is not None:
+            self.send_nowait = send_nowait
         self._held = bytearray()
         self._header_seen = False
         self._done = False

@@ -110,6 +110,11 @@ class HandshakeStream(trio.abc.Stream):
         self._stream = stream
         self._hold: Hold | None = hold
         self._buffered = buffered
+        # Writes are not held: the stream's non-blocking write, if it has one, is
+        # offered as is (the AMQP driver writes with it at the end of a loop turn).
+        send_nowait = getattr(stream, "send_nowait", None)
+        if send_nowait is not None:
+            self.send_nowait = send_nowait
 
     def done(self) -> None:
         if self._hold is not None:
