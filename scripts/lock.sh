@@ -17,6 +17,7 @@
 #   requirements/sim.lock      + the `sim` extra (hub emulator): scripts/demo.sh, the benchmarks
 #   requirements/test.lock     + every extra: scripts/test.sh, .ci/run
 #   requirements/sdk.lock      the Azure device SDKs tests/sdk drives (.venv-sdk), from sdk.in
+#   requirements/mutation.lock mutmut for scripts/mutation.sh (on top of test.lock), from mutation.in
 #
 # All three agree on every version they share: test.lock is resolved first and the others are
 # constrained to it. Each also pins setuptools, the build backend, so the project itself
@@ -76,7 +77,10 @@ compile requirements/sim.lock pyproject.toml "$build_in" --extra sim -c requirem
 compile requirements/runtime.lock pyproject.toml "$build_in" -c requirements/test.lock "$@"
 # The Azure device SDKs' own environment for tests/sdk (paho-mqtt<2: not constrained to test.lock).
 compile requirements/sdk.lock requirements/sdk.in "$@"
+# mutmut for scripts/mutation.sh, installed on top of test.lock.
+compile requirements/mutation.lock requirements/mutation.in -c requirements/test.lock "$@"
 
-for lock in requirements/runtime.lock requirements/sim.lock requirements/test.lock requirements/sdk.lock; do
+for lock in requirements/runtime.lock requirements/sim.lock requirements/test.lock requirements/sdk.lock \
+    requirements/mutation.lock; do
     echo "$lock: $(grep -c '^[A-Za-z0-9]' "$lock") packages"
 done

@@ -26,7 +26,7 @@ if [ ! -x "$PY" ]; then
 fi
 # mutmut is a test-only tool, pinned with hashes in its own lock (not in test.lock: CI does not
 # run it).
-[ ! -f requirements/mutation.lock ] || "$PY" -m pip install -q --require-hashes -r requirements/mutation.lock
+"$PY" -m pip install -q --require-hashes -r requirements/mutation.lock
 
 # module -> the file to mutate and its own unit tests
 tests_for() {

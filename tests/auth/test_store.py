@@ -233,31 +233,40 @@ def test_module_certificates_groups_from_the_environment_and_trusted_groups(
     for name in ("m.pem", "m.key"):
         (tmp_path / name).write_text("x")
         (tmp_path / name).chmod(0o600)
-    text = """
+    text = f"""
+        store_and_forward: {{path: {tmp_path / "store"}}}
         credentials:
           devices:
-            - {id: dev5/modA, cert_file: m.pem, key_file: m.key, trust: network}
+            - {{id: dev5/modA, cert_file: m.pem, key_file: m.key, trust: network,
+               store_and_forward: true}}
+            - {{id: dev6, key: env:DEV6, trust: network, store_and_forward: true}}
           groups:
-            - {id_pattern: "pump-*", group_key: env:FLEET, trust: network}
+            - {{id_pattern: "pump-*", group_key: env:FLEET, trust: network, store_and_forward: true}}
         """
-    config = parse(text, env={"FLEET": FLEET_KEY})
+    config = parse(text, env={"FLEET": FLEET_KEY, "DEV6": DEV1_KEY})
     # Without an env mapping the store reads the process environment.
     monkeypatch.setenv("FLEET", FLEET_KEY)
+    monkeypatch.setenv("DEV6", DEV1_KEY)
     store = CredentialStore.from_config(config.credentials)
     module = store.lookup("dev5", "modA")
     assert module is not None and (module.kind, module.identity) == ("x509", "dev5/modA")
     pump = store.lookup("pump-1")
     assert pump is not None and pump.source == "group pump-* (env:FLEET)"
+    # store-and-forward is each entry's own choice, carried to what lookup returns
+    assert [e.store_and_forward for e in (module, store.lookup("dev6"), pump)] == [True] * 3
+    assert [r["store_and_forward"] for r in store.describe()] == [True] * 3
     assert pump.key is not None
     assert pump.key.get_secret_value() == derive_device_key(FLEET_KEY, "pump-1")
     assert store.warnings() == [
         "credentials devices[0]: dev5/modA has trust: network; any host that can reach the "
         "gateway may act as this device",
+        "credentials devices[1]: dev6 has trust: network; any host that can reach the "
+        "gateway may act as this device",
         "credentials groups[0]: devices matching 'pump-*' have trust: network; any host that "
         "can reach the gateway may act as them",
     ]
     with pytest.raises(CredentialError) as info:
-        CredentialStore.from_config(config.credentials, env={})
+        CredentialStore.from_config(config.credentials, env={"DEV6": DEV1_KEY})
     assert str(info.value) == "credentials.groups[0].group_key: environment variable FLEET is not set"
 
 
