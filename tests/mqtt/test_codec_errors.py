@@ -295,3 +295,59 @@ def test_reprs(packet: bytes, level: int, expected: str) -> None:
 def test_malformed_is_a_protocol_error() -> None:
     with pytest.raises(MalformedPacket):
         read(connect_with_flags(0x03))
+
+
+@pytest.mark.parametrize(
+    ("data", "level", "expected"),
+    [
+        (b"\x00\x00", MQTT_3_1_1, "reserved packet type 0"),
+        (b"\xf0\x00", MQTT_3_1_1, "reserved packet type 15"),
+        (b"\xf0\x00", None, "reserved packet type 15"),
+        (b"\x60\x02\x00\x01", MQTT_3_1_1, "PUBREL fixed header flags 0x0 are invalid"),
+        (b"\x81\x06\x00\x01\x00\x01a\x00", MQTT_3_1_1,
+         "SUBSCRIBE fixed header flags 0x1 are invalid"),
+        (b"\x41\x02\x00\x01", MQTT_3_1_1, "PUBACK fixed header flags 0x1 are invalid"),
+    ],
+)  # fmt: skip
+def test_fixed_header_reasons(data: bytes, level: int | None, expected: str) -> None:
+    assert reason(data, level) == expected
+
+
+@pytest.mark.parametrize(
+    ("packet", "level", "flags"),
+    [
+        (encode.subscribe(1, [("a", 0)]), MQTT_3_1_1, 2),
+        (encode.suback(1, [0]), MQTT_3_1_1, 0),
+        (encode.unsubscribe(1, ["a"]), MQTT_3_1_1, 2),
+        (encode.unsuback(1), MQTT_3_1_1, 0),
+        (encode.pubrel(1), MQTT_3_1_1, 2),
+        (encode.puback(1), MQTT_3_1_1, 0),
+        (encode.pingreq(), MQTT_3_1_1, 0),
+        (encode.disconnect(), MQTT_3_1_1, 0),
+        (encode.auth(0x18), MQTT_5, 0),
+    ],
+)
+def test_views_keep_flags_and_offsets(packet: bytes, level: int, flags: int) -> None:
+    p = read(packet, level)
+    assert (p.flags, p.body_offset, p.size) == (flags, 2, len(packet))
+    assert p.remaining_length == len(packet) - 2
+
+
+def test_acks_and_their_reason_codes() -> None:
+    assert read(encode.unsuback(1)).reason_codes == []
+    assert read(encode.unsuback(1, [0, 0x11], protocol_level=MQTT_5), MQTT_5).reason_codes == [
+        0,
+        0x11,
+    ]
+    assert read(encode.puback(3)).reason_code == 0
+    assert read(encode.puback(3), MQTT_5).reason_code == 0  # omitted: success
+    ack = read(encode.puback(3, reason_code=0x10, protocol_level=MQTT_5), MQTT_5)
+    assert (ack.packet_id, ack.reason_code, ack.properties_span) == (3, 0x10, None)
+    with_props = read(encode.pubcomp(3, reason_code=0x92, protocol_level=MQTT_5,
+                                     properties=[(Property.REASON_STRING, "r")]), MQTT_5)  # fmt: skip
+    assert with_props.reason_code == 0x92 and with_props.property(Property.REASON_STRING) == "r"
+    bye = read(encode.disconnect(0x04, protocol_level=MQTT_5), MQTT_5)
+    assert bye.reason_code == 0x04 and bye.properties_span is None
+    assert read(encode.disconnect()).reason_code == 0
+    assert read(encode.auth(0x18, properties=[(Property.AUTHENTICATION_METHOD, "m")]),
+                MQTT_5).property(Property.AUTHENTICATION_METHOD) == "m"  # fmt: skip
