@@ -6,6 +6,11 @@ configuration validated and logging is set up. It builds the credential store
 (on demand by default), the AMQP listeners (link routing), the MQTT listeners
 (session relay) and the admin endpoint, logs one line per connector and
 listener, and tells systemd it is ready once every listener is bound.
+With a ``store_and_forward:`` section it opens the message store
+(`gateway.store`) before the relays start, hands it to the router and the MQTT
+forwarder, runs its ``max_age`` expiry, and closes it after they stopped; a
+store that cannot be opened (corrupt, locked) is one error line, and the
+gateway runs without it (`/api/store` and ``iotgw_store_up`` say so).
 
 Signals:
 
