@@ -41,7 +41,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -78,7 +78,10 @@ from gateway.ops.store_status import StoreCollector, StoreStatus
 from gateway.ops.trace import FrameTracer
 from gateway.router.core import Router
 from gateway.router.routes import RouteTable
-from gateway.store import MessageStore, StoreUnavailable
+from gateway.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.store.sqlite import MessageStore
 
 log = logging.getLogger("gateway.daemon")
 
@@ -294,6 +297,8 @@ class Daemon:
         if section is None or self.store is not None:
             return
         try:
+            from gateway.store.sqlite import MessageStore  # sqlite3 only when configured
+
             self.store = await MessageStore.open(section, clock=self.clock)
         except StoreUnavailable as exc:
             self.store_status.error = exc

@@ -8,11 +8,29 @@ relays append, peek and delete through ``MessageStore``; operations read
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from gateway.store.errors import ErrorKind, RefusalReason, StoreError, StoreFull, StoreUnavailable
-from gateway.store.fake import FakeStore
 from gateway.store.limiter import RateLimiter
-from gateway.store.sqlite import MessageStore
 from gateway.store.types import Backlog, StoredMessage, StoreStats
+
+if TYPE_CHECKING:
+    from gateway.store.fake import FakeStore
+    from gateway.store.sqlite import MessageStore
+
+
+def __getattr__(name: str) -> Any:
+    # The stores themselves (and sqlite3) load on first use: a daemon configured
+    # without store_and_forward never pays their memory.
+    if name == "MessageStore":
+        from gateway.store.sqlite import MessageStore
+
+        return MessageStore
+    if name == "FakeStore":
+        from gateway.store.fake import FakeStore
+
+        return FakeStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Backlog",
