@@ -65,7 +65,9 @@ def test_parse_request() -> None:
     assert (odd.operation, odd.audience) == ("put-token", "7")
     bare = parse_request(encoded(ProtonMessage(body="x")))
     assert (bare.operation, bare.audience) == (None, None)
-    assert bare.properties.message_id is None  # no properties section: an empty one
+    # no properties section at all: read as an empty one
+    no_props = parse_request(b"\x00\x53\x77\xa1\x01x")  # just an amqp-value "x"
+    assert no_props.properties.message_id is None and no_props.operation is None
 
 
 def test_parse_request_refuses_garbage() -> None:
@@ -122,6 +124,7 @@ def test_status_reply() -> None:
     assert (out.correlation_id, out.address) == ("dev-msg-1", "cbs-reply")
     assert out.properties == {"status-code": 503, "status-description": "the hub cannot be reached"}
     assert out.body is None
+    assert raw.endswith(b"\x00\x53\x77\x40")  # an amqp-value section holding null, last
     # status-code is an AMQP int (0x71, 4 bytes), as IoT Hub sends it
     assert b"\xa1\x0bstatus-code\x71\x00\x00\x01\xf7" in raw
     assert parse_reply(raw).status == 503
