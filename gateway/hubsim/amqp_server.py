@@ -51,7 +51,7 @@ from .amqp_frames import (
     owned,
 )
 from .certs import peer_common_name
-from .netutil import drop
+from .netutil import TrackingSocket, drop, end_handshakes, tracking_listener
 from .records import CbsRecord, D2CRecord, LinkRecord, Recorder
 from .state import SERVICE, C2DMessage, HubState, MethodCall, identity_from_path
 
@@ -970,14 +970,16 @@ class AmqpServer:
         self.idle_timeout = idle_timeout
         self.connections: set[AmqpConnection] = set()
         self.server: asyncio.Server | None = None
+        self.listener: TrackingSocket | None = None
         # True: answer $cbs and twin requests before settling them (proton's own order),
         # to test peers against hubs that do; IoT Hub settles first.
         self.reply_before_settle = False
 
     async def start(self, host: str, port: int, ssl_context: Any) -> int:
         loop = asyncio.get_running_loop()
+        self.listener = tracking_listener(host, port)
         self.server = await loop.create_server(
-            lambda: self.connection_class(self), host, port, ssl=ssl_context, reuse_address=True
+            lambda: self.connection_class(self), sock=self.listener, ssl=ssl_context
         )
         return int(self.server.sockets[0].getsockname()[1])
 
@@ -1011,6 +1013,7 @@ class AmqpServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        end_handshakes(self.listener, [c.transport for c in self.connections if c.transport])
         self.close_all(graceful=False)
         if self.server is not None:
             try:

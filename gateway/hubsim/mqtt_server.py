@@ -42,7 +42,7 @@ from .mqtt_topics import (
     device_prefix,
     username_ok,
 )
-from .netutil import drop
+from .netutil import TrackingSocket, drop, end_handshakes, tracking_listener
 from .records import AuthRecord, D2CRecord
 from .state import C2DMessage, HubState, MethodCall
 
@@ -445,14 +445,14 @@ class MqttServer:
         self.by_identity: dict[str, MqttConnection] = {}
         self.sessions: dict[str, dict[str, int]] = {}  # identity -> {filter: qos} (clean session 0)
         self.server: asyncio.Server | None = None
+        self.listener: TrackingSocket | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
 
     async def start(self, host: str, port: int, ssl_context: Any) -> int:
         self.stopping = False
-        self.server = await asyncio.start_server(
-            self._handle, host, port, ssl=ssl_context, reuse_address=True
-        )
+        self.listener = tracking_listener(host, port)
+        self.server = await asyncio.start_server(self._handle, sock=self.listener, ssl=ssl_context)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -475,6 +475,7 @@ class MqttServer:
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        end_handshakes(self.listener, [c.writer.transport for c in self.connections])
         self.close_all(graceful=False)
         for task in list(self.tasks):
             task.cancel()
