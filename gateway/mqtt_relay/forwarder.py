@@ -412,6 +412,10 @@ class _Replay:
         self.level = connect.protocol_level
         self.reader = reader
         self.limiter = self.store.replay_limiter(connector.name)
+        # Messages stored from now on are the device's live traffic, held back only for
+        # order: replay_rate bounds the backlog, not them (else a device sending at that
+        # rate would never drain its backlog).
+        self.live_from = self.store.now()
         self.in_flight: OrderedDict[int, Any] = OrderedDict()  # packet id -> StoredMessage
         self.queue: deque[Any] = deque()
         self.last_sent = 0  # seq of the last message sent
@@ -471,7 +475,8 @@ class _Replay:
             if len(self.in_flight) >= window:
                 await self.changed.wait()
                 continue
-            await self.limiter.acquire()
+            if self.queue[0].stored_at < self.live_from:
+                await self.limiter.acquire()
             msg = self.queue.popleft()
             packet_id = self._packet_id()
             self.in_flight[packet_id] = msg

@@ -532,6 +532,10 @@ class Forwarder:
         sf = self.sf
         store = sf.store
         limiter = store.replay_limiter(binding.connector)
+        # Messages stored from now on are the device's live traffic, held back only for
+        # order: replay_rate bounds the backlog, not them (else a device sending at that
+        # rate would never drain its backlog).
+        live_from = store.now()
         renew_by = -math.inf
         link: _ReplayLink | None = None
         inflight: dict[Delivery, Any] = {}  # sent, no outcome yet (send order)
@@ -572,7 +576,8 @@ class Forwarder:
                 for msg in batch:
                     if msg.address != link.address:
                         break
-                    await limiter.acquire()
+                    if msg.stored_at < live_from:
+                        await limiter.acquire()
                     if not link.usable:
                         break
                     meta = decode_meta(msg.meta)

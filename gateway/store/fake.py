@@ -137,6 +137,10 @@ class FakeStore:
         self.commits += 1
         return msg.seq
 
+    def now(self) -> float:
+        """The store's clock: the one `StoredMessage.stored_at` is read from."""
+        return self._clock()
+
     def backlog(self, device: str) -> int:
         return self._ledger.backlog(device)
 

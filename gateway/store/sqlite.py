@@ -670,6 +670,10 @@ class MessageStore:
 
     # -- reading ------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The store's clock: the one `StoredMessage.stored_at` is read from."""
+        return self._clock()
+
     def backlog(self, device: str) -> int:
         """Messages waiting for this device (memory only, no disk). None once the store is
         out of service (corrupt): they cannot be replayed until the file is recovered, so

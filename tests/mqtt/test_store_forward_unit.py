@@ -149,6 +149,45 @@ async def test_replay_honours_the_rate_limit(autojump_clock):
     assert fw.replayed == 100 and hub.disconnects == 1
 
 
+async def test_live_messages_behind_a_backlog_are_not_held_to_the_replay_rate(autojump_clock):
+    # The device keeps sending at exactly replay_rate while its backlog replays. Were its
+    # new messages limited too, the backlog would never shrink; limited is only what was
+    # stored before the replay connection came up.
+    cfg = config(8.0)
+    store = await FakeStore.open(cfg.store_and_forward, clock=trio.current_time)
+    connect = encode.connect("dev1", username=f"{HUB}/dev1/?api-version=2021-04-12")
+    await store.put_meta("dev1", CONNECT_META, connect)
+
+    async def append(i: int) -> None:
+        await store.append(device="dev1", connector="hub", protocol="mqtt",
+                           address=f"devices/dev1/messages/events/n={i}", meta=b"",
+                           payload=bytes([i]))  # fmt: skip
+
+    for i in range(16):
+        await append(i)
+    await trio.sleep(1.0)  # mock time: the backlog is older than the replay
+    hub = ScriptedHub()
+    fw = forwarder(cfg, store, hub)
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        await nursery.start(fw.run)
+        for i in range(16, 96):  # 80 live messages at 8/s: 10 s of mock time
+            await append(i)
+            await trio.sleep(0.125)
+        await drained(store)
+        done = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert [t for _, t, _ in hub.sent] == [
+        f"devices/dev1/messages/events/n={i}" for i in range(96)
+    ]
+    # All 96 at 8/s would take 12 s; the 16 old ones at 8/s plus the live ones as they
+    # come end with the last live message.
+    assert done < 10.5
+    old = [t - start for t, _, _ in hub.sent[:16]]
+    burst = store.replay_limiter("hub").burst
+    assert old[-1] >= (16 - burst) / 8 - 0.01
+
+
 async def test_window_bounds_messages_in_flight(autojump_clock):
     cfg, store = await stored(200, rate=1e6)
     hub = ScriptedHub()
