@@ -344,15 +344,12 @@ class LocalSession:
                 )
             except StoreFull as exc:
                 if waited >= self.full_wait:
-                    log.warning(
-                        "mqtt %s: store full (%s) for %gs; PUBLISH %d not acknowledged, "
-                        "closing the connection (the device resends it)",
-                        self.host.label,
-                        exc.reason,
-                        waited,
-                        packet.packet_id,
-                    )
-                    raise Stop(STORE_FULL, f"store full: {exc.reason}") from None
+                    # One line for it: the session's close line, at WARNING, says all.
+                    raise Stop(
+                        STORE_FULL,
+                        f"store full ({exc.reason}) for {waited:g}s; PUBLISH "
+                        f"{packet.packet_id} not acknowledged, the device resends it",
+                    ) from None
                 if waited == 0.0:
                     call_hook(self.host.obs, "on_store_refused", self.identity, "full")
                 await trio.sleep(self.full_retry)  # back-pressure: the device waits

@@ -276,7 +276,7 @@ def test_a_device_flooding_the_store(tmp_path: Path) -> None:
         refused = s.metric("iotgw_store_refused_total", reason="device_share")
         # One line per refused connection (an episode), not one per refused message.
         sessions = flood.sessions
-        assert 1 <= len([ln for ln in lines if "closing" in ln]) <= sessions, (lines, sessions)
+        assert 1 <= len([ln for ln in lines if "store_full" in ln]) <= sessions, (lines, sessions)
         assert not any("mq-1" in ln or "am-1" in ln for ln in lines), lines
         s.hub.start()
         s.hub_down.clear()
