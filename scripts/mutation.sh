@@ -38,7 +38,7 @@ tests_for() {
     dps) echo "gateway/auth/dps.py tests/auth/test_dps.py tests/auth/test_store.py" ;;
     identity) echo "gateway/router/identity.py tests/router/test_identity.py" ;;
     routes) echo "gateway/router/routes.py tests/router/test_routes.py" ;;
-    cbs) echo "gateway/router/cbs.py tests/router/test_cbs_messages.py tests/router/test_cbs_order.py tests/router/test_core.py tests/router/test_credentials.py" ;;
+    cbs) echo "gateway/router/cbs.py tests/router/test_cbs_units.py tests/router/test_cbs_messages.py tests/router/test_cbs_order.py tests/router/test_core.py tests/router/test_credentials.py" ;;
     packets) echo "gateway/mqtt/packets.py tests/mqtt/test_codec_errors.py tests/mqtt/test_codec_rules.py tests/mqtt/test_codec_properties.py tests/mqtt/test_codec_batch.py tests/mqtt/test_codec_paho.py tests/mqtt/test_codec_amqtt.py" ;;
     *) return 1 ;;
     esac
