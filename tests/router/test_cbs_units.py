@@ -19,7 +19,9 @@ import trio
 from proton import Message as ProtonMessage
 
 from gateway.amqp import LinkState, LocalProtocolError
+from gateway.amqp.errors import AMQPError
 from gateway.amqp.performatives import Accepted, Rejected, Source, Target
+from gateway.amqp.types import Described, Symbol
 from gateway.router import cbs
 from gateway.router.cbs import DeviceCbs, GatewayCbs, PendingPut, parse_request
 from gateway.router.linkpair import RESOURCE_LIMIT
@@ -47,7 +49,7 @@ class FakeLink:
     def __init__(self, name: str = "l", receiver: bool = False,
                  state: LinkState = LinkState.ATTACHED, target: str | None = None,
                  snd_settle_mode: int | None = None, remote: bool = True,
-                 credit: int = 0) -> None:  # fmt: skip
+                 credit: int = 0, terminus: Any = None) -> None:  # fmt: skip
         self.name = name
         self.is_receiver = receiver
         self.state = state
@@ -55,7 +57,7 @@ class FakeLink:
         self.context: Any = None
         self.remote_attach = (
             SimpleNamespace(snd_settle_mode=snd_settle_mode,
-                            target=None if target is None else Target(address=target))
+                            target=terminus if target is None else Target(address=target))
             if remote else None
         )  # fmt: skip
         self.calls: list[tuple[Any, ...]] = []
@@ -451,7 +453,9 @@ def test_replies_that_match_no_request_are_dropped(world: World, caplog: pytest.
     caplog.clear()
     ev = world.reply(b"\x00\x53\x73\xc0\xff", settled=False)  # malformed properties
     assert ev.delivery.outcomes == [Accepted()] and list(world.gw.pending) == ["gw:7:1"]
-    assert caplog.records[0].getMessage().startswith("upstream up1: malformed CBS reply dropped: ")
+    with pytest.raises(AMQPError) as exc:
+        cbs.parse_reply(b"\x00\x53\x73\xc0\xff")
+    assert caplog.records[0].getMessage() == f"upstream up1: malformed CBS reply dropped: {exc.value}"
     # an aborted transfer is no reply at all
     ev = event(reply_bytes("gw:7:1"), aborted=True)
     world.gw.on_reply(ev)
@@ -811,3 +815,54 @@ def test_device_cbs_close(gone: LinkState) -> None:
     assert dc.senders == [] and dc.receivers == [] and dc._waiting == []
     dc.fail_request(None, RESOURCE_LIMIT, "full")
     assert rx.sent == []
+
+
+def test_reply_goes_on_the_link_the_request_named(world: World) -> None:
+    # The device has two reply links; its request names the first (not the newest).
+    device, rx1 = world.device("dev1", "first")
+    assert device.cbs is not None
+    rx2 = FakeLink("rx2", target="second")
+    device.cbs.attach(rx2, SimpleNamespace(source=None, target=None), "hub")
+    world.forward(device, request_bytes(reply_to="first"), settled=True)
+    world.reply(reply_bytes("gw:7:1", to="cbs-gw-7"))
+    assert len(rx1.sent) == 1 and rx2.sent == []
+    assert decoded(rx1.sent[0][1]).address == "first"
+    # the same for a held reply, released by the request's outcome
+    _, dd, _ = world.forward(device, request_bytes("m2", reply_to="first"))
+    world.reply(reply_bytes("gw:7:2"))
+    dd.settle(Accepted())
+    world.gw.on_disposition()
+    assert sent_ids(rx1) == ["dev-msg-1", "m2"] and rx2.sent == []
+
+
+def test_failure_reply_goes_on_the_link_the_request_named() -> None:
+    device, dc, tx, rx1 = device_with_links("first")
+    rx2 = FakeLink("rx2", target="second")
+    dc.attach(rx2, attach_msg(), "hub")
+    dc.on_request(tx, event(request_bytes(reply_to="first"), settled=True))  # type: ignore[arg-type]
+    dc.fail_request(None, RESOURCE_LIMIT, "full")
+    assert sent_ids(rx1) == ["dev-msg-1"] and rx2.sent == []
+
+
+def test_reply_link_with_a_target_of_another_kind() -> None:
+    # A terminus this library does not interpret (a coordinator, say) has no address.
+    dc = DeviceCbs(FakeDevice(FakeRouter()))  # type: ignore[arg-type]
+    odd = FakeLink("odd", terminus=Described(Symbol("amqp:coordinator:list"), []))
+    named = FakeLink("named", target="dev-reply")
+    dc.attach(named, attach_msg(), "hub")
+    dc.attach(odd, attach_msg(), "hub")
+    assert dc.deliver_reply(b"x", "dev-reply") and [p for _, p, _, _ in named.sent] == [b"x"]
+    assert dc.deliver_reply(b"y", "other") and [p for _, p, _, _ in odd.sent] == [b"y"]
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_no_reply_held_for_a_closed_device_or_one_without_cbs(world: World, closed: bool) -> None:
+    device, rx = world.device()
+    p, _, _ = world.forward(device, request_bytes())  # unsettled: a reply would be held
+    if closed:
+        device.closed = True
+    else:
+        device.cbs = None
+    world.reply(reply_bytes("gw:7:1"))
+    assert world.gw.held == {} and world.router.started == [] and p.held_reply is None
+    assert rx.sent == [] and p.binding.finished == 1
