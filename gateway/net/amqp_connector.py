@@ -308,7 +308,6 @@ class EngineDriver:
 
     async def _reader(self) -> None:
         engine = self.engine
-        stream = self.stream
         batching = self.ack_batching
         settled = 0
         # The clock itself, not trio.current_time(): three calls fewer per read.
@@ -323,7 +322,9 @@ class EngineDriver:
                     if wait:
                         await trio.sleep(wait)  # one wake-up for several dispositions
                 try:
-                    data = await stream.receive_some(_READ_SIZE)
+                    # self.stream, not a local: a device stream's handshake wrappers
+                    # hand over the raw stream once they only pass bytes through.
+                    data = await self.stream.receive_some(_READ_SIZE)
                 except _TRANSPORT_ERRORS as exc:
                     self.transport_error = f"transport failed: {exc or type(exc).__name__}"
                     data = b""
