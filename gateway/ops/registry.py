@@ -97,11 +97,13 @@ class LinkInfo:
     device_id: str = ""  # the identity the address names ("d1", "d1/m1"), if any
     opened_at: float = field(default_factory=time.time)
     # Written in place by the relay: deliveries relayed over the link (either
-    # way), and the device link's credit and unsettled count after its last
-    # transfer, flow or disposition.
+    # way). Credit and unsettled count are the device link's, read from `link`
+    # (the engine's link, with ``credit`` and ``unsettled_count``) when the
+    # record is shown, not copied on every message; without a link, as set.
     deliveries: int = 0
     unsettled: int = 0
     credit: int = 0
+    link: Any = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,8 +118,8 @@ class LinkInfo:
             "device_id": self.device_id or None,
             "opened_at": self.opened_at,
             "deliveries": self.deliveries,
-            "unsettled": self.unsettled,
-            "credit": self.credit,
+            "unsettled": self.unsettled if self.link is None else self.link.unsettled_count,
+            "credit": self.credit if self.link is None else self.link.credit,
         }
 
 

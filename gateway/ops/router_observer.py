@@ -43,7 +43,8 @@ class OpsObserver:
             self.metrics.on_link_open(_route(pair), pair.direction)
         if self.registry is not None:
             link = pair.dev_link
-            # The relay updates this record in place (deliveries, credit, unsettled).
+            # The relay counts deliveries in this record in place; credit and
+            # unsettled are read from the device link when the record is shown.
             pair.info = self.registry.add_link(LinkInfo(
                 id=f"{pair.device.id}/{id(link):x}",
                 connection_id=pair.device.id,
@@ -54,6 +55,7 @@ class OpsObserver:
                 direction=pair.direction,
                 upstream_link_id=pair.upstream.id if pair.upstream is not None else None,
                 device_id=_device_of(pair.address) or "",
+                link=link,
             ))  # fmt: skip
 
     def on_link_closed(self, pair: ObservedPair) -> None:

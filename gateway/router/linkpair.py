@@ -19,8 +19,8 @@ is relayed edge-triggered: a drain request is forwarded once, and answered
 on the requesting side when the other side has answered it.
 
 Operations: a pair reported open to the observer carries its live registry
-record in ``info`` (deliveries relayed, the device link's credit and
-unsettled count, written in place); `timed_handler` measures the relay
+record in ``info`` (deliveries relayed, written in place; the record reads
+the device link's credit and unsettled count itself when shown); `timed_handler` measures the relay
 latency per received chunk. Messages are counted per pair as they are
 relayed and reported to the observer once per handled chunk
 (`flush_relay_counts`, called by the connections' event handlers before they
@@ -339,7 +339,6 @@ class LinkPair:
         info = self.info
         if info is not None:
             info.deliveries += n
-            self._note_link()
         self.device.router.observer.on_message(self, nbytes, n)
 
     # ------------------------------------------------------------------ credit
@@ -371,8 +370,6 @@ class LinkPair:
                 self._dev_draining = False
                 self._up_drain_owed = True
             self._answer_up_drain()
-        if self.info is not None:
-            self._note_link()
 
     def on_up_flow(self, flow: Flow) -> None:
         if self.state is not PairState.ATTACHED:
@@ -406,15 +403,6 @@ class LinkPair:
                     self.dev_link.flow(available=int(flow.available))
             self._answer_dev_drain()
             self.device.wake()
-        if self.info is not None:
-            self._note_link()
-
-    def _note_link(self) -> None:
-        """Copy the device link's credit and unsettled count to the registry record."""
-        info = self.info
-        dev = self.dev_link
-        info.credit = dev.credit
-        info.unsettled = dev.unsettled_count
 
     def _in_credit(self) -> int:
         up = self.up_link
@@ -453,8 +441,6 @@ class LinkPair:
                 up.flow(want)
             assert self.upstream is not None
             self.upstream.wake()
-        if self.info is not None:
-            self._note_link()
 
     def _answer_up_drain(self) -> None:
         up = self.up_link
@@ -522,10 +508,6 @@ def relay_disposition(ev: Any) -> set[Any]:
     for conn, deliveries in by_conn.items():
         conn.disposition(deliveries, settled=settled, state=state)
         touched.add(conn)
-        if settled:
-            pair = deliveries[0].link.context
-            if type(pair) is LinkPair and pair.info is not None:
-                pair._note_link()  # the device link's unsettled count changed
     return touched
 
 
