@@ -219,24 +219,11 @@ class FakeStore:
     def stats(self) -> StoreStats:
         now = self._clock()
         ledger = self._ledger
-        return StoreStats(
+        return ledger.stats(
+            now,
             state="unavailable" if self._closed else "ok",
             reason="store :memory:: the store is closed" if self._closed else None,
             path=str(self.path),
-            max_bytes=ledger.max_bytes,
-            device_max_bytes=ledger.device_max_bytes,
-            messages=ledger.messages,
-            bytes=ledger.bytes,
-            connectors=ledger.connector_backlogs(now),
-            devices=ledger.device_backlogs(now),
-            device_connectors=ledger.device_connectors(),
-            appended=dict(ledger.appended),
-            replayed=dict(ledger.replayed),
-            expired=dict(ledger.expired),
-            rejected=dict(ledger.rejected),
-            refused=dict(ledger.refused),
-            errors=dict(ledger.errors),
-            duplicates_suspected=dict(ledger.duplicates),
             commits=self.commits,
             replay_rate=self.replay_rate,
             file_bytes=0,

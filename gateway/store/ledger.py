@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from gateway.store.errors import StoreFull
-from gateway.store.types import Backlog
+from gateway.store.types import Backlog, StoreStats
 
 log = logging.getLogger("gateway.store")
 
@@ -192,3 +192,38 @@ class Ledger:
             for device, entry in self.devices.items()
             if entry.last_lane is not None
         }
+
+    def stats(
+        self,
+        now: float,
+        *,
+        state: str,
+        reason: str | None,
+        path: str,
+        commits: int,
+        replay_rate: float,
+        file_bytes: int,
+    ) -> StoreStats:
+        """A snapshot for operations; what differs between stores is passed in."""
+        return StoreStats(
+            state=state,
+            reason=reason,
+            path=path,
+            max_bytes=self.max_bytes,
+            device_max_bytes=self.device_max_bytes,
+            messages=self.messages,
+            bytes=self.bytes,
+            connectors=self.connector_backlogs(now),
+            devices=self.device_backlogs(now),
+            device_connectors=self.device_connectors(),
+            appended=dict(self.appended),
+            replayed=dict(self.replayed),
+            expired=dict(self.expired),
+            rejected=dict(self.rejected),
+            refused=dict(self.refused),
+            errors=dict(self.errors),
+            duplicates_suspected=dict(self.duplicates),
+            commits=commits,
+            replay_rate=replay_rate,
+            file_bytes=file_bytes,
+        )

@@ -871,24 +871,11 @@ class MessageStore:
             if self._closed
             else None
         )
-        return StoreStats(
+        return ledger.stats(
+            now,
             state="ok" if unavailable is None else "unavailable",
             reason=None if unavailable is None else unavailable.reason,
             path=str(self.path),
-            max_bytes=ledger.max_bytes,
-            device_max_bytes=ledger.device_max_bytes,
-            messages=ledger.messages,
-            bytes=ledger.bytes,
-            connectors=ledger.connector_backlogs(now),
-            devices=ledger.device_backlogs(now),
-            device_connectors=ledger.device_connectors(),
-            appended=dict(ledger.appended),
-            replayed=dict(ledger.replayed),
-            expired=dict(ledger.expired),
-            rejected=dict(ledger.rejected),
-            refused=dict(ledger.refused),
-            errors=dict(ledger.errors),
-            duplicates_suspected=dict(ledger.duplicates),
             commits=self.commits,
             replay_rate=self.config.replay_rate,
             file_bytes=self._file_bytes,
