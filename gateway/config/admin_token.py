@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from gateway.config.base import Loc, resolve_file
+from gateway.config.private_file import read_private_file
 
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE = 4096
@@ -47,27 +48,8 @@ def _group_may_read(info: os.stat_result) -> bool:
 
 def read_token_file(path: Path) -> str:
     """The token in ``path``; ValueError (naming the file, never the token) otherwise."""
-    try:
-        # O_NONBLOCK: a FIFO in the file's place must not hang the loader.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)  # the file read is the file checked
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o007 or (mode & 0o070 and not _group_may_read(info)):
-            raise ValueError(
-                f"{path} is accessible by group or others (mode {mode:04o}); refusing to use "
-                f"it: chmod 600 {path}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(MAX_TOKEN_FILE + 1)
-    finally:
-        os.close(fd)
+    data = read_private_file(path, label="", max_bytes=MAX_TOKEN_FILE,
+                             group_may_read=_group_may_read)  # fmt: skip
     if len(data) > MAX_TOKEN_FILE:
         raise ValueError(f"{path} is larger than {MAX_TOKEN_FILE} bytes (it holds the token alone)")
     try:

@@ -42,6 +42,7 @@ from pydantic import (
 from gateway.auth.local_auth import PasswordHash, PasswordHashError, parse_password_hash
 from gateway.config.base import Loc, Network, Section, _str, errors_at, readable_file, resolve_file
 from gateway.config.durations import Duration
+from gateway.config.private_file import read_private_file
 from gateway.config.yamlsource import YamlSourceError, load_yaml
 
 DEFAULT_TOKEN_TTL = 3600.0
@@ -196,28 +197,7 @@ def resolve_key_ref(
 
 def read_secrets_file(path: Path) -> dict[str, str]:
     """Read ``name: base64-key`` pairs; refuse a file others may read (ValueError)."""
-    try:
-        # O_NONBLOCK: a FIFO in the secrets file's place must not hang the loader.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ValueError(f"secrets file not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read secrets file {path}: {exc.strerror or exc}") from None
-    try:
-        # Checked on the open file, so the file read is the file checked.
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"secrets file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & _PRIVATE_MODE_MASK:
-            raise ValueError(
-                f"secrets file {path} is accessible by group or others (mode {mode:04o}); "
-                f"refusing to use it: chmod 600 {path}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(_MAX_SECRETS_FILE + 1)
-    finally:
-        os.close(fd)
+    data = read_private_file(path, label="secrets file ", max_bytes=_MAX_SECRETS_FILE)
     if len(data) > _MAX_SECRETS_FILE:
         raise ValueError(f"secrets file {path} is larger than {_MAX_SECRETS_FILE} bytes")
     try:
