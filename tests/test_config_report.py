@@ -203,7 +203,7 @@ def test_the_demo_configuration_has_none(tmp_path: Path, websockets: bool) -> No
 
 
 def test_run_refuses_placeholders_unless_allowed(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, restore_root_logger: None
 ) -> None:
     import gateway.daemon
 

@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -270,17 +269,6 @@ def test_bad_key_is_a_value_error(key: str) -> None:
 
 
 # --- tokens never logged -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_redact() -> None:

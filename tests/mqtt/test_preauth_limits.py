@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -39,17 +38,6 @@ FIELD = 65535
 def huge_connect() -> bytes:
     """3.1.1 CONNECT with 65,535-byte client id, user name and password (~196 KB)."""
     return encode.connect("c" * FIELD, username="u" * FIELD, password=b"p" * FIELD)
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -10,23 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
-
-import pytest
 
 from gateway.logsafe import MAX_SHOWN, shown, shown_plain, source
 from gateway.ops.logging import MAX_MESSAGE, RepeatLimiter, flush_suppressed, setup_logging
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 class Clock:
